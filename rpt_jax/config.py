@@ -1,0 +1,188 @@
+"""The one config structure every preset shares, the model shapes, and validation.
+
+A config has the sections model, mesh, data, sampling, reward, rl, optim, checkpoint, eval and
+logging, plus `seed` (every random choice flows from it) and `num_steps`. Presets in configs/
+start from `base_config()` and override values; they never add keys, so a reader learns the
+structure once. `validate` checks a config before anything is compiled.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Architectures of the Llama / Qwen2 families, in Hugging Face's terms.
+MODEL_SHAPES = {
+    "tiny": dict(
+        vocab_size=512, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+        mlp_dim=192, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False, tie_embeddings=True),
+    "smollm2_135m": dict(
+        vocab_size=49152, num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
+        mlp_dim=1536, rope_theta=100_000.0, rms_norm_eps=1e-5, qkv_bias=False, tie_embeddings=True),
+    "qwen2_5_0_5b": dict(
+        vocab_size=151936, num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
+        head_dim=64, mlp_dim=4864, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qkv_bias=True,
+        tie_embeddings=True),
+    "r1_distill_qwen_1_5b": dict(
+        vocab_size=151936, num_layers=28, hidden_size=1536, num_heads=12, num_kv_heads=2,
+        head_dim=128, mlp_dim=8960, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=True,
+        tie_embeddings=False),
+    "r1_distill_qwen_14b": dict(
+        vocab_size=152064, num_layers=48, hidden_size=5120, num_heads=40, num_kv_heads=8,
+        head_dim=128, mlp_dim=13824, rope_theta=1_000_000.0, rms_norm_eps=1e-5, qkv_bias=True,
+        tie_embeddings=False),
+}
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "reward.kind": ("prefix_match", "first_token", "dense", "conditional_dense"),
+    "rl.advantage": ("grpo", "dr_grpo"),
+    "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    "optim.schedule": ("constant", "cosine"),
+}
+
+
+def model_shape(name: str) -> dict:
+    """The architecture fields of a named model shape; raises on an unknown name."""
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_SHAPES)}")
+    return dict(MODEL_SHAPES[name])
+
+
+def base_config(model: str = "tiny") -> ml_collections.ConfigDict:
+    """The full config structure with defaults from the paper's recipe where it gives one."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 1000
+
+    c.model = ml_collections.ConfigDict(dict(
+        preset=model, **model_shape(model),
+        dtype="bfloat16", param_dtype="float32", remat="none", init_std=0.02,
+        hf_checkpoint="",  # a Hugging Face checkpoint folder to start from; "" = random init
+    ))
+
+    # Mesh axes (data, fsdp, tensor); -1 takes every device the others leave.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="synthetic_arithmetic",  # a corpus builder name (see rpt_jax.corpora)
+        corpus_path="",  # for corpus="local": a .txt/.jsonl file or folder
+        data_dir="",  # where TFDS writes prepared corpora; "" = <workdir>/tfds
+        tokenizer="",  # a tokenizer.json or HF folder; "" = the model checkpoint's / built-in
+        batch_size=256,  # contexts per step (global, over all hosts)
+        max_prompt_len=4096,  # tokens, template included
+        target_window=64,  # bytes of ground-truth continuation kept per example
+        target_tokens=16,  # ground-truth tokens whose boundaries are kept
+        min_context=8,  # tokens before the first position that may be chosen
+        positions_per_doc=8,
+        template="v0",
+        chat_template=False,  # wrap the prompt in the tokenizer's chat template
+        entropy_threshold=0.0,  # keep positions whose proxy top-k entropy exceeds this (nats)
+        entropy_top_k=16,
+        proxy_checkpoint="",  # HF folder of the proxy model for entropy filtering; "" = off
+    ))
+
+    c.sampling = ml_collections.ConfigDict(dict(
+        num_samples=8,  # G, samples per context
+        temperature=0.8, top_k=0, top_p=1.0, greedy=False,
+        max_new_tokens=8192,
+        stop_strings=("</s>",),  # decoded stop markers besides the tokenizer's EOS
+        prompt_buckets=(256, 1024, 4096),  # prompt lengths are padded up to one of these
+        cache_dtype="bfloat16",
+    ))
+
+    c.reward = ml_collections.ConfigDict(dict(
+        kind="prefix_match",
+        think_end="</think>",
+        max_pred_bytes=64,
+    ))
+
+    c.rl = ml_collections.ConfigDict(dict(
+        advantage="grpo", adv_eps=1e-6,
+        dynamic_sampling=True, dynamic_sampling_start=500,  # DAPO: drop groups of equal rewards
+        clip_low=0.2, clip_high=0.2,
+        kl_coef=0.0, entropy_coef=0.0,
+        loss_agg="token_mean",
+        micro_batches=1,  # gradient accumulation over this many slices of the batch
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0,
+        warmup_steps=0, schedule="constant", max_bad_steps=5,
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=100, num_examples=200, num_samples=8, split="validation",
+        thresholds=(0.5, 1.0, 1.5), proxy_checkpoint=""))
+    c.logging = ml_collections.ConfigDict(dict(every=1, tensorboard=True, jsonl=True))
+    return c
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the (data, fsdp, tensor) mesh shape; -1 takes the devices the others leave."""
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"at most one of {names} may be -1, got {sizes}")
+    for name, s in zip(names, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"{name} must be a positive size or -1, got {s}")
+    fixed = 1
+    for s in sizes:
+        fixed *= s if s != -1 else 1
+    if num_devices % fixed:
+        raise ValueError(f"mesh {sizes} does not divide the {num_devices} devices")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+    if sizes[0] * sizes[1] * sizes[2] != num_devices:
+        raise ValueError(f"mesh {tuple(sizes)} needs {sizes[0] * sizes[1] * sizes[2]} devices, "
+                         f"have {num_devices}")
+    return tuple(sizes)
+
+
+def validate(config, num_devices: int) -> tuple[int, int, int]:
+    """Check a config against itself and the device count; return the resolved mesh shape.
+
+    Raises ValueError naming the offending key. Cheap: call it before any compilation.
+    """
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ValueError(f"{key}={_get(config, key)!r} is not one of {allowed}")
+    m = config.model
+    if m.preset not in MODEL_SHAPES:
+        model_shape(m.preset)
+    data, fsdp, tensor = mesh_shape(config, num_devices)
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of "
+                         f"model.num_kv_heads={m.num_kv_heads}")
+    for key in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
+        if getattr(m, key) % tensor:
+            raise ValueError(f"model.{key}={getattr(m, key)} is not divisible by the tensor axis "
+                             f"(mesh.tensor={tensor})")
+    if m.hidden_size % fsdp:
+        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by mesh.fsdp={fsdp}")
+    if config.data.batch_size % (data * fsdp):
+        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the data "
+                         f"axes of the mesh (data*fsdp={data * fsdp})")
+    samples = config.data.batch_size * config.sampling.num_samples
+    if samples % config.rl.micro_batches or (samples // config.rl.micro_batches) % (data * fsdp):
+        raise ValueError(f"data.batch_size*sampling.num_samples={samples} must split into "
+                         f"rl.micro_batches={config.rl.micro_batches} slices, each divisible by "
+                         f"data*fsdp={data * fsdp}")
+    for key in ("sampling.temperature", "sampling.max_new_tokens", "data.max_prompt_len",
+                "data.batch_size", "sampling.num_samples", "num_steps"):
+        if _get(config, key) <= 0:
+            raise ValueError(f"{key} must be positive, got {_get(config, key)}")
+    if not 0.0 < config.sampling.top_p <= 1.0:
+        raise ValueError(f"sampling.top_p must be in (0, 1], got {config.sampling.top_p}")
+    if max(config.sampling.prompt_buckets) < config.data.max_prompt_len:
+        raise ValueError(f"sampling.prompt_buckets={tuple(config.sampling.prompt_buckets)} must "
+                         f"include a bucket >= data.max_prompt_len={config.data.max_prompt_len}")
+    return data, fsdp, tensor

@@ -1,0 +1,300 @@
+"""Decoder-only transformer of the Llama / Qwen2 families as pure functions over a params pytree.
+
+Written in plain JAX rather than Flax modules: the params are a nested dict named as Hugging Face
+names the weights (`q_proj`, `gate_proj`, ...), so checkpoint conversion is a readable rename, and
+every function is a pure function of (params, arrays) that jit, shardings and remat compose with.
+
+Shapes: b batch, t tokens, s cache slots, d hidden, h heads, k kv heads, e head dim, f mlp,
+v vocab, l layers. Layers are stacked on a leading axis and run with `lax.scan`.
+
+params = {
+  "embed_tokens": [v, d],
+  "layers": {"input_layernorm": [l, d], "post_attention_layernorm": [l, d],
+             "q_proj": {"kernel": [l, d, h, e], "bias"?: [l, h, e]},
+             "k_proj"/"v_proj": {"kernel": [l, d, k, e], "bias"?: [l, k, e]},
+             "o_proj": {"kernel": [l, h, e, d]},
+             "gate_proj"/"up_proj": {"kernel": [l, d, f]}, "down_proj": {"kernel": [l, f, d]}},
+  "norm": [d],
+  "lm_head"?: [d, v],  # absent with tied embeddings
+}
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rpt_jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hashable architecture description (usable as a static jit argument)."""
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config) -> "ModelConfig":
+        """From the `model` section of an rpt_jax config (extra keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_config).items() if k in names})
+
+
+# Logical axis names of every weight; sharding.RULES maps them to mesh axes.
+def logical_axes(cfg: ModelConfig) -> dict:
+    """A pytree like `init`'s params whose leaves are tuples of logical axis names."""
+    def proj(in_axis, *out_axes, bias=False):
+        p = {"kernel": ("layers", in_axis) + out_axes}
+        if bias:
+            p["bias"] = ("layers",) + out_axes
+        return p
+
+    layers = {
+        "input_layernorm": ("layers", "norm"),
+        "post_attention_layernorm": ("layers", "norm"),
+        "q_proj": proj("embed", "heads", "head_dim", bias=cfg.qkv_bias),
+        "k_proj": proj("embed", "kv_heads", "head_dim", bias=cfg.qkv_bias),
+        "v_proj": proj("embed", "kv_heads", "head_dim", bias=cfg.qkv_bias),
+        "o_proj": {"kernel": ("layers", "heads", "head_dim", "embed")},
+        "gate_proj": proj("embed", "mlp"),
+        "up_proj": proj("embed", "mlp"),
+        "down_proj": proj("mlp", "embed"),
+    }
+    axes = {"embed_tokens": ("vocab", "embed"), "layers": layers, "norm": ("norm",)}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """jax.ShapeDtypeStruct of every weight, without allocating."""
+    sizes = {"layers": cfg.num_layers, "embed": cfg.hidden_size, "norm": cfg.hidden_size,
+             "vocab": cfg.vocab_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+             "head_dim": cfg.head_dim, "mlp": cfg.mlp_dim}
+    dtype = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda axes: jax.ShapeDtypeStruct(tuple(sizes[a] for a in axes), dtype),
+                        logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Random params: normal(init_std) matrices, zero biases, unit norms."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(rng, len(leaves))
+    out = []
+    for (path, shape), key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            out.append(jnp.ones(shape.shape, shape.dtype))
+        elif "bias" in name:
+            out.append(jnp.zeros(shape.shape, shape.dtype))
+        else:
+            out.append(cfg.init_std * jax.random.normal(key, shape.shape, shape.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    return sum(x.size for x in jax.tree.leaves(param_shapes(cfg)))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def rms_norm(x, weight, eps):
+    """RMSNorm computed in float32, cast back, then scaled (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, rotate-half layout (Hugging Face Llama/Qwen2). x [b, t, n, e]; positions [b, t]."""
+    e = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _dense(x, p, spec, dtype):
+    y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def _qkv(p, x, positions, cfg):
+    dtype = x.dtype
+    q = _dense(x, p["q_proj"], "btd,dhe->bthe", dtype)
+    k = _dense(x, p["k_proj"], "btd,dke->btke", dtype)
+    v = _dense(x, p["v_proj"], "btd,dke->btke", dtype)
+    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def _attend(q, k, v, allowed):
+    """Grouped-query attention. q [b,t,h,e]; k,v [b,s,k,e]; allowed [b,t,s] bool -> [b,t,h,e]."""
+    b, t, h, e = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (e ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v)
+    return out.reshape(b, t, h, e)
+
+
+def _mlp(p, x):
+    dtype = x.dtype
+    gate = jnp.einsum("btd,df->btf", x, p["gate_proj"]["kernel"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", x, p["up_proj"]["kernel"].astype(dtype))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden, p["down_proj"]["kernel"].astype(dtype))
+
+
+def _layer(x, p, positions, allowed, cfg):
+    """One decoder layer over a full sequence; returns (x, (k, v)) for cache filling."""
+    h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(p, h, positions, cfg)
+    attn = _attend(q, k, v, allowed)
+    x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
+    h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    x = sharding.constrain(x + _mlp(p, h), ("batch", "length", "embed"))
+    return x, (k, v)
+
+
+def _remat(fn, mode):
+    if mode == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if mode == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return fn
+
+
+def embed(params, tokens, cfg):
+    x = params["embed_tokens"].astype(cfg.dtype)[tokens]
+    return sharding.constrain(x, ("batch", "length", "embed"))
+
+
+def logits_from_hidden(params, h, cfg):
+    """Final norm and LM head: h [b, t, d] -> float32 logits [b, t, v]."""
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
+    if cfg.tie_embeddings:
+        w = params["embed_tokens"].astype(h.dtype)
+        return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+    w = params["lm_head"].astype(h.dtype)
+    return jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+
+
+def causal_mask(segment_ids):
+    """[b, t] segment ids (0 = padding) -> [b, t, t] bool: same segment and not in the future."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def hidden_states(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):
+    """Full-sequence pass up to the final norm. tokens [b, t] int -> ([b, t, d], (k, v) per layer).
+
+    positions [b, t] default to 0..t-1; segment_ids [b, t] (0 = padding) restrict attention to
+    earlier tokens of the same segment. k, v are [l, b, t, k, e].
+    """
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    allowed = causal_mask(segment_ids)
+    x = embed(params, tokens, cfg)
+
+    def body(x, p):
+        return _layer(x, p, positions, allowed, cfg)
+
+    x, kv = jax.lax.scan(_remat(body, cfg.remat), x, params["layers"])
+    return x, kv
+
+
+def forward(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):
+    """Training / scoring forward: tokens [b, t] -> float32 logits [b, t, v]."""
+    h, _ = hidden_states(params, tokens, cfg, positions, segment_ids)
+    return logits_from_hidden(params, h, cfg)
+
+
+def init_cache(cfg: ModelConfig, batch: int, size: int, dtype="bfloat16") -> dict:
+    """An empty KV cache of `size` slots: k, v [l, b, s, k, e], valid [b, s], index (next slot)."""
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, size), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def prefill(params, tokens, cfg: ModelConfig, cache_size: int, positions=None, segment_ids=None,
+            cache_dtype="bfloat16"):
+    """Run the prompt and fill a fresh cache. tokens [b, t] (left padding: segment id 0).
+
+    Returns (float32 logits [b, t, v], cache with slots 0..t-1 written and index t).
+    """
+    b, t = tokens.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    h, (k, v) = hidden_states(params, tokens, cfg, positions, segment_ids)
+    cache = init_cache(cfg, b, cache_size, cache_dtype)
+    cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache_dtype), (0, 0, 0, 0, 0))
+    cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache_dtype), (0, 0, 0, 0, 0))
+    cache["valid"] = cache["valid"].at[:, :t].set(segment_ids != 0)
+    cache["index"] = jnp.asarray(t, jnp.int32)
+    return logits_from_hidden(params, h, cfg), cache
+
+
+def decode(params, tokens, positions, cache, cfg: ModelConfig):
+    """One decode step for every row. tokens, positions [b] int -> (float32 logits [b, v], cache).
+
+    Each layer attends over the cached slots plus the new token itself; the new keys and values
+    of all layers are written to slot `cache["index"]` in one update after the layer scan, so the
+    scan only reads the cache.
+    """
+    x = embed(params, tokens[:, None], cfg)
+    pos = positions[:, None]
+    valid = cache["valid"]
+    cdtype = cache["k"].dtype
+
+    def body(x, layer):
+        p, k_cache, v_cache = layer
+        h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(p, h, pos, cfg)
+        k, v = k.astype(cdtype), v.astype(cdtype)
+        keys = jnp.concatenate([k_cache, k], axis=1)
+        values = jnp.concatenate([v_cache, v], axis=1)
+        allowed = jnp.concatenate([valid, jnp.ones((valid.shape[0], 1), bool)], axis=1)
+        attn = _attend(q.astype(cdtype), keys, values, allowed[:, None, :]).astype(x.dtype)
+        x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
+        h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+        return x + _mlp(p, h), (k[:, 0], v[:, 0])
+
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    i = cache["index"]
+    cache = dict(cache)
+    cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k_new[:, :, None], (0, 0, i, 0, 0))
+    cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v_new[:, :, None], (0, 0, i, 0, 0))
+    cache["valid"] = jax.lax.dynamic_update_slice(
+        valid, jnp.ones((valid.shape[0], 1), bool), (0, i))
+    cache["index"] = i + 1
+    return logits_from_hidden(params, x, cfg)[:, 0], cache

@@ -1,0 +1,116 @@
+"""Device mesh, logical-axis rules and NamedShardings for params, optimizer state and batches.
+
+The mesh always has the three axes (data, fsdp, tensor); unused ones have size 1, so the same
+code runs on one CPU, simulated CPU devices, a GPU or a TPU slice. Every weight and activation
+axis has a logical name; `RULES` maps each name to mesh axes, in one place.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the mesh axes a batch is split over
+
+RULES = {
+    "batch": BATCH,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "head_dim": None,
+    "norm": None,
+    "length": None,
+    "cache": None,
+}
+
+
+def make_mesh(config, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh of a config over `devices` (default: all), Auto axis types."""
+    from rpt_jax.config import mesh_shape  # late import: config imports nothing of ours
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(config, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def spec(logical: tuple, shape=None, mesh=None) -> P:
+    """PartitionSpec of a tensor with these logical axes.
+
+    With `shape` and `mesh`, a mesh axis that does not divide its dimension is dropped
+    (replicated); used for activations, whose sizes vary. Weights are checked strictly by
+    `param_shardings` instead.
+    """
+    out = []
+    for i, name in enumerate(logical):
+        if name not in RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES")
+        axes = RULES[name]
+        if axes is not None and shape is not None and mesh is not None:
+            size = np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])
+            if shape[i] % size:
+                axes = None
+        out.append(axes)
+    return P(*out)
+
+
+def _is_axes(x):
+    return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
+def param_specs(axes_tree) -> dict:
+    """Map a pytree of logical-axis tuples to PartitionSpecs."""
+    return jax.tree.map(spec, axes_tree, is_leaf=_is_axes)
+
+
+def param_shardings(mesh: Mesh, axes_tree, shapes_tree=None) -> dict:
+    """NamedShardings for params; with `shapes_tree`, checks that every sharded dim divides."""
+    specs = param_specs(axes_tree)
+    if shapes_tree is not None:
+        for (path, s), shape in zip(jax.tree.flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0],
+                                    jax.tree.leaves(shapes_tree)):
+            for dim, axes in zip(shape.shape, s):
+                if axes is None:
+                    continue
+                size = np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])
+                if dim % size:
+                    raise ValueError(f"param {jax.tree_util.keystr(path)} of shape {shape.shape}: "
+                                     f"dim {dim} is not divisible by mesh axes {axes} (size {size})")
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading axis over the data axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def opt_state_shardings(mesh: Mesh, tx: optax.GradientTransformation, params_shapes, p_shardings):
+    """Optimizer state sharded like the params it mirrors; counters and scalars replicated.
+
+    Without this, `jax.jit(tx.init)` on an Auto mesh returns replicated state.
+    """
+    state_shapes = jax.eval_shape(tx.init, params_shapes)
+    return optax.tree_map_params(tx, lambda _, s: s, state_shapes, p_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def constrain(x, logical: tuple):
+    """with_sharding_constraint by logical names under the mesh set by `jax.set_mesh`; else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != set(AXES):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh))
+
+
+def host_local_batch_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """Assemble a global batch from each host's slice (rows of this process, in process order)."""
+    sharding = batch_sharding(mesh, local.ndim)
+    return jax.make_array_from_process_local_data(sharding, local)
