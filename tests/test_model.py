@@ -1,0 +1,145 @@
+"""Model: cached decoding equals the full forward; masks; numpy reference of one layer."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rpt_jax import model
+from rpt_jax.config import base_config
+
+CFG = dataclasses.replace(model.ModelConfig.from_config(base_config("tiny").model),
+                          dtype="float32", qkv_bias=True, tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = model.init(CFG, jax.random.key(0))
+    # Non-trivial norms and biases so that a layout bug cannot hide behind ones and zeros.
+    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), p)
+
+
+def test_init_shapes_match_logical_axes():
+    shapes = model.param_shapes(CFG)
+    axes = model.logical_axes(CFG)
+    flat_s = jax.tree.leaves(shapes)
+    flat_a = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    assert len(flat_s) == len(flat_a)
+    for s, a in zip(flat_s, flat_a):
+        assert len(s.shape) == len(a)
+    assert "lm_head" in shapes and "bias" in shapes["layers"]["q_proj"]
+
+
+def _np_forward(params, tokens, cfg):
+    """Independent numpy reference of the whole decoder (HF conventions)."""
+    p = jax.tree.map(np.asarray, params)
+    x = p["embed_tokens"][tokens].astype(np.float64)
+    t = tokens.shape[1]
+    e = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, e, 2) / e)
+    ang = np.arange(t)[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rot(v):  # v [b, t, n, e]
+        half = np.concatenate([-v[..., e // 2:], v[..., :e // 2]], -1)
+        return v * cos[None, :, None] + half * sin[None, :, None]
+
+    def norm(v, w):
+        return w * v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.rms_norm_eps)
+
+    L = p["layers"]
+    rep = cfg.num_heads // cfg.num_kv_heads
+    for i in range(cfg.num_layers):
+        h = norm(x, L["input_layernorm"][i])
+        q = np.einsum("btd,dhe->bthe", h, L["q_proj"]["kernel"][i]) + L["q_proj"]["bias"][i]
+        k = np.einsum("btd,dhe->bthe", h, L["k_proj"]["kernel"][i]) + L["k_proj"]["bias"][i]
+        v = np.einsum("btd,dhe->bthe", h, L["v_proj"]["kernel"][i]) + L["v_proj"]["bias"][i]
+        q, k = rot(q), rot(k)
+        k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+        s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(e)
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = np.einsum("bhqk,bkhe->bqhe", a, v)
+        x = x + np.einsum("bthe,hed->btd", o, L["o_proj"]["kernel"][i])
+        h = norm(x, L["post_attention_layernorm"][i])
+        g = np.einsum("btd,df->btf", h, L["gate_proj"]["kernel"][i])
+        u = np.einsum("btd,df->btf", h, L["up_proj"]["kernel"][i])
+        x = x + np.einsum("btf,fd->btd", g / (1 + np.exp(-g)) * u, L["down_proj"]["kernel"][i])
+    return np.einsum("btd,dv->btv", norm(x, p["norm"]), p["lm_head"])
+
+
+def test_forward_matches_numpy_reference(params):
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12))
+    got = model.forward(params, jnp.asarray(tokens), CFG)
+    np.testing.assert_allclose(got, _np_forward(params, tokens, CFG), atol=2e-4, rtol=2e-4)
+
+
+def test_cached_decoding_reproduces_full_forward(params):
+    rng = np.random.default_rng(1)
+    b, t, n_new = 3, 10, 6
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t + n_new)), jnp.int32)
+    full = model.forward(params, tokens, CFG)
+    logits, cache = model.prefill(params, tokens[:, :t], CFG, cache_size=t + n_new,
+                                  cache_dtype="float32")
+    np.testing.assert_allclose(logits, full[:, :t], atol=1e-5)
+    decode = jax.jit(model.decode, static_argnums=4)
+    for i in range(n_new):
+        pos = jnp.full((b,), t + i, jnp.int32)
+        step, cache = decode(params, tokens[:, t + i], pos, cache, CFG)
+        np.testing.assert_allclose(step, full[:, t + i], atol=1e-5)
+
+
+def test_left_padding_with_positions_and_segments(params):
+    """A left-padded row, with positions counted from its first real token, equals the unpadded row."""
+    rng = np.random.default_rng(2)
+    row = jnp.asarray(rng.integers(1, CFG.vocab_size, (1, 7)), jnp.int32)
+    pad = 3
+    padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), row], axis=1)
+    seg = jnp.asarray([[0] * pad + [1] * 7], jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    ref = model.forward(params, row, CFG)
+    got = model.forward(params, padded, CFG, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(got[:, pad:], ref, atol=1e-5)
+    # and through the cache: decode one more token after a padded prefill
+    nxt = jnp.asarray([5], jnp.int32)
+    ref2 = model.forward(params, jnp.concatenate([row, nxt[:, None]], 1), CFG)[:, -1]
+    _, cache = model.prefill(params, padded, CFG, cache_size=pad + 8, positions=pos,
+                             segment_ids=seg, cache_dtype="float32")
+    got2, _ = model.decode(params, nxt, jnp.asarray([7], jnp.int32), cache, CFG)
+    np.testing.assert_allclose(got2, ref2, atol=1e-5)
+
+
+def test_segments_do_not_attend_across(params):
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 5)), jnp.int32)
+    b = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 4)), jnp.int32)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.asarray([[1] * 5 + [2] * 4])
+    pos = jnp.asarray([list(range(5)) + list(range(4))])
+    got = model.forward(params, packed, CFG, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(got[:, 5:], model.forward(params, b, CFG), atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_same_gradients(params, remat):
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 8)), jnp.int32)
+    cfg_r = dataclasses.replace(CFG, remat=remat)
+
+    def loss(p, cfg):
+        return jax.nn.log_softmax(model.forward(p, tokens, cfg)).mean()
+
+    g0 = jax.grad(loss)(params, CFG)
+    g1 = jax.grad(loss)(params, cfg_r)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_bf16_compute_close_to_f32(params):
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 8)), jnp.int32)
+    cfg16 = dataclasses.replace(CFG, dtype="bfloat16")
+    a = model.forward(params, tokens, CFG)
+    b = model.forward(params, tokens, cfg16)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, atol=0.05)
