@@ -7,8 +7,6 @@ structure once. `validate` checks a config before anything is compiled.
 """
 from __future__ import annotations
 
-import ml_collections
-
 # Architectures of the Llama / Qwen2 families, in Hugging Face's terms.
 MODEL_SHAPES = {
     "tiny": dict(
@@ -49,8 +47,9 @@ def model_shape(name: str) -> dict:
     return dict(MODEL_SHAPES[name])
 
 
-def base_config(model: str = "tiny") -> ml_collections.ConfigDict:
+def base_config(model: str = "tiny"):
     """The full config structure with defaults from the paper's recipe where it gives one."""
+    import ml_collections  # lazy: the rest of this module runs where ml-collections is absent
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_steps = 1000
