@@ -10,8 +10,8 @@ from __future__ import annotations
 # Architectures of the Llama / Qwen2 families, in Hugging Face's terms.
 MODEL_SHAPES = {
     "tiny": dict(
-        vocab_size=512, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
-        mlp_dim=192, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False, tie_embeddings=True),
+        vocab_size=512, num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+        mlp_dim=384, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False, tie_embeddings=True),
     "smollm2_135m": dict(
         vocab_size=49152, num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
         mlp_dim=1536, rope_theta=100_000.0, rms_norm_eps=1e-5, qkv_bias=False, tie_embeddings=True),
