@@ -164,7 +164,7 @@ def _mlp(p, x):
     dtype = x.dtype
     gate = jnp.einsum("btd,df->btf", x, p["gate_proj"]["kernel"].astype(dtype))
     up = jnp.einsum("btd,df->btf", x, p["up_proj"]["kernel"].astype(dtype))
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
     return jnp.einsum("btf,fd->btd", hidden, p["down_proj"]["kernel"].astype(dtype))
 
 
@@ -175,7 +175,7 @@ def _layer(x, p, positions, allowed, cfg):
     attn = _attend(q, k, v, allowed)
     x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
     h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-    x = sharding.constrain(x + _mlp(p, h), ("batch", "length", "embed"))
+    x = sharding.constrain(x + _mlp(p, h), ("batch", "length", "act_embed"))
     return x, (k, v)
 
 
@@ -189,7 +189,7 @@ def _remat(fn, mode):
 
 def embed(params, tokens, cfg):
     x = params["embed_tokens"].astype(cfg.dtype)[tokens]
-    return sharding.constrain(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
 def logits_from_hidden(params, h, cfg):

@@ -15,7 +15,12 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the mesh axes a batch is split over
 
 RULES = {
+    # activations: batch over the data axes; hidden replicated, MLP hidden over tensor
     "batch": BATCH,
+    "length": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    # weights: FSDP over the hidden dim, tensor parallelism over heads / MLP / vocab
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -24,8 +29,6 @@ RULES = {
     "layers": None,
     "head_dim": None,
     "norm": None,
-    "length": None,
-    "cache": None,
 }
 
 

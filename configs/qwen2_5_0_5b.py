@@ -1,0 +1,19 @@
+"""RPT on the Qwen2.5-0.5B shape (one GPU). Point model.hf_checkpoint at a local HF folder.
+
+    python scripts/train.py --config configs/qwen2_5_0_5b.py --workdir /tmp/rpt_qwen05 \
+        --config.model.hf_checkpoint=/path/to/Qwen2.5-0.5B-Instruct
+"""
+from rpt_jax.config import base_config
+
+
+def get_config():
+    c = base_config("qwen2_5_0_5b")
+    c.model.remat = "full"
+    c.data.corpus = "champ"
+    c.data.batch_size = 64
+    c.data.max_prompt_len = 1024
+    c.data.chat_template = True
+    c.sampling.prompt_buckets = (256, 512, 1024)
+    c.sampling.max_new_tokens = 2048
+    c.num_steps = 1000
+    return c

@@ -1,0 +1,31 @@
+"""The paper's run: DeepSeek-R1-Distill-Qwen-14B on OmniMATH, GRPO, 1,000 steps (arXiv 2506.08007).
+
+256 contexts x G=8, lr 1e-6, AdamW (0.9, 0.999), wd 0.01, clip 0.2, temperature 0.8, prompt 4,096,
+response 8,192, no KL, no entropy bonus, DAPO dynamic sampling from step 500. Sized for a TPU
+slice (e.g. v5p-128: mesh fsdp=16 x tensor=4 x data=rest):
+
+    python scripts/train.py --config configs/r1_distill_qwen_14b.py --workdir gs://bucket/rpt14b \
+        --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-14B \
+        --config.data.corpus_path=/path/to/omnimath.jsonl
+"""
+from rpt_jax.config import base_config
+
+
+def get_config():
+    c = base_config("r1_distill_qwen_14b")
+    c.model.remat = "full"
+    c.mesh.data = -1
+    c.mesh.fsdp = 16
+    c.mesh.tensor = 4
+    c.data.corpus = "local"
+    c.data.batch_size = 256
+    c.data.max_prompt_len = 4096
+    c.data.chat_template = True
+    c.data.entropy_threshold = 0.5  # the paper keeps high-entropy positions; threshold not stated
+    c.sampling.num_samples = 8
+    c.sampling.temperature = 0.8
+    c.sampling.max_new_tokens = 8192
+    c.rl.micro_batches = 16
+    c.rl.dynamic_sampling_start = 500
+    c.num_steps = 1000
+    return c

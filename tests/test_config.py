@@ -1,0 +1,77 @@
+"""Configs: every preset loads through config_flags with overrides and validates; bad ones fail by key."""
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from rpt_jax import config as rc
+from rpt_jax import model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRESETS = {  # preset file -> a device count it is meant for
+    "tiny": 1, "smollm2_135m": 1, "qwen2_5_0_5b": 8, "r1_distill_qwen_1_5b": 8,
+    "r1_distill_qwen_14b": 128,
+}
+
+
+def load(name, *overrides):
+    argv = ["prog", f"--config={ROOT / 'configs' / name}.py", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)  # overrides are read from argv, not sys.argv
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_share_structure_and_validate(name):
+    c = load(name)
+    base = rc.base_config()
+    assert sorted(c.keys()) == sorted(base.keys())
+    for section in base.keys():
+        if hasattr(base[section], "keys"):
+            assert sorted(c[section].keys()) == sorted(base[section].keys()), section
+    rc.validate(c, PRESETS[name])
+    assert model.ModelConfig.from_config(c.model).vocab_size == c.model.vocab_size
+
+
+def test_overrides_from_the_command_line():
+    c = load("tiny", "--config.optim.lr=0.003", "--config.mesh.tensor=2")
+    assert c.optim.lr == 0.003 and c.mesh.tensor == 2
+    with pytest.raises(Exception):
+        load("tiny", "--config.optim.no_such_key=1")
+
+
+def test_paper_recipe_in_14b_preset():
+    c = load("r1_distill_qwen_14b")
+    assert (c.data.batch_size, c.sampling.num_samples, c.optim.lr) == (256, 8, 1e-6)
+    assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.999, 0.01)
+    assert (c.rl.clip_low, c.sampling.temperature, c.rl.kl_coef) == (0.2, 0.8, 0.0)
+    assert (c.data.max_prompt_len, c.sampling.max_new_tokens) == (4096, 8192)
+
+
+@pytest.mark.parametrize("change, devices, message", [
+    ({"data.batch_size": 6}, 4, "data.batch_size=6 is not divisible by the data axes"),
+    ({"mesh.tensor": 3}, 3, "model.num_heads=4 is not divisible by the tensor axis"),
+    ({"mesh.data": 3}, 8, "does not divide the 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "at most one of"),
+    ({"rl.loss_agg": "mean"}, 1, "rl.loss_agg='mean' is not one of"),
+    ({"model.preset": "gpt5"}, 1, "unknown model preset 'gpt5'"),
+    ({"sampling.top_p": 0.0}, 1, "sampling.top_p"),
+    ({"data.max_prompt_len": 4096}, 1, "sampling.prompt_buckets"),
+    ({"rl.micro_batches": 3}, 1, "rl.micro_batches=3"),
+])
+def test_bad_config_names_the_key(change, devices, message):
+    c = load("tiny")
+    with c.unlocked():
+        for key, value in change.items():
+            section, name = key.split(".")
+            c[section][name] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        rc.validate(c, devices)
+
+
+def test_unknown_model_shape():
+    with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+        rc.base_config("nope")
