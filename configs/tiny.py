@@ -14,6 +14,7 @@ def get_config():
     c.num_steps = 60
     c.model.dtype = "float32"
     c.data.corpus = "synthetic_arithmetic"
+    c.data.template = "short"  # v0 alone is ~150 tokens under the 512-id tokenizer
     c.data.batch_size = 16
     c.data.max_prompt_len = 128
     c.data.target_window = 16

