@@ -1,0 +1,477 @@
+"""Hugging Face Llama / Qwen2 checkpoint folders <-> rpt_jax params (see rpt_jax.model's layout).
+
+Import streams: every param is built with `jax.make_array_from_callback`, whose callback reads
+only the block of the safetensors file(s) that one device shard needs, layer by layer, so no host
+holds the whole model (a 14B checkpoint loads onto a mesh with host memory for a few layers).
+Export gathers one layer of one tensor at a time and writes HF names and layouts, sharded above a
+size, plus config.json and the tokenizer files. Only numpy and safetensors at run time; no torch.
+
+HF layouts (per layer; rpt_jax stacks layers on a leading axis l):
+  q/k/v_proj.weight [h*e, d] -> kernel [d, h, e];  q/k/v_proj.bias [h*e] -> bias [h, e]
+  o_proj.weight [d, h*e] -> kernel [h, e, d]
+  gate/up_proj.weight [f, d] -> kernel [d, f];     down_proj.weight [d, f] -> kernel [f, d]
+  lm_head.weight [v, d] -> lm_head [d, v];         embed_tokens, norms: same layout
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rpt_jax import model as model_lib
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# Class defaults of transformers' LlamaConfig / Qwen2Config for keys a config.json may omit.
+_DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+# Buffers some old checkpoints store; they are recomputed from rope_theta.
+_IGNORED_SUFFIX = "rotary_emb.inv_freq"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def default_smollm2_dir() -> pathlib.Path:
+    """Where scripts/prepare_smollm2.py puts SmolLM2-135M-Instruct: $RPT_JAX_CACHE or ~/.cache/rpt_jax."""
+    root = os.environ.get("RPT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rpt_jax")
+    return pathlib.Path(root) / "smollm2-135m-instruct"
+
+
+# ----------------------------------------------------------------------------- config
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def model_config_from_hf(folder_or_config_json) -> dict:
+    """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
+
+    Supports LlamaForCausalLM and Qwen2ForCausalLM (qkv biases) with plain RoPE and full
+    attention; raises ValueError naming the key for anything rpt_jax.model does not compute.
+    """
+    if isinstance(folder_or_config_json, dict):
+        hf, where = folder_or_config_json, "config dict"
+    else:
+        path = pathlib.Path(folder_or_config_json)
+        path = path / "config.json" if path.is_dir() else path
+        hf, where = _read_json(path), str(path)
+
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; "
+                         f"rpt_jax reads {sorted(ARCHITECTURES)}")
+
+    def need(key):
+        if key not in hf:
+            raise KeyError(f"{where}: missing key {key!r}")
+        return hf[key]
+
+    def reject(cond, key, why):
+        if cond:
+            raise ValueError(f"{where}: {key}={hf.get(key)!r} is not supported ({why})")
+
+    reject(hf.get("hidden_act", "silu") != "silu", "hidden_act", "rpt_jax's MLP is SwiGLU with silu")
+    reject(hf.get("mlp_bias", False), "mlp_bias", "MLP projections have no bias")
+    if arch == "LlamaForCausalLM":
+        reject(hf.get("attention_bias", False), "attention_bias",
+               "Llama attention bias includes o_proj, which rpt_jax.model has not")
+    reject(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor",
+           "RoPE rotates the whole head")
+    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters.
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        reject(kind != "default", key, f"RoPE scaling {kind!r}: rpt_jax.model implements default "
+               "RoPE only, so long-context scaled models would give wrong logits")
+    layer_types = hf.get("layer_types") or []
+    reject(any(t != "full_attention" for t in layer_types), "layer_types",
+           "only full attention; sliding-window layers are not implemented")
+    if hf.get("use_sliding_window", False):
+        sliding = hf.get("max_window_layers", 0) < need("num_hidden_layers")
+        reject(sliding, "use_sliding_window",
+               "sliding-window attention on layers >= max_window_layers is not implemented")
+
+    heads = need("num_attention_heads")
+    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    return dict(
+        vocab_size=need("vocab_size"),
+        num_layers=need("num_hidden_layers"),
+        hidden_size=need("hidden_size"),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or need("hidden_size") // heads,
+        mlp_dim=need("intermediate_size"),
+        rope_theta=float(theta or _DEFAULTS["rope_theta"]),
+        rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"])),
+        qkv_bias=arch == "Qwen2ForCausalLM",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", _DEFAULTS["tie_word_embeddings"])),
+    )
+
+
+# ----------------------------------------------------------------------------- name/layout map
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor family. The HF tensor is [prod(rows)] or [prod(rows), prod(cols)]; the rpt_jax
+    leaf (per layer) is rows + cols, or cols + rows when `transpose`."""
+    path: tuple  # keys into the params dict
+    name: str  # HF name; "{i}" is the layer index when `stacked`
+    rows: tuple
+    cols: tuple = ()
+    transpose: bool = False
+    stacked: bool = False
+
+    @property
+    def hf_shape(self):
+        return (math.prod(self.rows),) + ((math.prod(self.cols),) if self.cols else ())
+
+    @property
+    def leaf_shape(self):
+        return self.cols + self.rows if self.transpose else self.rows + self.cols
+
+    def names(self, num_layers):
+        return [self.name.format(i=i) for i in range(num_layers)] if self.stacked else [self.name]
+
+
+def _tensor_map(cfg: model_lib.ModelConfig) -> list[_Tensor]:
+    """Every HF tensor of a model of this config, in the order checkpoints list them."""
+    d, v, f = cfg.hidden_size, cfg.vocab_size, cfg.mlp_dim
+    h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    layer = "model.layers.{i}."
+    out = [_Tensor(("embed_tokens",), "model.embed_tokens.weight", (v,), (d,))]
+    for proj, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+        out.append(_Tensor(("layers", proj, "kernel"), f"{layer}self_attn.{proj}.weight",
+                           (n, e), (d,), transpose=True, stacked=True))
+        if cfg.qkv_bias:
+            out.append(_Tensor(("layers", proj, "bias"), f"{layer}self_attn.{proj}.bias",
+                               (n, e), stacked=True))
+    out += [
+        _Tensor(("layers", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", (d,), (h, e),
+                transpose=True, stacked=True),
+        _Tensor(("layers", "gate_proj", "kernel"), f"{layer}mlp.gate_proj.weight", (f,), (d,),
+                transpose=True, stacked=True),
+        _Tensor(("layers", "up_proj", "kernel"), f"{layer}mlp.up_proj.weight", (f,), (d,),
+                transpose=True, stacked=True),
+        _Tensor(("layers", "down_proj", "kernel"), f"{layer}mlp.down_proj.weight", (d,), (f,),
+                transpose=True, stacked=True),
+        _Tensor(("layers", "input_layernorm"), f"{layer}input_layernorm.weight", (d,), stacked=True),
+        _Tensor(("layers", "post_attention_layernorm"), f"{layer}post_attention_layernorm.weight",
+                (d,), stacked=True),
+        _Tensor(("norm",), "model.norm.weight", (d,)),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(_Tensor(("lm_head",), "lm_head.weight", (v,), (d,), transpose=True))
+    return out
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree, path, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- import
+
+def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> the safetensors file holding it (single file or index json)."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        return {name: folder / file for name, file in weight_map.items()}
+    if single.exists():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json "
+                            f"(found {sorted(p.name for p in folder.iterdir())})")
+
+
+def _norm_index(index, shape):
+    """A device shard's index (tuple of slices, maybe shorter than shape) -> [(start, stop)]."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {s} is not supported")
+        out.append((start, stop))
+    return out
+
+
+def _read_block(sl, spec: _Tensor, ranges) -> np.ndarray:
+    """Read the HF block behind rpt_jax leaf ranges [(start, stop)] (one layer) in leaf layout.
+
+    The rows (or cols) group of the HF tensor is the flattening of several leaf axes: read the
+    contiguous span covering the first axis's range, reshape, then cut the inner axes.
+    """
+    nr, nc = len(spec.rows), len(spec.cols)
+    rr, cr = (ranges[nc:], ranges[:nc]) if spec.transpose else (ranges[:nr], ranges[nr:])
+
+    def span(dims, rng):
+        inner = math.prod(dims[1:])
+        return slice(rng[0][0] * inner, rng[0][1] * inner)
+
+    hf_index = (span(spec.rows, rr),) + ((span(spec.cols, cr),) if nc else ())
+    block = sl[hf_index]
+    shape = (rr[0][1] - rr[0][0],) + spec.rows[1:]
+    cut = (slice(None),) + tuple(slice(a, b) for a, b in rr[1:])
+    if nc:
+        shape += (cr[0][1] - cr[0][0],) + spec.cols[1:]
+        cut += (slice(None),) + tuple(slice(a, b) for a, b in cr[1:])
+    block = block.reshape(shape)[cut]
+    if spec.transpose:
+        block = block.transpose(tuple(range(nr, nr + nc)) + tuple(range(nr)))
+    return block
+
+
+def _check_checkpoint(folder, cfg, files, handles) -> None:
+    """Every expected tensor present with its HF shape and a float dtype; nothing unexpected."""
+    expected = {}
+    for spec in _tensor_map(cfg):
+        for name in spec.names(cfg.num_layers):
+            expected[name] = spec.hf_shape
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise KeyError(f"{folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
+                       f"{missing[:5]} (config: tie_embeddings={cfg.tie_embeddings}, "
+                       f"qkv_bias={cfg.qkv_bias}, num_layers={cfg.num_layers})")
+    for name, file in files.items():
+        if name in expected or name.endswith(_IGNORED_SUFFIX):
+            continue
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # a tied checkpoint may store the head; the model reuses embed_tokens
+        raise ValueError(f"{file}: unexpected tensor {name!r} (no rpt_jax param for it; "
+                         f"tie_embeddings={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias}, "
+                         f"num_layers={cfg.num_layers})")
+    for name, shape in expected.items():
+        f = handles(files[name])
+        if name not in f.keys():
+            raise KeyError(f"{files[name]}: tensor {name!r} listed in the index is not in the file")
+        sl = f.get_slice(name)
+        if tuple(sl.get_shape()) != shape:
+            raise ValueError(f"{files[name]}: tensor {name!r} has shape {tuple(sl.get_shape())}, "
+                             f"the config needs {shape}")
+        if sl.get_dtype() not in _FLOAT_DTYPES:
+            raise ValueError(f"{files[name]}: tensor {name!r} has dtype {sl.get_dtype()}, "
+                             f"expected one of {_FLOAT_DTYPES}")
+
+
+def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
+    """Read an HF checkpoint folder into rpt_jax params of dtype cfg.param_dtype.
+
+    shardings: a pytree like `model.param_shapes(cfg)` of jax Shardings (e.g.
+    `sharding.param_shardings(mesh, model.logical_axes(cfg))`), or None for the first local
+    device. Each device shard is read straight from disk; a tied checkpoint's lm_head.weight,
+    if stored, is ignored (the model multiplies by embed_tokens).
+    """
+    folder = pathlib.Path(folder)
+    shapes = model_lib.param_shapes(cfg)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    elif jax.tree.structure(shardings) != jax.tree.structure(shapes):
+        raise ValueError(f"shardings tree {jax.tree.structure(shardings)} does not match the "
+                         f"params tree {jax.tree.structure(shapes)}")
+    dtype = jnp.dtype(cfg.param_dtype)
+    files = _checkpoint_files(folder)
+    params = {}
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def handle(path):
+            if path not in opened:
+                if not path.exists():
+                    raise FileNotFoundError(f"{path} (named by the checkpoint index) does not exist")
+                opened[path] = stack.enter_context(safe_open(path, framework="numpy"))
+            return opened[path]
+
+        _check_checkpoint(folder, cfg, files, handle)
+        for spec in _tensor_map(cfg):
+            shape = _get(shapes, spec.path).shape
+            cache = {}  # partially replicated shardings ask for the same block on several devices
+
+            def callback(index, spec=spec, shape=shape, cache=cache):
+                ranges = _norm_index(index, shape)
+                key = tuple(ranges)
+                if key not in cache:
+                    if spec.stacked:  # fill layer by layer: one layer's block is the only extra copy
+                        (l0, l1), inner = ranges[0], ranges[1:]
+                        block = np.empty([b - a for a, b in ranges], dtype)
+                        for i in range(l0, l1):
+                            name = spec.name.format(i=i)
+                            block[i - l0] = _read_block(handle(files[name]).get_slice(name), spec, inner)
+                    else:
+                        block = _read_block(handle(files[spec.name]).get_slice(spec.name), spec, ranges)
+                    cache[key] = np.ascontiguousarray(block, dtype)
+                return cache[key]
+
+            leaf = jax.make_array_from_callback(shape, _get(shardings, spec.path), callback)
+            _set(params, spec.path, leaf)
+    return params
+
+
+# ----------------------------------------------------------------------------- export
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host) array on this host; collective when multi-host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _hf_tensor(leaf, spec: _Tensor, layer, dtype) -> np.ndarray:
+    """One HF tensor (one layer of a stacked leaf) in HF layout, on the host."""
+    block = _to_host(leaf[layer] if spec.stacked else leaf)
+    nr, nc = len(spec.rows), len(spec.cols)
+    if spec.transpose:
+        block = block.transpose(tuple(range(nc, nc + nr)) + tuple(range(nc)))
+    return np.ascontiguousarray(block.reshape(spec.hf_shape).astype(dtype))
+
+
+def _token_id(tokenizer_json: dict, token) -> int | None:
+    """Id of a special token (str or {"content": str}) from tokenizer.json, or None."""
+    content = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(content, str):
+        return None
+    for added in tokenizer_json.get("added_tokens", []):
+        if added.get("content") == content:
+            return added["id"]
+    vocab = tokenizer_json.get("model", {}).get("vocab")
+    return vocab.get(content) if isinstance(vocab, dict) else None
+
+
+def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
+              max_position_embeddings=None) -> dict:
+    """The config.json transformers needs for these params (Qwen2 when qkv_bias, else Llama).
+
+    max_position_embeddings does not change default-RoPE logits; it only informs other tools.
+    None takes it from tokenizer_dir's config.json or tokenizer_config.json, else 32768.
+    """
+    qwen = cfg.qkv_bias
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        # Both spellings: transformers <5 reads rope_theta, >=5 rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "use_cache": True,
+        "torch_dtype": dtype, "dtype": dtype,
+    }
+    if qwen:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    tok_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else None
+    tok_config = {}
+    if tok_dir is not None and (tok_dir / "tokenizer_config.json").exists():
+        tok_config = _read_json(tok_dir / "tokenizer_config.json")
+    if max_position_embeddings is None and tok_dir is not None and (tok_dir / "config.json").exists():
+        max_position_embeddings = _read_json(tok_dir / "config.json").get("max_position_embeddings")
+    if max_position_embeddings is None and 0 < tok_config.get("model_max_length", 0) < 1e7:
+        max_position_embeddings = int(tok_config["model_max_length"])
+    out["max_position_embeddings"] = int(max_position_embeddings or 32768)
+    if tok_dir is not None and (tok_dir / "tokenizer.json").exists():
+        tok_json = _read_json(tok_dir / "tokenizer.json")
+        for key in ("bos", "eos", "pad"):
+            token_id = _token_id(tok_json, tok_config.get(f"{key}_token"))
+            if token_id is not None:
+                out[f"{key}_token_id"] = token_id
+    return out
+
+
+def save_params(params, cfg: model_lib.ModelConfig, folder, tokenizer_dir=None,
+                max_shard_bytes: int = 2 * 1024**3, dtype=None, max_position_embeddings=None):
+    """Write params as an HF checkpoint folder that transformers' from_pretrained loads.
+
+    Writes model.safetensors, or model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json when the tensors exceed max_shard_bytes; config.json (see
+    `hf_config`); and the tokenizer files found in tokenizer_dir. dtype: the tensors' dtype
+    ("float32", "bfloat16", ...; default cfg.param_dtype). Tensors are gathered one layer at a
+    time. Multi-host: every process must call this (the gathers are collective); only process
+    0 writes. Returns the folder path.
+    """
+    folder = pathlib.Path(folder)
+    shapes = model_lib.param_shapes(cfg)
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    want = jax.tree.map(lambda x: x.shape, shapes)
+    if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+        raise ValueError(f"params do not match the config: shapes {got} vs {want}")
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    writer = jax.process_index() == 0
+
+    # Plan the shards from shapes alone, so file names can carry the count.
+    entries = []  # (hf name, spec, layer), in checkpoint order: embeddings, layer by layer, head
+    specs = _tensor_map(cfg)
+    entries += [(s.name, s, None) for s in specs if not s.stacked and s.path == ("embed_tokens",)]
+    for i in range(cfg.num_layers):
+        entries += [(s.name.format(i=i), s, i) for s in specs if s.stacked]
+    entries += [(s.name, s, None) for s in specs if not s.stacked and s.path != ("embed_tokens",)]
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = math.prod(entry[1].hf_shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
+            old.unlink()  # a stale index or shard from an earlier save would shadow this one
+    n = len(shards)
+    weight_map, total = {}, 0
+    for j, shard in enumerate(shards):
+        file = "model.safetensors" if n == 1 else f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {name: _hf_tensor(_get(params, spec.path), spec, layer, dtype)
+                   for name, spec, layer in shard}
+        total += sum(t.nbytes for t in tensors.values())
+        weight_map.update({name: file for name in tensors})
+        if writer:
+            save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        del tensors
+    if not writer:
+        return folder
+    if n > 1:
+        with open(folder / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = hf_config(cfg, str(dtype), tokenizer_dir, max_position_embeddings)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = pathlib.Path(tokenizer_dir) / name
+            if src.exists():
+                shutil.copyfile(src, folder / name)
+    return folder

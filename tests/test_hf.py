@@ -1,0 +1,349 @@
+"""rpt_jax.hf against transformers: real SmolLM2-135M logits, a tiny random Qwen2, export, errors.
+
+The SmolLM2 fixture materialises the checkpoint once (scripts/prepare_smollm2.py, cached in
+hf.default_smollm2_dir(); ~30 s the first time).
+"""
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rpt_jax import config as config_lib
+from rpt_jax import hf, model, sharding
+
+# The Gettysburg Address (Lincoln, 1863; public domain): ~330 SmolLM2 tokens of real English.
+TEXT = (
+    "Four score and seven years ago our fathers brought forth on this continent, a new nation, "
+    "conceived in Liberty, and dedicated to the proposition that all men are created equal. "
+    "Now we are engaged in a great civil war, testing whether that nation, or any nation so "
+    "conceived and so dedicated, can long endure. We are met on a great battle-field of that war. "
+    "We have come to dedicate a portion of that field, as a final resting place for those who "
+    "here gave their lives that that nation might live. It is altogether fitting and proper that "
+    "we should do this. But, in a larger sense, we can not dedicate -- we can not consecrate -- "
+    "we can not hallow -- this ground. The brave men, living and dead, who struggled here, have "
+    "consecrated it, far above our poor power to add or detract. The world will little note, nor "
+    "long remember what we say here, but it can never forget what they did here. It is for us "
+    "the living, rather, to be dedicated here to the unfinished work which they who fought here "
+    "have thus far so nobly advanced. It is rather for us to be here dedicated to the great task "
+    "remaining before us -- that from these honored dead we take increased devotion to that "
+    "cause for which they gave the last full measure of devotion -- that we here highly resolve "
+    "that these dead shall not have died in vain -- that this nation, under God, shall have a new "
+    "birth of freedom -- and that government of the people, by the people, for the people, shall "
+    "not perish from the earth."
+)
+NUM_TOKENS = 256
+
+forward = jax.jit(model.forward, static_argnums=2)
+
+
+def _prepare_module():
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_smollm2.py"
+    spec = importlib.util.spec_from_file_location("prepare_smollm2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torch_logits(hf_model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(np.array(ids))).logits.float().numpy()
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _tree_equal(a, b):
+    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return _prepare_module().prepare()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    cfg = model.ModelConfig(**hf.model_config_from_hf(smollm2_dir))
+    return cfg, hf.load_params(smollm2_dir, cfg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    return tokenizer, hf_model.eval()
+
+
+def test_smollm2_config_matches_preset(smollm2_dir):
+    got = hf.model_config_from_hf(smollm2_dir)
+    want = config_lib.model_shape("smollm2_135m")
+    assert got.pop("rms_norm_eps") == pytest.approx(want.pop("rms_norm_eps"), rel=1e-6)
+    assert got == want
+
+
+def test_smollm2_logits_match_transformers(smollm2, smollm2_torch):
+    cfg, params = smollm2
+    tokenizer, hf_model = smollm2_torch
+    ids = tokenizer(TEXT, return_tensors="np").input_ids[:, :NUM_TOKENS]
+    assert ids.shape == (1, NUM_TOKENS)
+    ref = _torch_logits(hf_model, ids)[0]
+    ours = np.asarray(forward(params, jnp.asarray(ids), cfg))[0]
+    max_abs = np.abs(ours - ref).max()
+    logp_ref, logp_ours = _log_softmax(ref.astype(np.float64)), _log_softmax(ours.astype(np.float64))
+    kl = (np.exp(logp_ref) * (logp_ref - logp_ours)).sum(-1)  # KL(hf || ours) per position
+    print(f"SmolLM2 {NUM_TOKENS} tokens: max |logit error| {max_abs:.2e}, "
+          f"KL(hf||ours) max {kl.max():.2e} mean {kl.mean():.2e}")
+    assert max_abs < 2e-3
+    assert kl.max() < 1e-5
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_predicts_paris(smollm2, smollm2_torch):
+    cfg, params = smollm2
+    tokenizer, _ = smollm2_torch
+    ids = tokenizer("The capital of France is", return_tensors="np").input_ids
+    logp = _log_softmax(np.asarray(forward(params, jnp.asarray(ids), cfg))[0, -1])
+    paris = tokenizer(" Paris").input_ids
+    assert len(paris) == 1 and logp.argmax() == paris[0]
+    assert logp[paris[0]] == pytest.approx(-0.26, abs=0.02)
+
+
+def test_smollm2_streams_into_fsdp_shardings(smollm2_dir, smollm2):
+    cfg, params = smollm2
+    config = config_lib.base_config("smollm2_135m")
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    mesh = sharding.make_mesh(config)
+    shardings = sharding.param_shardings(mesh, model.logical_axes(cfg), model.param_shapes(cfg))
+    sharded = hf.load_params(smollm2_dir, cfg, shardings)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(shardings)):
+        assert got.sharding == want
+    assert _tree_equal(sharded, params)
+
+
+def test_llama_export_with_tokenizer_reloads_in_transformers(tmp_path, smollm2_dir, smollm2_torch):
+    """A random tied Llama (norms perturbed) exported with SmolLM2's tokenizer files."""
+    cfg = model.ModelConfig(**config_lib.model_shape("tiny"))
+    params = model.init(cfg, jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(len(path)), x.shape)
+        if "norm" in jax.tree_util.keystr(path) else x, params)
+    out = hf.save_params(params, cfg, tmp_path / "export", tokenizer_dir=smollm2_dir,
+                         max_shard_bytes=100_000)
+    names = {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "generation_config.json", "model.safetensors.index.json"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # Special token ids read from the tokenizer files, as the original checkpoint has them.
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert config["max_position_embeddings"] == 8192
+    assert _tree_equal(hf.load_params(out, cfg), params)
+
+    tokenizer, _ = smollm2_torch
+    np.testing.assert_array_equal(transformers.AutoTokenizer.from_pretrained(out)(TEXT).input_ids,
+                                  tokenizer(TEXT).input_ids)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(cfg)
+    np.testing.assert_allclose(_torch_logits(reloaded, ids),
+                               np.asarray(forward(params, jnp.asarray(ids), cfg)), atol=2e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- tiny Qwen2
+
+QWEN = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rope_theta=50_000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """A random Qwen2 saved by transformers in several shards: (folder, torch model, cfg)."""
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN)).eval()
+    with torch.no_grad():  # transformers inits biases to 0 and norms to 1: make them informative
+        for name, p in hf_model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("qwen2")
+    hf_model.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    cfg = model.ModelConfig(**hf.model_config_from_hf(folder))
+    return folder, hf_model, cfg
+
+
+@pytest.fixture(scope="module")
+def qwen2_params(qwen2):
+    folder, _, cfg = qwen2
+    return hf.load_params(folder, cfg)
+
+
+def _ids(cfg, b=2, t=24):
+    return np.array(jax.random.randint(jax.random.key(1), (b, t), 0, cfg.vocab_size))
+
+
+def test_qwen2_config(qwen2):
+    _, _, cfg = qwen2
+    assert (cfg.qkv_bias, cfg.tie_embeddings, cfg.head_dim, cfg.num_kv_heads) == (True, False, 16, 2)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.mlp_dim) == (50_000.0, 1e-5, 128)
+
+
+def test_qwen2_logits_match_transformers(qwen2, qwen2_params):
+    _, hf_model, cfg = qwen2
+    ids = _ids(cfg)
+    ours = np.asarray(forward(qwen2_params, jnp.asarray(ids), cfg))
+    np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+
+
+def test_qwen2_streams_into_any_sharding(qwen2, qwen2_params):
+    """Mesh (2, 2, 2): the rule shardings, and shardings that cut every inner axis (head_dim too)."""
+    folder, _, cfg = qwen2
+    config = config_lib.base_config("tiny")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(config)
+    rules = sharding.param_shardings(mesh, model.logical_axes(cfg), model.param_shapes(cfg))
+    # The last three axes of every leaf over (data, fsdp, tensor); 1-d leaves stay partly replicated.
+    inner = jax.tree.map(
+        lambda s: NamedSharding(mesh, P(*([None] * max(0, len(s.shape) - 3)),
+                                        *sharding.AXES[-min(3, len(s.shape)):])),
+        model.param_shapes(cfg))
+    for shardings in (rules, inner):
+        loaded = hf.load_params(folder, cfg, shardings)
+        for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings)):
+            assert got.sharding == want
+        assert _tree_equal(loaded, qwen2_params)
+
+
+def test_qwen2_export_round_trip(tmp_path, qwen2, qwen2_params):
+    _, hf_model, cfg = qwen2
+    out = hf.save_params(qwen2_params, cfg, tmp_path / "export", max_shard_bytes=50_000)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    assert _tree_equal(hf.load_params(out, cfg), qwen2_params)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids(cfg)
+    np.testing.assert_array_equal(_torch_logits(reloaded, ids), _torch_logits(hf_model, ids))
+
+    # One file under the limit; bfloat16 on disk loads back as the rounded values.
+    out16 = hf.save_params(qwen2_params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    assert [p.name for p in out16.glob("model*")] == ["model.safetensors"]
+    with safe_open(out16 / "model.safetensors", framework="numpy") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    cfg16 = model.ModelConfig(**{**vars(cfg), "param_dtype": "bfloat16"})
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), qwen2_params)
+    assert _tree_equal(hf.load_params(out16, cfg16), rounded)
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.fixture
+def qwen2_copy(tmp_path, qwen2, qwen2_params):
+    """An editable single-file export: (folder, {name: array})."""
+    _, _, cfg = qwen2
+    folder = hf.save_params(qwen2_params, cfg, tmp_path / "ckpt")
+    with safe_open(folder / "model.safetensors", framework="numpy") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return folder, tensors
+
+
+def _rewrite(folder, tensors):
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(qwen2, qwen2_copy):
+    folder, tensors = qwen2_copy
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    _rewrite(folder, tensors)
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf.load_params(folder, qwen2[2])
+
+
+def test_wrong_shape_names_tensor_and_file(qwen2, qwen2_copy):
+    folder, tensors = qwen2_copy
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor "
+                                         r"'model\.layers\.0\.self_attn\.k_proj\.weight' has "
+                                         r"shape \(64, 64\), the config needs \(32, 64\)"):
+        hf.load_params(folder, qwen2[2])
+
+
+def test_unexpected_and_ignored_tensors(qwen2, qwen2_copy, qwen2_params):
+    folder, tensors = qwen2_copy
+    _, _, cfg = qwen2
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    _rewrite(folder, tensors)
+    assert _tree_equal(hf.load_params(folder, cfg), qwen2_params)  # inv_freq buffers are skipped
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.o_proj\.bias'"):
+        hf.load_params(folder, cfg)
+
+
+def test_tied_config_ignores_stored_head(qwen2, qwen2_copy, qwen2_params):
+    folder, _ = qwen2_copy
+    _, _, cfg = qwen2
+    tied = model.ModelConfig(**{**vars(cfg), "tie_embeddings": True})
+    params = hf.load_params(folder, tied)
+    assert "lm_head" not in params
+    np.testing.assert_array_equal(params["embed_tokens"], qwen2_params["embed_tokens"])
+
+
+def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
+    folder, tensors = qwen2_copy
+    tensors["model.norm.weight"] = np.ones(64, np.int32)
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has dtype I32"):
+        hf.load_params(folder, qwen2[2])
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: "model-00001-of-00002.safetensors" for name in tensors}}))
+    with pytest.raises(FileNotFoundError, match=r"model-00001-of-00002\.safetensors"):
+        hf.load_params(folder, qwen2[2])
+
+
+@pytest.mark.parametrize("change, error, pattern", [
+    ({"architectures": ["MistralForCausalLM"]}, ValueError, "MistralForCausalLM"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError, "rope_scaling.*llama3"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, ValueError, "rope_parameters.*yarn"),
+    ({"use_sliding_window": True, "max_window_layers": 1}, ValueError, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, ValueError, "layer_types"),
+    ({"hidden_act": "gelu"}, ValueError, "hidden_act"),
+    ({"hidden_size": None}, KeyError, "'hidden_size'"),
+])
+def test_unsupported_configs_are_named(qwen2, change, error, pattern):
+    folder, _, _ = qwen2
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(error, match=pattern):
+        hf.model_config_from_hf(config)
+
+
+def test_config_json_round_trip(qwen2, smollm2_dir):
+    """hf_config -> transformers' config class -> model_config_from_hf gives the same fields."""
+    _, _, cfg = qwen2
+    for source in (cfg, model.ModelConfig(**hf.model_config_from_hf(smollm2_dir))):
+        written = hf.hf_config(source, "float32")
+        hf_cfg = transformers.AutoConfig.for_model(written.pop("model_type"), **written).to_dict()
+        fields = hf.model_config_from_hf({**hf_cfg, "architectures": written["architectures"]})
+        assert model.ModelConfig(**fields) == source
+
+
+def test_save_rejects_mismatched_params(tmp_path, qwen2, qwen2_params):
+    _, _, cfg = qwen2
+    bad = dict(qwen2_params, norm=jnp.ones(32))
+    with pytest.raises(ValueError, match="do not match the config"):
+        hf.save_params(bad, cfg, tmp_path / "bad")
