@@ -97,6 +97,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
     # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters.
     for key in ("rope_scaling", "rope_parameters"):
         rope = hf.get(key) or {}
+        reject(any(isinstance(v, dict) for v in rope.values()), key, "per-layer-type RoPE")
         kind = rope.get("rope_type", rope.get("type", "default"))
         reject(kind != "default", key, f"RoPE scaling {kind!r}: rpt_jax.model implements default "
                "RoPE only, so long-context scaled models would give wrong logits")
@@ -268,9 +269,12 @@ def _check_checkpoint(folder, cfg, files, handles) -> None:
         raise ValueError(f"{file}: unexpected tensor {name!r} (no rpt_jax param for it; "
                          f"tie_embeddings={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias}, "
                          f"num_layers={cfg.num_layers})")
+    keys = {}  # file -> its tensor names
     for name, shape in expected.items():
         f = handles(files[name])
-        if name not in f.keys():
+        if files[name] not in keys:
+            keys[files[name]] = set(f.keys())
+        if name not in keys[files[name]]:
             raise KeyError(f"{files[name]}: tensor {name!r} listed in the index is not in the file")
         sl = f.get_slice(name)
         if tuple(sl.get_shape()) != shape:

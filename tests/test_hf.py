@@ -136,10 +136,11 @@ def test_smollm2_streams_into_fsdp_shardings(smollm2_dir, smollm2):
 def test_llama_export_with_tokenizer_reloads_in_transformers(tmp_path, smollm2_dir, smollm2_torch):
     """A random tied Llama (norms perturbed) exported with SmolLM2's tokenizer files."""
     cfg = model.ModelConfig(**config_lib.model_shape("tiny"))
-    params = model.init(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)  # numpy, not model.init: eager jax ops compile per shape
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(len(path)), x.shape)
-        if "norm" in jax.tree_util.keystr(path) else x, params)
+        lambda path, s: jnp.asarray(rng.normal(1.0 if "norm" in jax.tree_util.keystr(path) else 0.0,
+                                               0.1, s.shape), jnp.float32),
+        model.param_shapes(cfg))
     out = hf.save_params(params, cfg, tmp_path / "export", tokenizer_dir=smollm2_dir,
                          max_shard_bytes=100_000)
     names = {p.name for p in out.iterdir()}
@@ -236,8 +237,9 @@ def test_qwen2_export_round_trip(tmp_path, qwen2, qwen2_params):
     ids = _ids(cfg)
     np.testing.assert_array_equal(_torch_logits(reloaded, ids), _torch_logits(hf_model, ids))
 
-    # One file under the limit; bfloat16 on disk loads back as the rounded values.
-    out16 = hf.save_params(qwen2_params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    # Saved again into the same folder: one file under the limit, the old shards and index gone;
+    # bfloat16 on disk loads back as the rounded values.
+    out16 = hf.save_params(qwen2_params, cfg, out, dtype="bfloat16")
     assert [p.name for p in out16.glob("model*")] == ["model.safetensors"]
     with safe_open(out16 / "model.safetensors", framework="numpy") as f:
         assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
@@ -320,6 +322,7 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, ValueError, "rope_parameters.*yarn"),
     ({"use_sliding_window": True, "max_window_layers": 1}, ValueError, "use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ValueError, "layer_types"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, ValueError, "per-layer-type"),
     ({"hidden_act": "gelu"}, ValueError, "hidden_act"),
     ({"hidden_size": None}, KeyError, "'hidden_size'"),
 ])
