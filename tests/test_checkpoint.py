@@ -3,6 +3,7 @@ import glob
 import logging
 import os
 import shutil
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +13,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rpt_jax import checkpoint
-from rpt_jax.train_step import TrainState
 
 # orbax/tensorstore report failed reads of damaged files once more at interpreter teardown
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+class TrainState(NamedTuple):  # the shape of rpt_jax.train_step.TrainState
+    params: Any
+    opt_state: Any
+    step: Any
 
 
 def make_state(seed=0):
