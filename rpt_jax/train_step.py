@@ -1,0 +1,197 @@
+"""The policy-gradient update: optax optimizer, train state, the jitted sharded step.
+
+Params and optimizer state live in float32, sharded by `sharding.RULES`; the model computes in
+`ModelConfig.dtype` (bf16 on accelerators). The batch (see `objective.make_train_batch`) is split
+into `rl.micro_batches` slices; a `lax.scan` carries (grad_sum, loss_sum, count) over them and
+divides once at the end, so the update equals the one-slice update exactly (up to float
+summation order). A step whose loss or gradient is not finite leaves the state untouched and
+says so in its metrics; the trainer decides when to stop.
+
+Config fields read: optim.{lr, b1, b2, eps, weight_decay, grad_clip, warmup_steps, schedule};
+rl.{loss_agg, clip_low, clip_high, kl_coef, entropy_coef, micro_batches}; sampling.{temperature,
+num_samples, max_new_tokens}. Any object with these attributes works (no ml-collections needed).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rpt_jax import model, objective, sharding
+
+
+class TrainState(NamedTuple):
+    params: Any  # float32 weights, model.init's tree
+    opt_state: Any  # optax state, sharded like the params it mirrors
+    step: jax.Array  # int32 count of applied updates (skipped steps do not count)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedule(optim, num_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to optim.lr over optim.warmup_steps, then constant or cosine to 0."""
+    warmup = int(optim.warmup_steps)
+    if optim.schedule == "constant":
+        after = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, max(num_steps - warmup, 1))
+    else:
+        raise ValueError(f"optim.schedule={optim.schedule!r} is not one of ('constant', 'cosine')")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+    # As Hugging Face's Trainer: no weight decay on norm scales and biases.
+    def keep(path, _):
+        name = jax.tree_util.keystr(path)
+        return "norm" not in name and "bias" not in name
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (optim.grad_clip; <= 0 disables) then AdamW on the schedule.
+
+    Non-finite gradients are handled by the train step (it keeps the old state), not here:
+    optax.apply_if_finite would also skip the update, but it advances its own counters inside
+    the optimizer state and hides the skip from the step's metrics.
+    """
+    parts = []
+    if optim.grad_clip and optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    parts.append(optax.adamw(make_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
+                             eps=optim.eps, weight_decay=optim.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- state
+
+def state_shardings(mesh, tx, param_shapes, param_shardings) -> TrainState:
+    """TrainState of NamedShardings: optimizer moments sharded like their params, scalars replicated."""
+    return TrainState(
+        params=param_shardings,
+        opt_state=sharding.opt_state_shardings(mesh, tx, param_shapes, param_shardings),
+        step=sharding.replicated(mesh))
+
+
+def init_train_state(params, tx, mesh, param_shardings) -> TrainState:
+    """A fresh TrainState built on device with its final shardings (nothing replicated first)."""
+    shapes = jax.eval_shape(lambda p: p, params)
+    out = state_shardings(mesh, tx, shapes, param_shardings)
+    init = jax.jit(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
+                   in_shardings=(param_shardings,), out_shardings=out)
+    return init(params)
+
+
+# ----------------------------------------------------------------------------- step
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "old_logprobs", "advantages")
+
+
+def _check_batch(batch, kl_coef, micro_batches, G):
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if kl_coef and "ref_logprobs" not in batch:
+        missing.append("ref_logprobs (rl.kl_coef > 0)")
+    if missing:
+        raise ValueError(f"train batch is missing {missing}; build it with "
+                         f"objective.make_train_batch")
+    N, S = batch["tokens"].shape
+    for k, v in batch.items():
+        want = (N,) if k == "advantages" else (N, S)
+        if v.shape != want:
+            raise ValueError(f"train batch[{k!r}] has shape {v.shape}, expected {want}")
+    if N % micro_batches:
+        raise ValueError(f"batch of {N} rows does not split into rl.micro_batches={micro_batches}")
+    if N % G:
+        raise ValueError(f"batch of {N} rows is not a multiple of sampling.num_samples={G}")
+
+
+def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: TrainState, tx,
+                    logits_chunk: int = 256):
+    """The update fn(state, batch) -> (state, metrics), jitted on `mesh`; the state is donated.
+
+    batch: objective.make_train_batch's dict, rows sharded over the mesh's data axes (plus
+    ref_logprobs [N, S] when rl.kl_coef > 0). logits_chunk: positions per LM-head chunk (memory
+    knob, see objective.token_logprobs). metrics: scalars (loss, clip_frac, approx_kl, logp_gap,
+    logp_gap_max, entropy, kl_ref if used, grad_norm, zero_adv_group_frac, loss_tokens,
+    finite, applied).
+    """
+    rl, temperature = config.rl, float(config.sampling.temperature)
+    G, M = int(config.sampling.num_samples), int(rl.micro_batches)
+    if rl.loss_agg not in objective.AGGREGATIONS:
+        raise ValueError(f"rl.loss_agg={rl.loss_agg!r} is not one of {objective.AGGREGATIONS}")
+    loss_kw = dict(clip_low=float(rl.clip_low), clip_high=float(rl.clip_high), agg=rl.loss_agg,
+                   max_len=int(config.sampling.max_new_tokens), kl_coef=float(rl.kl_coef),
+                   entropy_coef=float(rl.entropy_coef))
+    rows = P(sharding.BATCH)
+
+    def loss_terms(params, mb):
+        logp, entropy = objective.token_logprobs(params, mb, model_cfg, temperature, logits_chunk)
+        loss_sum, count, stats = objective.policy_loss(
+            logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+            ref_logp=mb.get("ref_logprobs"), entropy=entropy, **loss_kw)
+        return loss_sum, (count, stats)
+
+    grad_fn = jax.grad(loss_terms, has_aux=True)
+
+    def micro(params, mb):
+        grads, (count, stats) = grad_fn(params, mb)
+        return jax.lax.with_sharding_constraint(grads, shardings.params), count, stats
+
+    def step(state: TrainState, batch):
+        _check_batch(batch, rl.kl_coef, M, G)
+        batch = jax.lax.with_sharding_constraint(
+            batch, jax.tree.map(lambda _: NamedSharding(mesh, rows), batch))
+        if M == 1:
+            grads, count, stats = micro(state.params, batch)
+        else:
+            # Micro-batch m takes rows m, m + M, ...: each device's rows split evenly across the
+            # slices, so no slice sits on a subset of the devices.
+            def slices(x):
+                x = x.reshape(x.shape[0] // M, M, *x.shape[1:])
+                return jax.lax.with_sharding_constraint(
+                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, sharding.BATCH)))
+
+            mbs = jax.tree.map(slices, batch)
+
+            def body(carry, mb):
+                g, c, s = micro(state.params, mb)
+                g0, c0, s0 = carry
+                return (jax.tree.map(jnp.add, g0, g), c0 + c,
+                        objective.combine_stats(s0, s)), None
+
+            # Zeros start every sum and max (the maxima are of absolute values).
+            shapes = jax.eval_shape(micro, state.params, jax.tree.map(lambda x: x[0], mbs))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params),) + zeros[1:]
+            (grads, count, stats), _ = jax.lax.scan(body, zeros, mbs)
+
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        metrics = objective.finalize_stats(stats)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        applied = finite & (count > 0)  # all groups dropped: nothing to learn from
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(params, opt_state, state.step + 1)
+        new = jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, state)
+
+        zero_groups = jnp.all(batch["advantages"].reshape(-1, G) == 0, axis=1)
+        metrics.update(grad_norm=grad_norm, finite=finite, applied=applied,
+                       zero_adv_group_frac=jnp.mean(zero_groups.astype(jnp.float32)),
+                       loss_tokens=jnp.sum(batch["loss_mask"]))
+        return new, metrics
+
+    jitted = jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, rows)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+    def run(state, batch):
+        with jax.set_mesh(mesh):  # activates the model's activation sharding constraints
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
