@@ -143,10 +143,6 @@ class _Tensor:
     def hf_shape(self):
         return (math.prod(self.rows),) + ((math.prod(self.cols),) if self.cols else ())
 
-    @property
-    def leaf_shape(self):
-        return self.cols + self.rows if self.transpose else self.rows + self.cols
-
     def names(self, num_layers):
         return [self.name.format(i=i) for i in range(num_layers)] if self.stacked else [self.name]
 
