@@ -45,6 +45,33 @@ def training_compute(num_params: int, tokens) -> np.ndarray:
     return 6.0 * float(num_params) * np.asarray(tokens, np.float64)
 
 
+def cumulative_tokens(records: Sequence[Mapping], steps: Sequence[int],
+                      prompt_tokens_per_step: float, tokens_per_step: float) -> np.ndarray:
+    """Tokens processed by training up to each of `steps` (the D of C = 6 N D).
+
+    records: the trainer's per-step metrics (metrics.jsonl "train" records: "step" counts
+    updates done, "sampled_tokens" the response tokens of that step, "prompt_tokens" if logged).
+    A record stands for the steps since the previous record (logging.every > 1); a step's
+    tokens are its sampled tokens plus its prompt tokens, or `prompt_tokens_per_step` where a
+    record has none. Steps beyond the last record, or every step without records, count
+    `tokens_per_step` each. Returns float64 [len(steps)].
+    """
+    rec = sorted((int(r["step"]), float(r["sampled_tokens"])
+                  + float(r.get("prompt_tokens", prompt_tokens_per_step)))
+                 for r in records if "sampled_tokens" in r)
+    marks, prev, total = [(0, 0.0)], 0, 0.0
+    for step, tokens in rec:
+        if step > prev:
+            total += (step - prev) * tokens
+            marks.append((step, total))
+            prev = step
+    out = []
+    for s in steps:
+        last_step, last_total = max((m for m in marks if m[0] <= s), key=lambda m: m[0])
+        out.append(last_total + (s - last_step) * tokens_per_step)
+    return np.asarray(out, np.float64)
+
+
 def r_squared(y, y_hat) -> float:
     """Coefficient of determination 1 - SS_res / SS_tot (1.0 for a perfect fit of constant y)."""
     y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)

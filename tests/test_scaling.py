@@ -55,3 +55,14 @@ def test_plots_write_pngs(tmp_path):
     for p in (p1, p2):
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cumulative_tokens_counts_each_logged_step():
+    records = [{"step": 1, "sampled_tokens": 10}, {"step": 2, "sampled_tokens": 20},
+               {"step": 4, "sampled_tokens": 30, "prompt_tokens": 5},  # stands for steps 3-4
+               {"step": 4, "kind": "eval"}]
+    got = scaling.cumulative_tokens(records, [0, 1, 2, 4, 6], prompt_tokens_per_step=100,
+                                    tokens_per_step=1000)
+    # by hand: 110, +120, +2*35, then 2 unlogged steps at 1000
+    np.testing.assert_array_equal(got, [0, 110, 230, 300, 2300])
+    np.testing.assert_array_equal(scaling.cumulative_tokens([], [0, 3], 1, 7), [0, 21])
