@@ -377,7 +377,7 @@ ALPHABET = list("ab xyz{}\\=0123") + [" time", " and", "é", "€", "中", "</th
                                       "}}", "</", "think>", " \\frac{1}{2}"]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.randoms(use_true_random=False))
 def test_property_real_vocab(rnd):
     tok, vocab, special, table = smollm2()
