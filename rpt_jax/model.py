@@ -298,3 +298,111 @@ def decode(params, tokens, positions, cache, cfg: ModelConfig):
         valid, jnp.ones((valid.shape[0], 1), bool), (0, i))
     cache["index"] = i + 1
     return logits_from_hidden(params, x, cfg)[:, 0], cache
+
+
+# ----------------------------------------------------------------------------- sampling decode path
+# The sampler keeps one prompt cache per context (b rows) and one response cache per sample
+# (r = b * g rows). Each decode step reads the prompt keys once per group instead of once per
+# sample. Caches are tuples of per-layer arrays in [rows, k, slots, e] layout, and the layer loop
+# is a Python loop over per-layer weights (cast and split once by `decoding_weights`), so each
+# layer's cache is updated in place inside the sampler's while loop and read with one batched
+# matmul per kv head, without a concatenate or a stacked-array copy.
+
+def decoding_weights(params, cfg: ModelConfig) -> dict:
+    """Params cast once to the compute dtype, with the layer stack split into a tuple of layers.
+
+    Done once per sampling call, outside the decode loop, so that no step re-reads float32
+    weights or slices the stack.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    cast = jax.tree.map(lambda x: x.astype(dtype), params)
+    layers = cast.pop("layers")
+    cast["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], layers)
+                           for i in range(cfg.num_layers))
+    return cast
+
+
+def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
+                   cache_dtype="bfloat16"):
+    """Run left-padded prompts once. tokens, positions, segment_ids [b, t] (segment 0 = padding).
+
+    Returns (float32 logits of the last position [b, v], prompt cache) where the prompt cache is
+    {"k", "v": tuples of l arrays [b, k, t, e], "valid": [b, t] bool}.
+    """
+    h, (k, v) = hidden_states(params, tokens, cfg, positions, segment_ids)
+    logits = logits_from_hidden(params, h[:, -1:], cfg)[:, 0]
+    k = jnp.swapaxes(k, 2, 3).astype(cache_dtype)  # [l, b, k, t, e]
+    v = jnp.swapaxes(v, 2, 3).astype(cache_dtype)
+    cache = {"k": tuple(k[i] for i in range(cfg.num_layers)),
+             "v": tuple(v[i] for i in range(cfg.num_layers)),
+             "valid": segment_ids != 0}
+    return logits, cache
+
+
+def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16") -> dict:
+    """Empty per-sample cache: {"k", "v": tuples of l zero arrays [r, k, s, e]}."""
+    shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+    return {"k": zeros(), "v": zeros()}
+
+
+def _shared_attend(q, prompt_k, prompt_v, prompt_valid, resp_k, resp_v, resp_valid):
+    """Decode attention over a shared prompt cache and a per-sample response cache.
+
+    q [b, g, h, e]; prompt_k/v [b, k, p, e]; prompt_valid [b, p]; resp_k/v [b*g, k, n, e];
+    resp_valid [n] (the same slots are filled in every row). Returns [b, g, h, e].
+    """
+    b, g, h, e = q.shape
+    kv, n = resp_k.shape[1], resp_k.shape[2]
+    q = q.reshape(b, g, kv, h // kv, e).astype(prompt_k.dtype)
+    rk = resp_k.reshape(b, g, kv, n, e)
+    rv = resp_v.reshape(b, g, kv, n, e)
+    neg = jnp.finfo(jnp.float32).min
+    sp = jnp.einsum("bgkqe,bkpe->bgkqp", q, prompt_k, preferred_element_type=jnp.float32)
+    sr = jnp.einsum("bgkqe,bgkne->bgkqn", q, rk, preferred_element_type=jnp.float32)
+    sp = jnp.where(prompt_valid[:, None, None, None], sp * e ** -0.5, neg)
+    sr = jnp.where(resp_valid, sr * e ** -0.5, neg)
+    m = jnp.maximum(sp.max(-1, keepdims=True), sr.max(-1, keepdims=True))
+    pp, pr = jnp.exp(sp - m), jnp.exp(sr - m)
+    denom = pp.sum(-1, keepdims=True) + pr.sum(-1, keepdims=True)
+    out = (jnp.einsum("bgkqp,bkpe->bgkqe", pp.astype(prompt_v.dtype), prompt_v,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bgkqn,bgkne->bgkqe", pr.astype(rv.dtype), rv,
+                        preferred_element_type=jnp.float32))
+    return (out / denom).reshape(b, g, h, e)
+
+
+def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig):
+    """One decode step of every sample. weights from `decoding_weights`.
+
+    tokens, positions [r] int with r = b * g (row i*g + j is sample j of context i); writes the
+    new keys / values to response slot `index` (a scalar) and attends over the prompt cache of
+    each row's context plus response slots 0..index. Returns (float32 logits [r, v], cache).
+    """
+    b = prompt_cache["valid"].shape[0]
+    r = tokens.shape[0]
+    g = r // b
+    dtype = jnp.dtype(cfg.dtype)
+    x = weights["embed_tokens"][tokens][:, None]  # [r, 1, d]
+    pos = positions[:, None]
+    resp_valid = jnp.arange(cache["k"][0].shape[2]) <= index
+    new_k, new_v = [], []
+    for i, p in enumerate(weights["layers"]):
+        h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(p, h, pos, cfg)  # q [r, 1, h, e]; k, v [r, 1, k, e]
+        ck, cv = cache["k"][i], cache["v"][i]
+        ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+                                          (0, 0, index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
+                                          (0, 0, index, 0))
+        new_k.append(ck)
+        new_v.append(cv)
+        attn = _shared_attend(q.reshape(b, g, cfg.num_heads, cfg.head_dim),
+                              prompt_cache["k"][i], prompt_cache["v"][i], prompt_cache["valid"],
+                              ck, cv, resp_valid)
+        attn = attn.reshape(r, 1, cfg.num_heads, cfg.head_dim).astype(dtype)
+        x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"])
+        h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+        x = x + _mlp(p, h)
+    logits = logits_from_hidden(weights, x, cfg)[:, 0]
+    return logits, {"k": tuple(new_k), "v": tuple(new_v)}

@@ -1,0 +1,196 @@
+"""Sampler throughput against the memory-bandwidth roofline, with baselines side by side.
+
+  python scripts/bench_sampler.py --preset smollm2_135m --batch 32 --prompt-len 64 \
+      --new-tokens 64 --dtype float32 --compare-hf --compare-plain
+
+Random weights. --batch counts sample rows (contexts = batch / num-samples), so new tokens/s is
+comparable across --num-samples. No stop ids: every row generates --new-tokens tokens.
+Reported: new tokens/s over the whole call (prefill included), ms per decode step (from the
+difference between a full run and a run of one new token), and the fraction of the roofline:
+the bytes a step must read (decode weights once plus the KV cache up to the current length,
+averaged over the steps) over the copy bandwidth measured with jax in the same run.
+Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+from rpt_jax import model, sampling, sharding  # noqa: E402
+from rpt_jax.config import MODEL_SHAPES  # noqa: E402  (module level imports no ml-collections)
+
+
+def timed(fn, repeats):
+    """Median wall seconds of `repeats` calls after one warm-up call (compile)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes, repeats=10):
+    """Bytes/s of a large elementwise pass (read + write) through jax."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    return 2 * x.nbytes / timed(lambda: f(x), repeats)
+
+
+def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
+    """Bytes a decode step must read on average: compute-dtype weights + KV cache in use."""
+    weights = model.num_params(mcfg) * jnp.dtype(mcfg.dtype).itemsize
+    per_slot = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * \
+        jnp.dtype(cache_dtype).itemsize
+    avg_response = (new_tokens - 1) / 2
+    return weights + per_slot * (contexts * prompt_len + batch * avg_response)
+
+
+def bench_rpt(params, mcfg, scfg, prompts, mesh, repeats):
+    shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
+    mask = jnp.ones_like(prompts)
+    rng = jax.random.key(0)
+    full = sampling.make_sampler(mesh, mcfg, scfg, shards)
+    one = sampling.make_sampler(mesh, mcfg, dataclasses.replace(scfg, max_new_tokens=1), shards)
+    t_full = timed(lambda: full(params, prompts, mask, rng), repeats)
+    t_one = timed(lambda: one(params, prompts, mask, rng), repeats)
+    out = full(params, prompts, mask, rng)
+    assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
+    return t_full, (t_full - t_one) / (scfg.max_new_tokens - 1)
+
+
+def bench_plain(params, mcfg, scfg, prompts, repeats):
+    """The baseline of PERF_NOTES: prefill + fori_loop over model.decode (stacked cache)."""
+    n, temp = scfg.max_new_tokens, scfg.temperature
+    b, p = prompts.shape
+
+    @jax.jit
+    def run(params, prompts, rng):
+        logits, cache = model.prefill(params, prompts, mcfg, p + n, cache_dtype=scfg.cache_dtype)
+        tok = jax.random.categorical(jax.random.fold_in(rng, 0), logits[:, -1] / temp)
+        out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
+
+        def body(i, carry):
+            tok, cache, out = carry
+            lg, cache = model.decode(params, tok, jnp.full((b,), p + i - 1), cache, mcfg)
+            tok = jax.random.categorical(jax.random.fold_in(rng, i), lg / temp)
+            return tok, cache, out.at[:, i].set(tok)
+
+        return jax.lax.fori_loop(1, n, body, (tok, cache, out))[2]
+
+    return timed(lambda: run(params, prompts, jax.random.key(0)), repeats)
+
+
+def bench_hf(mcfg, batch, prompt_len, new_tokens, dtype, temperature, repeats):
+    import torch
+    import transformers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = dict(vocab_size=mcfg.vocab_size, num_hidden_layers=mcfg.num_layers,
+              hidden_size=mcfg.hidden_size, num_attention_heads=mcfg.num_heads,
+              num_key_value_heads=mcfg.num_kv_heads, intermediate_size=mcfg.mlp_dim,
+              rope_theta=mcfg.rope_theta, rms_norm_eps=mcfg.rms_norm_eps,
+              tie_word_embeddings=mcfg.tie_embeddings,
+              max_position_embeddings=prompt_len + new_tokens)
+    if mcfg.qkv_bias:
+        hf_cfg, cls = transformers.Qwen2Config(**kw), transformers.Qwen2ForCausalLM
+    else:
+        hf_cfg = transformers.LlamaConfig(head_dim=mcfg.head_dim, **kw)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    net = cls(hf_cfg).to(device=device, dtype=getattr(torch, dtype)).eval()
+    ids = torch.randint(0, mcfg.vocab_size, (batch, prompt_len), device=device)
+
+    def run():
+        with torch.no_grad():
+            net.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                         temperature=temperature, top_k=0, top_p=1.0, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), f"transformers {transformers.__version__} " \
+        f"(torch {torch.__version__}, {device})"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="smollm2_135m", choices=sorted(MODEL_SHAPES))
+    ap.add_argument("--batch", type=int, default=32, help="sample rows (contexts x samples)")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--param-dtype", default=None, help="weights dtype (default: --dtype)")
+    ap.add_argument("--cache-dtype", default=None, help="KV cache dtype (default: --dtype)")
+    ap.add_argument("--num-samples", type=int, default=1, help="G samples per context")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="the plain fori_loop decode of PERF_NOTES too")
+    ap.add_argument("--bandwidth-mib", type=int, default=None,
+                    help="array size for the copy bandwidth (default 256 CPU, 2048 GPU)")
+    args = ap.parse_args(argv)
+    if args.batch % args.num_samples:
+        ap.error(f"--batch {args.batch} is not a multiple of --num-samples {args.num_samples}")
+    contexts = args.batch // args.num_samples
+    cache_dtype = args.cache_dtype or args.dtype
+    mcfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
+                             param_dtype=args.param_dtype or args.dtype)
+    scfg = sampling.SamplingConfig(num_samples=args.num_samples, temperature=args.temperature,
+                                   max_new_tokens=args.new_tokens, cache_dtype=cache_dtype)
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices), 1, 1), sharding.AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    platform = devices[0].platform
+    mib = args.bandwidth_mib or (256 if platform == "cpu" else 2048)
+    bandwidth = copy_bandwidth(mib * 2**20)
+    device = f"{len(devices)}x {devices[0].device_kind}"
+    print(f"# {device}, jax {jax.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"{model.num_params(mcfg) / 1e6:.0f}M params", flush=True)
+
+    params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.key(0))
+    prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
+                                 mcfg.vocab_size, jnp.int32)
+    new = args.batch * args.new_tokens
+    floor_s = step_bytes(mcfg, args.batch, contexts, args.prompt_len, args.new_tokens,
+                         cache_dtype) / bandwidth
+    command = "python scripts/bench_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = []
+    t, step = bench_rpt(params, mcfg, scfg, prompts, mesh, args.repeats)
+    rows.append(("rpt_jax sampler", new / t, f"{step * 1e3:.2f}", f"{floor_s / step:.0%}"))
+    if args.compare_plain:
+        plain_prompts = jnp.repeat(prompts, args.num_samples, axis=0)
+        t = bench_plain(params, mcfg, scfg, plain_prompts, args.repeats)
+        rows.append(("plain fori_loop (PERF_NOTES)", new / t, "", ""))
+    if args.compare_hf:
+        del params
+        t, name = bench_hf(mcfg, args.batch, args.prompt_len, args.new_tokens, args.dtype,
+                           args.temperature, args.repeats)
+        rows.append((name, new / t, "", ""))
+    print(f"\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
+          f"| new tok/s | ms/step | roofline | command |")
+    print("|" + "---|" * 13)
+    for name, tps, ms, roof in rows:
+        print(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
+              f"| {args.num_samples} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
+              f"| {tps:,.0f} | {ms} | {roof} | `{command}` |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Sampler: greedy == repeated argmax of the full forward, logprobs == full-forward rescoring,
+sharding-independent randomness, stop handling, filtering distributions, memory check."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rpt_jax import model, sampling, sharding
+
+CFG = model.ModelConfig(vocab_size=96, num_layers=2, hidden_size=32, num_heads=4,
+                        num_kv_heads=2, head_dim=8, mlp_dim=64, rope_theta=10_000.0,
+                        qkv_bias=True, tie_embeddings=False)
+N = 7  # max_new_tokens
+BASE = sampling.SamplingConfig(num_samples=2, temperature=0.7, max_new_tokens=N,
+                               cache_dtype="float32")
+GREEDY = dataclasses.replace(BASE, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def params():
+    @jax.jit
+    def make(rng):
+        p = model.init(CFG, rng)
+        # larger weights than init: peaked distributions, so greedy argmax ties are implausible
+        return jax.tree.map(lambda x: 4 * x + 0.05 * jax.random.normal(rng, x.shape), p)
+    return make(jax.random.key(0))
+
+
+def _ragged_prompts(lengths, width, seed=0):
+    """Left-padded prompts [b, width] (pad id 0) and mask, plus the unpadded rows."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(1, CFG.vocab_size, n) for n in lengths]
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return jnp.asarray(tokens), jnp.asarray(mask), rows
+
+
+_sample = jax.jit(sampling.sample, static_argnums=(4, 5, 6))
+
+
+WIDTH = 32  # the reference forward runs on one fixed length (causal: later tokens do not matter)
+_forward = jax.jit(lambda params, seq: model.forward(params, seq, CFG)[0])
+
+
+def _full_logits(params, seq):
+    """Float32 logits [len(seq), v] of the unpadded sequence from the full forward."""
+    padded = np.zeros((1, WIDTH), np.int32)
+    padded[0, :len(seq)] = seq
+    return np.asarray(_forward(params, jnp.asarray(padded)))[:len(seq)]
+
+
+def _rescore(params, prompt, response, temperature):
+    """log_softmax(forward / T) of each response token given the unpadded prompt: [len]."""
+    logits = _full_logits(params, np.concatenate([prompt, response]))[len(prompt) - 1:-1]
+    logp = jax.nn.log_softmax(jnp.asarray(logits) / temperature, axis=-1)
+    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(response)[:, None], -1)[:, 0])
+
+
+@pytest.fixture(scope="module")
+def ragged():
+    return _ragged_prompts([9, 4, 1, 12], width=12)
+
+
+SAMPLED = dataclasses.replace(BASE, num_samples=3)
+
+
+@pytest.fixture(scope="module")
+def sampled(params, ragged):
+    tokens, mask, _ = ragged
+    return _sample(params, tokens, mask, jax.random.key(4), CFG, SAMPLED, 0)
+
+
+@pytest.fixture(scope="module")
+def greedy_out(params, ragged):
+    tokens, mask, _ = ragged
+    return _sample(params, tokens, mask, jax.random.key(3), CFG, GREEDY, 0)
+
+
+def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_out):
+    """Every row (ragged, left padded, fanned out to G) equals its prompt decoded alone."""
+    _, _, rows = ragged
+    g = GREEDY.num_samples
+    for i, prompt in enumerate(rows):
+        seq = list(prompt)
+        for _ in range(N):
+            seq.append(int(np.argmax(_full_logits(params, seq)[-1])))
+        want = np.asarray(seq[len(prompt):])
+        for j in range(g):
+            np.testing.assert_array_equal(greedy_out.tokens[i * g + j], want)
+            np.testing.assert_allclose(greedy_out.logprobs[i * g + j],
+                                       _rescore(params, prompt, want, GREEDY.temperature),
+                                       atol=1e-4)
+    np.testing.assert_array_equal(greedy_out.lengths, N)
+    assert not greedy_out.finished.any()
+
+
+def test_logprobs_equal_full_forward_rescoring(params, ragged, sampled):
+    """Sampled tokens rescored by the full forward (f32): |diff| <= 1e-4 nats with a float32
+    cache; with a bfloat16 cache (k, v rounded to 8 mantissa bits) median <= 1e-2 and
+    max <= 0.25 nats on these deliberately peaked weights."""
+    tokens, mask, rows = ragged
+    bf16 = dataclasses.replace(SAMPLED, cache_dtype="bfloat16")
+    for out, cache_dtype in ((sampled, "float32"),
+                             (_sample(params, tokens, mask, jax.random.key(4), CFG, bf16, 0),
+                              "bfloat16")):
+        diffs = np.concatenate([
+            np.abs(np.asarray(out.logprobs[r])
+                   - _rescore(params, rows[r // 3], np.asarray(out.tokens[r]), BASE.temperature))
+            for r in range(out.tokens.shape[0])])
+        if cache_dtype == "float32":
+            assert diffs.max() <= 1e-4, diffs.max()
+        else:
+            assert np.median(diffs) <= 1e-2 and diffs.max() <= 0.25, (np.median(diffs), diffs.max())
+    # the 3 samples of a context are not copies of each other
+    assert len({tuple(np.asarray(sampled.tokens[r])) for r in range(3)}) > 1
+
+
+def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled):
+    """`sampled` ran on one device; the same rng on a (data=4, fsdp=1, tensor=2) mesh."""
+    tokens, mask, _ = ragged
+    assert len(jax.devices()) == 8 and len(sampled.tokens.devices()) == 1
+    mesh = jax.make_mesh((4, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    sharded_params = jax.device_put(params, shards)
+    got = sampling.make_sampler(mesh, CFG, SAMPLED, shards)(
+        sharded_params, tokens, mask, jax.random.key(4))
+    assert got.tokens.sharding.spec[0] == sharding.BATCH and len(got.tokens.devices()) == 8
+    np.testing.assert_array_equal(got.tokens, sampled.tokens)
+    np.testing.assert_allclose(got.logprobs, sampled.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(got.lengths, sampled.lengths)
+
+
+def test_stop_ids_lengths_finished_and_padding(params, ragged, greedy_out):
+    """Stop on a token the greedy run produces at step 2 of row 0; compare with that run."""
+    tokens, mask, _ = ragged
+    ref = np.asarray(greedy_out.tokens)
+    stop = int(ref[0, 2])
+    assert stop not in ref[0, :2]
+    cfg = dataclasses.replace(GREEDY, stop_ids=(stop, CFG.vocab_size + 5))  # one id never seen
+    out = _sample(params, tokens, mask, jax.random.key(3), CFG, cfg, 77)
+    for r in range(ref.shape[0]):
+        hits = np.flatnonzero(ref[r] == stop)
+        length = hits[0] + 1 if len(hits) else N
+        assert out.lengths[r] == length and bool(out.finished[r]) == bool(len(hits))
+        np.testing.assert_array_equal(out.tokens[r, :length], ref[r, :length])
+        np.testing.assert_array_equal(out.tokens[r, length:], 77)
+        np.testing.assert_array_equal(out.logprobs[r, length:], 0.0)
+        np.testing.assert_allclose(out.logprobs[r, :length], greedy_out.logprobs[r, :length],
+                                   atol=1e-6)
+    assert out.lengths[0] == 3 and out.finished[0]
+    # every token a stop id: all rows stop after one token and the loop exits at once
+    every = dataclasses.replace(BASE, stop_ids=tuple(range(CFG.vocab_size)))
+    out = _sample(params, tokens, mask, jax.random.key(3), CFG, every, 0)
+    np.testing.assert_array_equal(out.lengths, 1)
+    assert out.finished.all() and (out.tokens[:, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("change", [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_one_and_tiny_top_p_equal_greedy(params, ragged, greedy_out, change):
+    tokens, mask, _ = ragged
+    cfg = dataclasses.replace(BASE, temperature=GREEDY.temperature, **change)
+    out = _sample(params, tokens, mask, jax.random.key(8), CFG, cfg, 0)
+    np.testing.assert_array_equal(out.tokens, greedy_out.tokens)
+    np.testing.assert_allclose(out.logprobs, greedy_out.logprobs, atol=1e-6)
+
+
+def _expected_probs(logits, temperature, top_k, top_p):
+    """numpy reference of temperature, then top-k, then nucleus filtering."""
+    z = logits / temperature
+    order = np.argsort(-z)
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1:
+        mass = 0.0
+        for i in order:  # keep the most likely tokens until their mass reaches top_p
+            if mass >= top_p:
+                keep[i] = False
+            mass += p[i]
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.7)])
+def test_sampling_distribution(top_k, top_p):
+    """Frequencies of 20k draws of choose_tokens match the filtered softmax (5 sigma)."""
+    logits = np.array([2.0, 1.5, 1.0, 0.7, 0.2, -0.5, -1.0, -3.0], np.float32)
+    rows = 20_000
+    cfg = dataclasses.replace(BASE, temperature=0.8, top_k=top_k, top_p=top_p)
+    toks, logp = jax.jit(sampling.choose_tokens, static_argnums=4)(
+        jnp.broadcast_to(logits, (rows, 8)), jax.random.key(9), 0, jnp.arange(rows), cfg)
+    want = _expected_probs(logits.astype(np.float64), 0.8, top_k, top_p)
+    freq = np.bincount(np.asarray(toks), minlength=8) / rows
+    sigma = np.sqrt(want * (1 - want) / rows) + 1e-12
+    assert np.all(np.abs(freq - want) <= 5 * sigma + 1e-9), (freq, want)
+    full = np.log(_expected_probs(logits.astype(np.float64), 0.8, 0, 1.0))
+    np.testing.assert_allclose(logp, full[np.asarray(toks)], atol=1e-5)
+
+
+def test_rng_determinism(params, ragged, sampled):
+    tokens, mask, _ = ragged
+    again = _sample(params, tokens, mask, jax.random.key(4), CFG, SAMPLED, 0)
+    other = _sample(params, tokens, mask, jax.random.key(12), CFG, SAMPLED, 0)
+    np.testing.assert_array_equal(again.tokens, sampled.tokens)
+    assert (np.asarray(other.tokens) != np.asarray(sampled.tokens)).any()
+
+
+def test_check_memory():
+    big = model.ModelConfig(vocab_size=151936, num_layers=24, hidden_size=896, num_heads=14,
+                            num_kv_heads=2, head_dim=64, mlp_dim=4864, dtype="bfloat16")
+    cfg = sampling.SamplingConfig(num_samples=8, max_new_tokens=8192)
+    with pytest.raises(ValueError, match=r"max_new_tokens=8192 needs about .* GiB"):
+        sampling.check_memory(big, cfg, batch=256, prompt_len=4096, bytes_available=80 * 2**30)
+    need = sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30)
+    # params f32 (494M x 4) + bf16 copy (x 2) + response cache (8 x 8192 x 24 x 2 x 2 x 64 x 2)
+    assert need > 494e6 * 6 + 8 * 8192 * 24 * 2 * 2 * 64 * 2
+
+
+def test_config_validation_and_from_config():
+    from rpt_jax.config import base_config
+    cfg = sampling.SamplingConfig.from_config(base_config().sampling, stop_ids=[7, 2, 7])
+    assert cfg.stop_ids == (2, 7) and cfg.num_samples == 8 and cfg.temperature == 0.8
+    hash(cfg)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.SamplingConfig(temperature=0.0)
