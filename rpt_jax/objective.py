@@ -114,31 +114,43 @@ def make_train_batch(prompt_tokens, prompt_mask, sample_tokens, sample_logprobs,
 
 # ----------------------------------------------------------------------------- log-probs
 
-def _chunk_logprobs(params, h, targets, temperature, cfg):
+def _chunk_logprobs(params, h, targets, temperature, cfg, entropy_grad):
     """h [n, c, d], targets [n, c] -> (log p(target), entropy) [n, c] under softmax(logits / T)."""
     z = model.logits_from_hidden(params, h, cfg) / temperature  # float32 [n, c, v]
     lse = jax.nn.logsumexp(z, axis=-1)
     target = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     probs = jnp.exp(z - lse[..., None])
     entropy = lse - jnp.sum(probs * z, axis=-1)
+    if not entropy_grad:  # a metric only: no backward pass over [n, c, v] for it
+        entropy = jax.lax.stop_gradient(entropy)
     return target - lse, entropy
 
 
-def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, chunk: int = 256):
+def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, chunk: int = 256,
+                   entropy_grad: bool = False):
     """Log-prob of each next token and the entropy of its distribution, softmax(logits / T).
 
     batch: tokens, positions, segment_ids, loss_mask [N, S]. Returns (logp, entropy) float32
-    [N, S], aligned like loss_mask (index i scores token i + 1; the last index is 0).
+    [N, S], aligned like loss_mask (index i scores token i + 1; the last index is 0). The
+    entropy carries a gradient only with entropy_grad=True (for an entropy bonus).
+    """
+    h, _ = model.hidden_states(params, batch["tokens"], cfg, batch["positions"],
+                               batch["segment_ids"])
+    return logprobs_from_hidden(params, h, batch["tokens"], batch["loss_mask"], cfg, temperature,
+                                chunk, entropy_grad)
+
+
+def logprobs_from_hidden(params, h, tokens, loss_mask, cfg: model.ModelConfig,
+                         temperature: float, chunk: int = 256, entropy_grad: bool = False):
+    """`token_logprobs` from the last hidden states h [N, S, d] (before the final norm).
 
     The LM head runs over `chunk` positions at a time under remat, so at most [N, chunk, V]
     float32 logits exist at once, in the forward and in the backward. Chunks with no loss token
     (the prompt region, the tail after the longest response) skip the LM head entirely.
     """
-    tokens = batch["tokens"]
     N, S = tokens.shape
-    h, _ = model.hidden_states(params, tokens, cfg, batch["positions"], batch["segment_ids"])
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((N, 1), tokens.dtype)], axis=1)
-    mask = batch["loss_mask"]
+    mask = loss_mask
     chunk = min(chunk, S)
     pad = -S % chunk
     if pad:
@@ -153,7 +165,7 @@ def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, ch
     @jax.checkpoint  # keep only h per chunk for the backward, never the [N, chunk, V] logits
     def one(h_c, t_c, m_c):
         def compute(_):
-            return _chunk_logprobs(params, h_c, t_c, temperature, cfg)
+            return _chunk_logprobs(params, h_c, t_c, temperature, cfg, entropy_grad)
 
         def skip(_):
             zero = jnp.zeros(t_c.shape, jnp.float32)
@@ -165,7 +177,7 @@ def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, ch
         return carry, one(*xs)
 
     _, (logp, entropy) = jax.lax.scan(body, None, (split(h), split(targets), split(mask)))
-    unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(N, S + pad)[:, :S]
+    unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(N, S + pad)[:, :S]  # noqa: E731
     return unsplit(logp), unsplit(entropy)
 
 

@@ -264,7 +264,7 @@ def test_token_logprobs_gradient_matches_plain_forward(tiny):
     w = w * batch["loss_mask"]
 
     def chunked(p):
-        logp, ent = objective.token_logprobs(p, batch, CFG, 0.8, 4)
+        logp, ent = objective.token_logprobs(p, batch, CFG, 0.8, 4, entropy_grad=True)
         return jnp.sum(w * logp) + jnp.sum(w * ent)
 
     def plain(p):
