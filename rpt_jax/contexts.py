@@ -248,7 +248,9 @@ class ContextIterator:
     host p takes its contiguous slice of B / process_count rows, so hosts are disjoint and together
     cover every batch. `get_state()` / `set_state()` save and restore the position exactly.
 
-    documents: optional sequence of {"text"} (default: `corpora.load_corpus(config, split)`).
+    data_dir: where corpora and entropy caches live (default data.data_dir; the trainer passes
+    <workdir>/tfds). documents: optional sequence of {"text"} (default: the config's corpus
+    split). data.positions_per_doc <= 0 takes every candidate position.
     entropies: optional per-document entropy arrays (default: the cached pass of
     data.proxy_checkpoint, or none); positions need entropy > data.entropy_threshold.
     """

@@ -295,6 +295,15 @@ def load_corpus(config, split: str, data_dir: str | None = None, **options) -> D
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     builder = make_builder(config, data_dir, **options)
+    import jax  # late: building a corpus needs no jax, only this multi-host handshake
+    if jax.process_count() > 1:
+        # Process 0 builds first, so hosts sharing a data_dir do not race to write it; the
+        # others then find it built (or build their own copy on a host-local data_dir).
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            builder.download_and_prepare()
+        multihost_utils.sync_global_devices(f"rpt_jax corpus {builder.name}")
+        builder = make_builder(config, data_dir, **options)
     builder.download_and_prepare()  # a no-op once built
     if split not in builder.info.splits:
         raise ValueError(f"corpus {builder.name}/{builder.builder_config.name} has no documents "
