@@ -261,6 +261,9 @@ class EvalSet:
     key: str  # identifies the data, settings and proxy
 
 
+# proxy_name of a run's self-proxy (eval.proxy_checkpoint == ""): the trainer's eval hook and
+# scripts/evaluate.py --workdir both use it, so they share <workdir>/eval's cached set.
+FIRST_EVALUATION = "the policy at its first evaluation"
 _MEMO: dict = {}  # eval sets built in this process without a cache_dir, by key
 
 
@@ -467,3 +470,68 @@ def evaluate(params, model_cfg: model_lib.ModelConfig, config, tokenizer, mesh, 
         per_position=dict(doc_index=col["doc_index"], position=col["position"],
                           entropy=col["entropy"], true_token=col["target_tokens"][:, 0],
                           predicted=col["predicted"], rewards=col["rewards"], **per_position))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_dir(path: str) -> str:
+    """The rpt_jax.checkpoint folder of a training workdir (or the folder itself)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def checkpoint_steps(path: str) -> list[int]:
+    """Saved steps of a workdir's rpt_jax checkpoints, ascending (finished saves only)."""
+    import orbax.checkpoint as ocp
+    folder = checkpoint_dir(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path} is neither an HF folder (config.json) nor a workdir with "
+                                "checkpoints/")
+    mgr = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+    return sorted(mgr.all_steps())
+
+
+def load_workdir_params(path: str, step: int, cfg: model_lib.ModelConfig, shardings) -> dict:
+    """Only the params of train-state checkpoint `step` in a workdir, placed with `shardings`.
+
+    Reads rpt_jax.checkpoint's layout (<dir>/<step>/state: the flat {"params/...": array, ...}
+    train state; <dir>/<step>/meta: JSON with each leaf's fingerprint) with a partial restore, so
+    the optimizer state is never loaded, and checks the params against the saved fingerprints.
+    """
+    import orbax.checkpoint as ocp
+    from rpt_jax import checkpoint
+    folder = checkpoint_dir(path)
+    leaves = jax.tree.flatten_with_path(model_lib.param_shapes(cfg))[0]
+    names = ["params/" + jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in leaves]
+    target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+              for n, (_, s), sh in zip(names, leaves, jax.tree.leaves(shardings))}
+    mgr = ocp.CheckpointManager(
+        folder, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler(),
+                       checkpoint.META: ocp.JsonCheckpointHandler()})
+    if step not in mgr.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step} in {folder}; saved steps: "
+                                f"{sorted(mgr.all_steps())}")
+    saved = mgr.item_metadata(step)[checkpoint.STATE]
+    saved = getattr(saved, "tree", saved)
+    wrong = [f"{n}: saved {tuple(saved[n].shape)}, config {tuple(target[n].shape)}"
+             for n in names if n in saved and tuple(saved[n].shape) != tuple(target[n].shape)]
+    missing = [n for n in names if n not in saved]
+    if wrong or missing:
+        raise ValueError(f"checkpoint {folder}/{step} does not hold this config's model: "
+                         f"missing {missing[:5]}, shapes {wrong[:5]}")
+    restore_args = {n: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                            dtype=t.dtype) for n, t in target.items()}
+    out = mgr.restore(step, args=ocp.args.Composite(**{
+        checkpoint.STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                 partial_restore=True),
+        checkpoint.META: ocp.args.JsonRestore()}))
+    flat, meta = out[checkpoint.STATE], out[checkpoint.META]
+    got = checkpoint.fingerprint(flat)
+    bad = [n for n in names if got[n] != meta["fingerprint"].get(n)]
+    if bad:
+        raise ValueError(f"checkpoint {folder}/{step}: params differ from what was saved "
+                         f"(corrupt?): {bad[:5]}")
+    return jax.tree.unflatten(jax.tree.structure(model_lib.param_shapes(cfg)),
+                              [flat[n] for n in names])

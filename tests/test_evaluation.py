@@ -94,7 +94,7 @@ def _config():
     return c
 
 
-def _fit(params, cfg, tok, texts, steps=30):
+def _fit(params, cfg, tok, texts, steps=20):
     """A few Adam steps of next-token training, so the model gets some positions right and its
     entropies spread over the difficulty thresholds (a random init is near-uniform)."""
     ids = [tok.encode(t, allow_special=False) for t in texts]
@@ -285,3 +285,44 @@ def test_evaluate_reasoning_metric_equals_reference_reward(setup, eval_set):
                 100 * expected[mask].mean())
     md = evaluation.render_markdown([res])
     assert f"{res['summary']['all']['reasoning']:.2f}" in md
+
+
+def test_proxy_checkpoint_gives_the_same_entropies_as_the_same_model(setup, eval_set, tmp_path):
+    from rpt_jax import hf
+    config, tok, texts, cfg, mesh, params = setup
+    es, _ = eval_set
+    folder = str(tmp_path / "proxy")
+    tok.save(tmp_path / "tok")
+    hf.save_params(params, cfg, folder, tokenizer_dir=tmp_path / "tok")
+    pconfig = config.copy_and_resolve_references()
+    pconfig.eval.proxy_checkpoint = folder
+    px = evaluation.build_eval_set(pconfig, tok, mesh, documents=[{"text": t} for t in texts],
+                                   progress=False)
+    assert folder in px.proxy and "proxy_checkpoint" in px.proxy
+    for a, b in zip(es.batches, px.batches):
+        np.testing.assert_array_equal(a["position"], b["position"])
+        np.testing.assert_allclose(a["entropy"], b["entropy"], atol=1e-5)
+
+
+def test_workdir_params_restore_only_params_and_verify(setup, tmp_path):
+    from rpt_jax import checkpoint, train_step
+    config, tok, texts, cfg, mesh, params = setup
+    opt = {"mu": jax.tree.map(jnp.zeros_like, params)}
+    ck = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    ck.save(0, train_step.TrainState(params, opt, jnp.zeros((), jnp.int32)), {"data": {}})
+    later = jax.tree.map(lambda x: x * 2 + 1, params)
+    ck.save(3, train_step.TrainState(later, opt, jnp.ones((), jnp.int32)), {"data": {}})
+    ck.close()
+    run = str(tmp_path / "run")
+    assert evaluation.checkpoint_steps(run) == [0, 3]
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    got = evaluation.load_workdir_params(run, 3, cfg, shardings)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(later)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
+    with pytest.raises(FileNotFoundError, match="step 5"):
+        evaluation.load_workdir_params(run, 5, cfg, shardings)
+    wider = dataclasses.replace(cfg, mlp_dim=128)
+    with pytest.raises(ValueError, match="does not hold this config's model"):
+        evaluation.load_workdir_params(run, 3, wider, sharding.param_shardings(
+            mesh, model.logical_axes(wider), model.param_shapes(wider)))
