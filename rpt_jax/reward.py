@@ -12,8 +12,9 @@ Definitions, for one sample (all on bytes; nothing is decoded or normalised):
   earlier box, because the last box is the answer the policy committed to. In
   `\\boxed{a\\boxed{b}}` the last marker is the inner one, so the prediction is `b`.
 - A prediction is invalid (reward 0 for every kind) when it is empty, longer than
-  `max_pred_bytes` or than the target window's valid bytes, or when any of its bytes comes from a
-  special token (`<|im_end|>`, EOS, ...). Invalid UTF-8 is just bytes.
+  `max_pred_bytes` or than the target window's valid bytes, or when a special token (`<|im_end|>`,
+  EOS, ...) lies inside the box: one of its bytes is in the content, or it has no bytes and sits
+  between the marker's `{` and the closing `}`. Invalid UTF-8 is just bytes.
 - correct (prefix_match, Eq. 3): l = len(pred) > 0, pred == target[:l], and l is one of the
   ground-truth token boundaries (cumulative byte lengths of the true tokens) with l <= target_len.
 - first_token: l > 0, pred == target[:l] and l == boundaries[0] (the prediction is exactly the
@@ -23,7 +24,8 @@ Definitions, for one sample (all on bytes; nothing is decoded or normalised):
 - conditional_dense: rows form groups of `group_size` consecutive samples of one context; a group
   with at least one correct row gets the dense reward, a group with none gets 0 everywhere.
 
-Special tokens matter only inside the content, so a `</think>` that is a special token is fine.
+Special tokens matter only inside the box, so a `</think>` that is a special token is fine; a
+byte-less token is invisible to the marker and brace search.
 
 The device path never materialises the [N, T*W] byte stream. Per vocabulary entry it runs the two
 marker-matching automata (KMP) from every state and counts braces ([V, W] work, independent of N).
@@ -80,10 +82,10 @@ def reference_prediction(token_bytes: Sequence[bytes], special: Sequence[bool],
     """Plain-Python prediction extraction for one response (the definition, written directly).
 
     Returns has_think_end, has_box (a closed box after think_end), pred (bytes or None) and
-    pred_special (a byte of pred comes from a special token).
+    pred_special (a special token lies inside the box).
     """
     stream = b"".join(token_bytes)
-    byte_special = [s for b, s in zip(token_bytes, special) for _ in b]
+    starts = np.cumsum([0] + [len(b) for b in token_bytes])[:-1].tolist()
     out = dict(has_think_end=False, has_box=False, pred=None, pred_special=False)
     end = stream.rfind(think_end)
     if end < 0:
@@ -98,8 +100,9 @@ def reference_prediction(token_bytes: Sequence[bytes], special: Sequence[bool],
             depth += 1
         elif stream[i] == _CLOSE:
             if depth == 0:
-                out.update(has_box=True, pred=stream[begin:i],
-                           pred_special=any(byte_special[begin:i]))
+                inside = [(b and a < i and a + len(b) > begin) or (not b and begin <= a <= i)
+                          for a, b, sp in zip(starts, token_bytes, special) if sp]
+                out.update(has_box=True, pred=stream[begin:i], pred_special=any(inside))
                 return out
             depth -= 1
     return out
@@ -162,30 +165,40 @@ def _kmp_dfa(pattern: bytes) -> tuple[np.ndarray, int]:
     return dfa, int(restart)
 
 
-def _vocab_automaton(table_bytes, table_len, pattern: bytes):
-    """Run a pattern's KMP automaton over every vocabulary entry from every entry state.
+def _vocab_tables(table_bytes, table_len, think_end: bytes):
+    """Per vocabulary entry, from every entry state of the think_end and box automata (KMP):
+    exit states [V, m] and last_end [V, m] (bytes consumed when the token's last full match
+    completes, 0 if none), one pair per pattern; and the brace depth change [V] and the lowest
+    running depth [V] (a large number for empty tokens).
 
-    Returns exit [V, m] (state after the token) and last_end [V, m] (bytes of the token consumed
-    when the last full match inside it completes; 0 if none).
+    One scan over the W byte columns; its outputs are materialised, so XLA cannot fuse the
+    per-vocabulary work into the per-token gathers that read these tables.
     """
-    dfa, restart = _kmp_dfa(pattern)
-    m = len(pattern)
-    dfa = jnp.asarray(dfa.reshape(-1))
-    v, _ = table_bytes.shape
-    width = jnp.arange(table_bytes.shape[1], dtype=jnp.int32)
+    v, w = table_bytes.shape
+    dfas = [(jnp.asarray(d.reshape(-1)), r, len(p))
+            for p in (think_end, BOX) for d, r in [_kmp_dfa(p)]]
 
     def step(carry, col):
-        state, last = carry
+        states, lasts, depth, low = carry
         byte, j = col
-        nxt = dfa[state * 256 + byte[:, None].astype(jnp.int32)]
-        active = (j < table_len)[:, None]
-        hit = nxt == m
-        last = jnp.where(active & hit, j + 1, last)
-        return (jnp.where(active, jnp.where(hit, restart, nxt), state), last), None
+        active = j < table_len
+        new_states, new_lasts = [], []
+        for (dfa, restart, m), state, last in zip(dfas, states, lasts):
+            nxt = dfa[state * 256 + byte[:, None].astype(jnp.int32)]
+            hit = (nxt == m) & active[:, None]
+            new_lasts.append(jnp.where(hit, j + 1, last))
+            new_states.append(jnp.where(active[:, None], jnp.where(hit, restart, nxt), state))
+        depth = depth + jnp.where(active, (byte == _OPEN).astype(jnp.int32)
+                                  - (byte == _CLOSE).astype(jnp.int32), 0)
+        low = jnp.where(active, jnp.minimum(low, depth), low)
+        return (new_states, new_lasts, depth, low), None
 
-    init = (jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (v, m)), jnp.zeros((v, m), jnp.int32))
-    (state, last), _ = jax.lax.scan(step, init, (table_bytes.T, width))
-    return state, last
+    init = ([jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (v, m)) for _, _, m in dfas],
+            [jnp.zeros((v, m), jnp.int32) for _, _, m in dfas],
+            jnp.zeros(v, jnp.int32), jnp.full(v, _BIG, jnp.int32))
+    ((exit1, exit2), (last1, last2), depth, low), _ = jax.lax.scan(
+        step, init, (table_bytes.T, jnp.arange(w, dtype=jnp.int32)))
+    return exit1, last1, exit2, last2, depth, low
 
 
 def _entry_states(trans1, trans2, tok, unroll: int = 16):
@@ -255,11 +268,11 @@ def _check(tokens, lengths, table, target_bytes, target_len, boundaries, kind, t
                          f"N={n}, got {group_size}")
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "think_end", "max_pred_bytes", "group_size"))
 def score(tokens, lengths, table: ByteTable, target_bytes, target_len, boundaries, *,
           kind: str = "prefix_match", think_end: bytes | str = b"</think>",
           max_pred_bytes: int = 64, target_prob=None, group_size: int | None = None):
-    """Rewards for N sampled responses (definitions in the module docstring).
+    """Rewards for N sampled responses (definitions in the module docstring). Jittable with the
+    keyword arguments other than target_prob static; its core is jitted already.
 
     tokens [N, T] int32 response ids (ids at or after lengths[n] are ignored; ids outside the
     vocabulary are clipped into it); lengths [N] int32; table: the vocabulary's ByteTable;
@@ -270,12 +283,36 @@ def score(tokens, lengths, table: ByteTable, target_bytes, target_len, boundarie
     Returns (reward [N] float32, diagnostics): has_think_end, has_box (a closed box after
     think_end), pred_len (bytes, -1 without a box), matched_len (common prefix of the first
     max_pred_bytes bytes of the prediction and target[:target_len], 0 without a box),
-    pred_special (a prediction byte comes from a special token), correct (Eq. 3, before any
+    pred_special (a special token inside the box), correct (Eq. 3, before any
     dense mixing), first_token_correct; all [N].
     """
     think_end = think_end.encode() if isinstance(think_end, str) else bytes(think_end)
     _check(tokens, lengths, table, target_bytes, target_len, boundaries, kind, think_end,
            max_pred_bytes, target_prob, group_size)
+    diags = _diagnostics(tokens, lengths, table, target_bytes, target_len, boundaries,
+                         think_end=think_end, max_pred_bytes=max_pred_bytes)
+    return _mix(diags["correct"], diags["first_token_correct"], target_prob, kind=kind,
+                group_size=group_size), diags
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "group_size"))
+def _mix(correct, first, target_prob, *, kind: str, group_size: int | None):
+    """The reward of each kind from the per-sample verdicts (module docstring)."""
+    if kind == "prefix_match":
+        return correct.astype(jnp.float32)
+    if kind == "first_token":
+        return first.astype(jnp.float32)
+    reward = jnp.where(correct, 1.0, jnp.asarray(target_prob, jnp.float32))
+    if kind == "conditional_dense":
+        any_ok = jnp.any(correct.reshape(-1, group_size), axis=1, keepdims=True)
+        reward = jnp.where(any_ok, reward.reshape(-1, group_size), 0.0).reshape(-1)
+    return reward
+
+
+@functools.partial(jax.jit, static_argnames=("think_end", "max_pred_bytes"))
+def _diagnostics(tokens, lengths, table, target_bytes, target_len, boundaries, *,
+                 think_end: bytes, max_pred_bytes: int) -> dict:
+    """Per-sample prediction, match and verdicts (score's diagnostics), all [N]."""
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     tb = jnp.asarray(table.bytes, jnp.uint8)
@@ -287,15 +324,12 @@ def score(tokens, lengths, table: ByteTable, target_bytes, target_len, boundarie
 
     # Per vocabulary entry: both automata and the brace counts; a last row (id V) stands for
     # the ignored tokens past `lengths`: no bytes, identity transitions.
-    exit1, last1 = _vocab_automaton(tb, tlen, think_end)
-    exit2, last2 = _vocab_automaton(tb, tlen, BOX)
-    br = jnp.cumsum(_braces(tb, tlen), axis=1)
-    min_prefix = jnp.min(jnp.where(jnp.arange(w) < tlen[:, None], br, _BIG), axis=1)
-    props = jnp.stack([tlen, br[:, -1], min_prefix, tspecial.astype(jnp.int32)], axis=1)
+    exit1, last1, exit2, last2, delta, min_prefix = _vocab_tables(tb, tlen, think_end)
     pad = lambda x, row: jnp.concatenate([x, jnp.asarray(row, jnp.int32)[None]], axis=0)
     trans1, trans2 = pad(exit1, np.arange(m1)), pad(exit2, np.arange(m2))
     last1, last2 = pad(last1, np.zeros(m1)), pad(last2, np.zeros(m2))
-    props = pad(props, [0, 0, _BIG, 0])
+    props = pad(jnp.stack([tlen, delta, min_prefix, tspecial.astype(jnp.int32)], axis=1),
+                [0, 0, _BIG, 0])
 
     # Per sampled token: byte offsets, brace depth, automaton entry states, marker ends.
     valid = jnp.arange(t)[None, :] < lengths[:, None]
@@ -332,8 +366,9 @@ def score(tokens, lengths, table: ByteTable, target_bytes, target_len, boundarie
                    _take(off, t1) + jnp.argmax(hit1, axis=1))
     has_box = box_after & (found0 | found1)
     pred_len = jnp.where(has_box, ce - cs, -1)
-    pred_special = has_box & jnp.any((tspec > 0) & (tl > 0) & (off < ce[:, None])
-                                     & (ends > cs[:, None]), axis=1)
+    cs_, ce_ = cs[:, None], ce[:, None]
+    inside = jnp.where(tl > 0, (off < ce_) & (ends > cs_), (off >= cs_) & (off <= ce_))
+    pred_special = has_box & jnp.any((tspec > 0) & inside, axis=1)
 
     # Gather only the first max_pred_bytes bytes of the prediction.
     pos = cs[:, None] + jnp.arange(mp)[None, :]
@@ -353,17 +388,6 @@ def score(tokens, lengths, table: ByteTable, target_bytes, target_len, boundarie
           & (matched == pred_len) & ~pred_special)
     correct = ok & jnp.any((boundaries == pred_len[:, None]) & (boundaries > 0), axis=1)
     first = ok & (pred_len == boundaries[:, 0])
-
-    if kind == "prefix_match":
-        reward = correct.astype(jnp.float32)
-    elif kind == "first_token":
-        reward = first.astype(jnp.float32)
-    else:
-        reward = jnp.where(correct, 1.0, jnp.asarray(target_prob, jnp.float32))
-        if kind == "conditional_dense":
-            any_ok = jnp.any(correct.reshape(-1, group_size), axis=1, keepdims=True)
-            reward = jnp.where(any_ok, reward.reshape(-1, group_size), 0.0).reshape(n)
-    diags = dict(has_think_end=has_think, has_box=has_box, pred_len=pred_len.astype(jnp.int32),
-                 matched_len=matched, pred_special=pred_special, correct=correct,
-                 first_token_correct=first)
-    return reward, diags
+    return dict(has_think_end=has_think, has_box=has_box, pred_len=pred_len.astype(jnp.int32),
+                matched_len=matched, pred_special=pred_special, correct=correct,
+                first_token_correct=first)

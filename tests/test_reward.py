@@ -175,8 +175,14 @@ def test_special_token_inside_box():
     # A special token may close the box: it is not inside the content.
     r, d = one(SP_THINK, b"\\boxed{", b" time", SP_CLOSE)
     assert r == 1.0 and not d["pred_special"]
-    # A zero-length special token contributes no bytes, so it is not inside.
-    assert one(SP_THINK, b"\\boxed{", b" ti", EMPTY_EOS, b"me", b"}")[0] == 1.0
+    # A byte-less special token counts when it sits between the box's braces ...
+    for at in (2, 3, 4):
+        row = [SP_THINK, b"\\boxed{", b" ti", b"me", b"}"]
+        r, d = one(*row[:at], EMPTY_EOS, *row[at:])
+        assert r == 0.0 and d["pred_special"] and d["pred_len"] == 5
+    # ... and not outside them.
+    assert one(SP_THINK, EMPTY_EOS, b"\\boxed{", b" time", b"}", EMPTY_EOS)[0] == 1.0
+    assert one(SP_THINK, b"\\box", EMPTY_EOS, b"ed{", b" time", b"}")[0] == 1.0
 
 
 def test_too_long_predictions():
