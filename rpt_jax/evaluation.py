@@ -155,14 +155,28 @@ def render_markdown(results: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _jsonable(x):
+    """Arrays to lists, numpy scalars to Python, non-finite floats to None (JSON has no NaN)."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+
+
 def write_json(results, path: str, extra: Mapping | None = None) -> str:
     """Write results (one dict or a list) and optional extra fields as JSON; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"results": list(results) if isinstance(results, (list, tuple)) else [results]}
     payload.update(extra or {})
     with open(path, "w") as f:
-        json.dump(payload, f, indent=1, allow_nan=False,
-                  default=lambda x: x.tolist() if isinstance(x, np.ndarray) else str(x))
+        json.dump(_jsonable(payload), f, indent=1, allow_nan=False)
     return path
 
 

@@ -72,10 +72,12 @@ def test_summary_and_reports_hold_the_numbers(tmp_path):
     assert "| ckpt-a | 100 | standard | 60.00 | 66.67 | 100.00 | 100.00 |" in md
     assert "| ckpt-a | 100 | reasoning (mean of 2) | 40.00 | 50.00 | 75.00 | 50.00 |" in md
     assert "| positions | | | 5 | 3 | 2 | 1 |" in md and "proxy-x" in md
-    path = evaluation.write_json([result], str(tmp_path / "r.json"), {"note": "x"})
+    path = evaluation.write_json([result], str(tmp_path / "r.json"),
+                                 {"note": "x", "arr": np.array([1.5, np.nan]), "n": np.int64(3)})
     loaded = json.load(open(path))
     assert loaded["results"][0]["summary"]["easy"]["reasoning"] == 50.0
     assert loaded["results"][0]["summary"]["all"]["pass@2"] == 60.0 and loaded["note"] == "x"
+    assert loaded["arr"] == [1.5, None] and loaded["n"] == 3
 
 
 # ----------------------------------------------------------------------------- tiny model
