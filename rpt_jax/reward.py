@@ -34,7 +34,7 @@ cumulative sums give byte offsets and brace depth per token; the last marker end
 balancing brace are found at token level (bytes are read for at most two tokens per sample), and
 only the `max_pred_bytes` window of the prediction is gathered. Everything is elementwise over the
 leading sample axis, so it shards along N. Measured (scripts/bench_reward.py, one H200, jax
-0.11.2): 4096 samples x 2048 tokens in 4.3 ms, 0.24 GiB peak.
+0.11.2): 4096 samples x 2048 tokens in 4.6 ms, 0.24 GiB peak.
 """
 from __future__ import annotations
 
