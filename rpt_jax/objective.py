@@ -183,20 +183,27 @@ def logprobs_from_hidden(params, h, tokens, loss_mask, cfg: model.ModelConfig,
 
 # ----------------------------------------------------------------------------- loss
 
-def _aggregate(per_token, mask, agg, max_len):
-    """(sum, count) of a masked [N, S] quantity under one aggregation mode."""
-    row_sum = jnp.sum(per_token * mask, axis=1)
-    row_count = jnp.sum(mask, axis=1)
+def token_weights(loss_mask, agg: str, max_len: int = 0):
+    """Per-token weights and the denominator of one aggregation mode. [N, S] -> ([N, S], count).
+
+    loss = sum(weights * per_token_loss) / count, and both parts add up over row slices:
+      token_mean:              weights = mask,                 count = #tokens
+      seq_mean_token_mean:     weights = mask / row's #tokens, count = #rows with a token
+      seq_mean_token_sum_norm: weights = mask / max_len,       count = #rows with a token
+    (Dr. GRPO: a constant max_len, the response budget, instead of each row's length.)
+    """
+    mask = loss_mask.astype(jnp.float32)
+    row_count = jnp.sum(mask, axis=1, keepdims=True)
+    rows = jnp.sum((row_count > 0).astype(jnp.float32))
     if agg == "token_mean":
-        return jnp.sum(row_sum), jnp.sum(row_count)
-    rows = (row_count > 0).astype(jnp.float32)
+        return mask, jnp.sum(row_count)
     if agg == "seq_mean_token_mean":
-        return jnp.sum(row_sum / jnp.maximum(row_count, 1.0)), jnp.sum(rows)
+        return mask / jnp.maximum(row_count, 1.0), rows
     if agg == "seq_mean_token_sum_norm":
         if not max_len:
             raise ValueError("loss_agg='seq_mean_token_sum_norm' needs max_len > 0 (the response "
                              "budget, sampling.max_new_tokens)")
-        return jnp.sum(row_sum) / max_len, jnp.sum(rows)
+        return mask / max_len, rows
     raise ValueError(f"rl.loss_agg={agg!r} is not one of {AGGREGATIONS}")
 
 
@@ -206,51 +213,160 @@ def k3(logp, ref_logp):
     return jnp.exp(d) - d - 1.0
 
 
-def policy_loss(new_logp, old_logp, advantages, loss_mask, *, clip_low=0.2, clip_high=0.2,
-                agg="token_mean", max_len=0, ref_logp=None, kl_coef=0.0, entropy=None,
-                entropy_coef=0.0):
-    """Clipped importance-ratio surrogate (GRPO Eq. 3, DAPO clip-higher), as (sum, count).
+def per_token_loss(new_logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, ref_logp=None,
+                   kl_coef=0.0, entropy=None, entropy_coef=0.0):
+    """Clipped importance-ratio surrogate per token (GRPO Eq. 3; DAPO Eq. 10 clip-higher).
 
-    new_logp, old_logp, loss_mask [N, S] (aligned; mask 0 or 1); advantages [N]; ref_logp [N, S]
-    when kl_coef > 0 (k3 penalty, never needed otherwise); entropy [N, S] for the bonus and the
-    metric (may be None). Per token:
-        loss = -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)
-               + kl_coef * k3(new, ref) - entropy_coef * H,    rho = exp(new - old)
-    aggregated by `agg` (token_mean | seq_mean_token_mean | seq_mean_token_sum_norm / max_len).
-    Returns (loss_sum, count, stats) with stats = {"mean": {name: (sum, count)}, "max": {...}}.
+    new_logp, old_logp [..., S]; advantages broadcastable to them (e.g. [N, 1]). Per token:
+        -min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)
+        + kl_coef * k3(new, ref) - entropy_coef * H,     rho = exp(new - old)
+    ref_logp is needed only when kl_coef > 0, entropy only when entropy_coef != 0.
     """
-    mask = loss_mask.astype(jnp.float32)
-    adv = advantages.astype(jnp.float32)[:, None]
-    log_ratio = new_logp - old_logp
-    ratio = jnp.exp(log_ratio)
-    unclipped = -ratio * adv
-    clipped = -jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = jnp.maximum(unclipped, clipped)
-    means = {}
+    ratio = jnp.exp(new_logp - old_logp)
+    adv = advantages.astype(jnp.float32)
+    loss = jnp.maximum(-ratio * adv, -jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv)
     if kl_coef:
         if ref_logp is None:
             raise ValueError("rl.kl_coef > 0 needs reference log-probs (ref_logp)")
-        kl = k3(new_logp, ref_logp)
-        per_token = per_token + kl_coef * kl
-        means["kl_ref"] = (jnp.sum(kl * mask), jnp.sum(mask))
+        loss = loss + kl_coef * k3(new_logp, ref_logp)
     if entropy_coef:
         if entropy is None:
             raise ValueError("rl.entropy_coef != 0 needs the per-token entropy")
-        per_token = per_token - entropy_coef * entropy
-    loss_sum, count = _aggregate(per_token, mask, agg, max_len)
+        loss = loss - entropy_coef * entropy
+    return loss
 
-    n_tok = jnp.sum(mask)
+
+def policy_stats(new_logp, old_logp, advantages, loss_mask, loss_sum, count, *, clip_low=0.2,
+                 clip_high=0.2, ref_logp=None, kl_coef=0.0, entropy=None):
+    """Metrics of one (micro-)batch as {"mean": {name: (sum, count)}, "max": {name: value}}.
+
+    loss; clip_frac (tokens whose clipped term is the active one); approx_kl (k3 of the sampler's
+    distribution against the trainer's, an estimate of KL(old || new)); logp_gap and
+    logp_gap_max (|new - old| over response tokens: the sampler/trainer mismatch); entropy;
+    kl_ref (k3 to the reference, when used). No gradient flows through any of them.
+    """
     sg = jax.lax.stop_gradient
-    gap = jnp.abs(sg(log_ratio))
-    means["loss"] = (sg(loss_sum), count)
-    means["clip_frac"] = (jnp.sum((clipped > unclipped) * mask), n_tok)
-    # k3 of the sampler's distribution against the trainer's: an estimate of KL(old || new).
-    means["approx_kl"] = (jnp.sum(sg(ratio - 1.0 - log_ratio) * mask), n_tok)
-    means["logp_gap"] = (jnp.sum(gap * mask), n_tok)
+    mask = loss_mask.astype(jnp.float32)
+    n_tok = jnp.sum(mask)
+    adv = advantages.astype(jnp.float32)[:, None]
+    log_ratio = sg(new_logp - old_logp)
+    ratio = jnp.exp(log_ratio)
+    clipped = -jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv > -ratio * adv
+    gap = jnp.abs(log_ratio)
+    means = {
+        "loss": (sg(loss_sum), count),
+        "clip_frac": (jnp.sum(clipped * mask), n_tok),
+        "approx_kl": (jnp.sum((ratio - 1.0 - log_ratio) * mask), n_tok),
+        "logp_gap": (jnp.sum(gap * mask), n_tok),
+    }
     if entropy is not None:
         means["entropy"] = (jnp.sum(sg(entropy) * mask), n_tok)
-    maxes = {"logp_gap_max": jnp.max(jnp.where(mask > 0, gap, 0.0))}
-    return loss_sum, count, {"mean": means, "max": maxes}
+    if kl_coef:
+        means["kl_ref"] = (jnp.sum(k3(sg(new_logp), ref_logp) * mask), n_tok)
+    return {"mean": means, "max": {"logp_gap_max": jnp.max(jnp.where(mask > 0, gap, 0.0))}}
+
+
+def policy_loss(new_logp, old_logp, advantages, loss_mask, *, clip_low=0.2, clip_high=0.2,
+                agg="token_mean", max_len=0, ref_logp=None, kl_coef=0.0, entropy=None,
+                entropy_coef=0.0):
+    """The GRPO/DAPO loss of a (micro-)batch as (loss_sum, count, stats).
+
+    new_logp, old_logp, loss_mask [N, S] (aligned; mask 0 or 1); advantages [N]; ref_logp [N, S]
+    when kl_coef > 0 (never needed otherwise); entropy [N, S] for the bonus and the metric (may
+    be None). loss = loss_sum / count, with `per_token_loss` aggregated by `token_weights`.
+    """
+    weights, count = token_weights(loss_mask, agg, max_len)
+    adv = advantages.astype(jnp.float32)[:, None]
+    per_token = per_token_loss(new_logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                               ref_logp=ref_logp, kl_coef=kl_coef, entropy=entropy,
+                               entropy_coef=entropy_coef)
+    loss_sum = jnp.sum(weights * per_token)
+    stats = policy_stats(new_logp, old_logp, advantages, loss_mask, loss_sum, count,
+                         clip_low=clip_low, clip_high=clip_high, ref_logp=ref_logp,
+                         kl_coef=kl_coef, entropy=entropy)
+    return loss_sum, count, stats
+
+
+def fused_policy_loss(params, h, batch, cfg: model.ModelConfig, temperature: float, *,
+                      chunk: int = 256, clip_low=0.2, clip_high=0.2, agg="token_mean",
+                      max_len=0, kl_coef=0.0, entropy_coef=0.0):
+    """`policy_loss` of the LM head on h [N, S, d], its gradient computed in the same pass.
+
+    Same value, gradient and stats as token_logprobs + policy_loss, but each chunk of positions
+    runs the LM head forward and backward at once (the per-token loss is a function of that
+    token's log-prob alone), so the backward neither recomputes nor stores [N, chunk, V] logits:
+    three LM-head matmuls instead of four. Returns (loss_sum, count, stats); differentiable in
+    params (norm and LM head / tied embedding) and h. batch: make_train_batch's dict
+    (+ ref_logprobs when kl_coef > 0).
+    """
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    N, S = tokens.shape
+    weights, count = token_weights(mask, agg, max_len)
+    head_keys = ("norm", "embed_tokens" if cfg.tie_embeddings else "lm_head")
+    head = {k: params[k] for k in head_keys}
+    data = {"targets": jnp.concatenate([tokens[:, 1:], jnp.zeros((N, 1), tokens.dtype)], axis=1),
+            "weights": weights, "old": batch["old_logprobs"],
+            "adv": jnp.broadcast_to(batch["advantages"].astype(jnp.float32)[:, None], (N, S))}
+    if kl_coef:
+        if "ref_logprobs" not in batch:
+            raise ValueError("rl.kl_coef > 0 needs batch['ref_logprobs']")
+        data["ref"] = batch["ref_logprobs"]
+    chunk = min(chunk, S)
+    pad = -S % chunk
+    n_chunks = (S + pad) // chunk
+
+    def split(x):  # [N, S, ...] -> [chunks, N, chunk, ...]; the batch axis stays where it was
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+        return jnp.swapaxes(x.reshape(N, n_chunks, chunk, *x.shape[2:]), 0, 1)
+
+    def unsplit(x):
+        return jnp.swapaxes(x, 0, 1).reshape(N, S + pad, *x.shape[3:])[:, :S]
+
+    def chunk_loss(hp, h_c, d):
+        logp, ent = _chunk_logprobs(hp, h_c, d["targets"], temperature, cfg, bool(entropy_coef))
+        per_token = per_token_loss(logp, d["old"], d["adv"], clip_low=clip_low,
+                                   clip_high=clip_high, ref_logp=d.get("ref"), kl_coef=kl_coef,
+                                   entropy=ent, entropy_coef=entropy_coef)
+        return jnp.sum(d["weights"] * per_token), (logp, ent)
+
+    grad_chunk = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)
+
+    def forward_and_grads(hp, h, data):
+        def body(carry, xs):
+            h_c, d = xs
+
+            def compute(carry):
+                (loss, (logp, ent)), (g_hp, g_h) = grad_chunk(hp, h_c, d)
+                return ((carry[0] + loss, jax.tree.map(jnp.add, carry[1], g_hp)),
+                        (logp, ent, g_h))
+
+            def skip(carry):  # no loss token in this chunk (prompt region, tail)
+                zero = jnp.zeros(d["targets"].shape, jnp.float32)
+                return carry, (zero, zero, jnp.zeros_like(h_c))
+
+            return jax.lax.cond(jnp.any(d["weights"] != 0), compute, skip, carry)
+
+        init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, hp))
+        (loss_sum, g_hp), (logp, ent, g_h) = jax.lax.scan(
+            body, init, (split(h), jax.tree.map(split, data)))
+        return (loss_sum, unsplit(logp), unsplit(ent)), (g_hp, unsplit(g_h))
+
+    @jax.custom_vjp
+    def fused(hp, h, data):  # called without differentiation it still computes the grads
+        return forward_and_grads(hp, h, data)[0]
+
+    def fused_bwd(grads, ct):
+        g_hp, g_h = grads
+        ct_loss = ct[0]  # logp and entropy are outputs for the metrics only
+        return (jax.tree.map(lambda g: (ct_loss * g).astype(g.dtype), g_hp),
+                (ct_loss * g_h).astype(g_h.dtype), None)
+
+    fused.defvjp(forward_and_grads, fused_bwd)
+    loss_sum, logp, ent = fused(head, h, data)
+    stats = policy_stats(logp, batch["old_logprobs"], batch["advantages"], mask, loss_sum, count,
+                         clip_low=clip_low, clip_high=clip_high, ref_logp=data.get("ref"),
+                         kl_coef=kl_coef, entropy=ent)
+    return loss_sum, count, stats
 
 
 def combine_stats(a, b):

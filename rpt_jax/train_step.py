@@ -130,11 +130,10 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
     rows = P(sharding.BATCH)
 
     def loss_terms(params, mb):
-        logp, entropy = objective.token_logprobs(params, mb, model_cfg, temperature, logits_chunk,
-                                                 entropy_grad=bool(rl.entropy_coef))
-        loss_sum, count, stats = objective.policy_loss(
-            logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-            ref_logp=mb.get("ref_logprobs"), entropy=entropy, **loss_kw)
+        h, _ = model.hidden_states(params, mb["tokens"], model_cfg, mb["positions"],
+                                   mb["segment_ids"])
+        loss_sum, count, stats = objective.fused_policy_loss(
+            params, h, mb, model_cfg, temperature, chunk=logits_chunk, **loss_kw)
         return loss_sum, (count, stats)
 
     grad_fn = jax.grad(loss_terms, has_aux=True)

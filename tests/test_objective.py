@@ -288,3 +288,47 @@ def test_token_logprobs_bf16_close(tiny):
     assert lp16.dtype == jnp.float32
     on = batch["loss_mask"] > 0
     assert float(jnp.max(jnp.abs(lp16 - lp32) * on)) < 0.05
+
+
+def test_fused_loss_equals_logprobs_then_loss(tiny):
+    """fused_policy_loss: same value, stats and gradient (through the whole model) as the
+    straightforward token_logprobs + policy_loss, for every aggregation, with KL and entropy."""
+    params, batch = tiny
+    rng = np.random.default_rng(4)
+    shape = batch["tokens"].shape
+    batch = dict(batch, old_logprobs=jnp.asarray(-rng.random(shape) * 4, jnp.float32),
+                 ref_logprobs=jnp.asarray(-rng.random(shape) * 4, jnp.float32),
+                 advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32))
+    kw = dict(clip_low=0.2, clip_high=0.28, max_len=9, kl_coef=0.1, entropy_coef=0.01)
+
+    def plain(p, agg):
+        logp, ent = objective.token_logprobs(p, batch, CFG, 0.9, 4, entropy_grad=True)
+        return objective.policy_loss(logp, batch["old_logprobs"], batch["advantages"],
+                                     batch["loss_mask"], ref_logp=batch["ref_logprobs"],
+                                     entropy=ent, agg=agg, **kw)
+
+    def fused(p, agg):
+        h, _ = model.hidden_states(p, batch["tokens"], CFG, batch["positions"],
+                                   batch["segment_ids"])
+        return objective.fused_policy_loss(p, h, batch, CFG, 0.9, chunk=4, agg=agg, **kw)
+
+    @jax.jit
+    def both(p):
+        out = {}
+        for agg in objective.AGGREGATIONS:
+            for name, fn in (("plain", plain), ("fused", fused)):
+                grad, (count, stats) = jax.grad(lambda q: (lambda s, c, st: (s, (c, st)))(
+                    *fn(q, agg)), has_aux=True)(p)
+                out[agg, name] = grad, count, objective.finalize_stats(stats)
+        return out
+
+    out = both(params)
+    for agg in objective.AGGREGATIONS:
+        (g1, c1, m1), (g2, c2, m2) = out[agg, "plain"], out[agg, "fused"]
+        assert c1 == c2
+        for k in m1:
+            np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, atol=1e-7, err_msg=f"{agg} {k}")
+        assert m1["clip_frac"] > 0 and m1["kl_ref"] > 0
+        for (path, a), b in zip(jax.tree.leaves_with_path(g2), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7,
+                                       err_msg=f"{agg} {jax.tree_util.keystr(path)}")
