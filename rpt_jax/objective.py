@@ -114,9 +114,9 @@ def make_train_batch(prompt_tokens, prompt_mask, sample_tokens, sample_logprobs,
 
 # ----------------------------------------------------------------------------- log-probs
 
-def _chunk_logprobs(params, h, targets, temperature, cfg, entropy_grad):
-    """h [n, c, d], targets [n, c] -> (log p(target), entropy) [n, c] under softmax(logits / T)."""
-    z = model.logits_from_hidden(params, h, cfg) / temperature  # float32 [n, c, v]
+def _logprobs_from_logits(logits, targets, temperature, entropy_grad):
+    """logits float32 [n, c, v], targets [n, c] -> (log p(target), entropy) [n, c], softmax(z / T)."""
+    z = logits / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     target = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     probs = jnp.exp(z - lse[..., None])
@@ -124,6 +124,12 @@ def _chunk_logprobs(params, h, targets, temperature, cfg, entropy_grad):
     if not entropy_grad:  # a metric only: no backward pass over [n, c, v] for it
         entropy = jax.lax.stop_gradient(entropy)
     return target - lse, entropy
+
+
+def _chunk_logprobs(params, h, targets, temperature, cfg, entropy_grad):
+    """h [n, c, d], targets [n, c] -> (log p(target), entropy) [n, c] under softmax(logits / T)."""
+    logits = model.logits_from_hidden(params, h, cfg)  # float32 [n, c, v]
+    return _logprobs_from_logits(logits, targets, temperature, entropy_grad)
 
 
 def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, chunk: int = 256,
@@ -322,14 +328,34 @@ def fused_policy_loss(params, h, batch, cfg: model.ModelConfig, temperature: flo
     def unsplit(x):
         return jnp.swapaxes(x, 0, 1).reshape(N, S + pad, *x.shape[3:])[:, :S]
 
-    def chunk_loss(hp, h_c, d):
-        logp, ent = _chunk_logprobs(hp, h_c, d["targets"], temperature, cfg, bool(entropy_coef))
+    tied = cfg.tie_embeddings
+    w_key = "embed_tokens" if tied else "lm_head"
+
+    def token_loss(logits, d):
+        logp, ent = _logprobs_from_logits(logits, d["targets"], temperature, bool(entropy_coef))
         per_token = per_token_loss(logp, d["old"], d["adv"], clip_low=clip_low,
                                    clip_high=clip_high, ref_logp=d.get("ref"), kl_coef=kl_coef,
                                    entropy=ent, entropy_coef=entropy_coef)
         return jnp.sum(d["weights"] * per_token), (logp, ent)
 
-    grad_chunk = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)
+    def grad_chunk(hp, h_c, d):
+        # model.logits_from_hidden written out (final norm, then the LM head; the test checks
+        # it against that function) so that the two backward matmuls take the logits' cotangent
+        # in the compute dtype, as every other matmul of the step does; autodiff of the float32
+        # logits would run them in float32.
+        hn, norm_vjp = jax.vjp(lambda w, x: model.rms_norm(x, w, cfg.rms_norm_eps), hp["norm"], h_c)
+        w = hp[w_key].astype(hn.dtype)
+        spec = "ncd,vd->ncv" if tied else "ncd,dv->ncv"
+        logits = jnp.einsum(spec, hn, w, preferred_element_type=jnp.float32)
+        (loss, aux), g_logits = jax.value_and_grad(token_loss, has_aux=True)(logits, d)
+        g_logits = g_logits.astype(hn.dtype)
+        g_hn = jnp.einsum("ncv,vd->ncd" if tied else "ncv,dv->ncd", g_logits, w,
+                          preferred_element_type=jnp.float32)
+        g_w = jnp.einsum("ncv,ncd->vd" if tied else "ncv,ncd->dv", g_logits, hn,
+                         preferred_element_type=jnp.float32)
+        g_norm, g_h = norm_vjp(g_hn.astype(hn.dtype))
+        grads = {"norm": g_norm.astype(hp["norm"].dtype), w_key: g_w.astype(hp[w_key].dtype)}
+        return (loss, aux), (grads, g_h)
 
     def forward_and_grads(hp, h, data):
         def body(carry, xs):

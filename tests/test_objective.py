@@ -332,3 +332,31 @@ def test_fused_loss_equals_logprobs_then_loss(tiny):
         for (path, a), b in zip(jax.tree.leaves_with_path(g2), jax.tree.leaves(g1)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7,
                                        err_msg=f"{agg} {jax.tree_util.keystr(path)}")
+
+
+def test_fused_loss_in_bf16_is_close_to_the_unfused_path(tiny):
+    """In bf16 the fused head takes the logits' cotangent in bf16 for its two backward matmuls;
+    the gradient stays within bf16 rounding of the autodiff path (float32 params and grads)."""
+    params, batch = tiny
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", tie_embeddings=True)
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    rng = np.random.default_rng(5)
+    shape = batch["tokens"].shape
+    batch = dict(batch, old_logprobs=jnp.asarray(-rng.random(shape) * 4, jnp.float32),
+                 advantages=jnp.asarray(rng.normal(size=shape[0]), jnp.float32))
+
+    def plain(p):
+        logp, _ = objective.token_logprobs(p, batch, cfg, 0.9, 4)
+        return objective.policy_loss(logp, batch["old_logprobs"], batch["advantages"],
+                                     batch["loss_mask"])[0]
+
+    def fused(p):
+        h, _ = model.hidden_states(p, batch["tokens"], cfg, batch["positions"],
+                                   batch["segment_ids"])
+        return objective.fused_policy_loss(p, h, batch, cfg, 0.9, chunk=4)[0]
+
+    g1, g2 = jax.jit(lambda p: (jax.grad(plain)(p), jax.grad(fused)(p)))(params)
+    for (path, a), b in zip(jax.tree.leaves_with_path(g2), jax.tree.leaves(g1)):
+        assert a.dtype == jnp.float32
+        rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert rel < 0.03, (jax.tree_util.keystr(path), rel)

@@ -10,7 +10,7 @@ from rpt_jax import model, objective, sharding, train_step
 from rpt_jax.config import base_config
 
 CFG = model.ModelConfig(vocab_size=64, num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2,
-                        head_dim=8, mlp_dim=64, qkv_bias=True, tie_embeddings=False)
+                        head_dim=8, mlp_dim=64, qkv_bias=True, tie_embeddings=True)
 B, G, P, R = 4, 4, 6, 6
 TEMPERATURE = 0.7
 
