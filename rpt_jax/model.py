@@ -21,6 +21,7 @@ params = {
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -302,24 +303,48 @@ def decode(params, tokens, positions, cache, cfg: ModelConfig):
 
 # ----------------------------------------------------------------------------- sampling decode path
 # The sampler keeps one prompt cache per context (b rows) and one response cache per sample
-# (r = b * g rows). Each decode step reads the prompt keys once per group instead of once per
-# sample. Caches are tuples of per-layer arrays in [rows, k, slots, e] layout, and the layer loop
-# is a Python loop over per-layer weights (cast and split once by `decoding_weights`), so each
-# layer's cache is updated in place inside the sampler's while loop and read with one batched
-# matmul per kv head, without a concatenate or a stacked-array copy.
+# (r = b * g rows): each decode step reads a context's prompt keys once for its g samples.
+# Caches are tuples of per-layer arrays [rows, k, slots, e], so a step updates each layer's
+# cache in place inside the sampler's while loop (no stacked-array copy, no concatenate).
+# Weights are re-laid out once per sampling call (`decoding_weights`): cast to the compute
+# dtype, split per layer, and fused into plain 2-D matrices (q|k|v grouped per kv head, gate|up
+# interleaved per MLP unit) so that a step runs 4 matmuls per layer without weight transposes,
+# and a tensor-sharded head / MLP axis stays sharded the same way.
 
 def decoding_weights(params, cfg: ModelConfig) -> dict:
-    """Params cast once to the compute dtype, with the layer stack split into a tuple of layers.
+    """Params re-laid out for decoding: {"embed_tokens", "norm", "lm_head"?, "layers": tuple}.
 
-    Done once per sampling call, outside the decode loop, so that no step re-reads float32
-    weights or slices the stack.
+    Each layer: "qkv" [d, k*(g+2)*e] (per kv head: its g query heads, its key, its value),
+    "qkv_bias" [k*(g+2)*e] (if any), "o" [h*e, d], "gate_up" [d, f*2], "down" [f, d] and the
+    two norms, all in the compute dtype. g = h // k.
     """
     dtype = jnp.dtype(cfg.dtype)
-    cast = jax.tree.map(lambda x: x.astype(dtype), params)
-    layers = cast.pop("layers")
-    cast["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], layers)
-                           for i in range(cfg.num_layers))
-    return cast
+    d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    g = h // k
+    L = jax.tree.map(lambda x: x.astype(dtype), params["layers"])
+
+    def group(q, kk, v):  # [..., h, e], [..., k, e], [..., k, e] -> [..., k, g+2, e]
+        q = q.reshape(q.shape[:-2] + (k, g, e))
+        return jnp.concatenate([q, kk[..., None, :], v[..., None, :]], axis=-2)
+
+    qkv = group(L["q_proj"]["kernel"], L["k_proj"]["kernel"], L["v_proj"]["kernel"])
+    stacked = {
+        "input_layernorm": L["input_layernorm"],
+        "post_attention_layernorm": L["post_attention_layernorm"],
+        "qkv": qkv.reshape(cfg.num_layers, d, k * (g + 2) * e),
+        "o": L["o_proj"]["kernel"].reshape(cfg.num_layers, h * e, d),
+        "gate_up": jnp.stack([L["gate_proj"]["kernel"], L["up_proj"]["kernel"]], axis=-1)
+                      .reshape(cfg.num_layers, d, f * 2),
+        "down": L["down_proj"]["kernel"],
+    }
+    if cfg.qkv_bias:
+        stacked["qkv_bias"] = group(L["q_proj"]["bias"], L["k_proj"]["bias"],
+                                    L["v_proj"]["bias"]).reshape(cfg.num_layers, -1)
+    out = {name: params[name].astype(dtype)
+           for name in ("embed_tokens", "norm", "lm_head") if name in params}
+    out["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
+                          for i in range(cfg.num_layers))
+    return out
 
 
 def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
@@ -339,70 +364,113 @@ def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
     return logits, cache
 
 
-def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16") -> dict:
-    """Empty per-sample cache: {"k", "v": tuples of l zero arrays [r, k, s, e]}."""
-    shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
-    return {"k": zeros(), "v": zeros()}
+def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16",
+                        prefix=None) -> dict:
+    """A per-sample cache {"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s] bool}.
 
-
-def _shared_attend(q, prompt_k, prompt_v, prompt_valid, resp_k, resp_v, resp_valid):
-    """Decode attention over a shared prompt cache and a per-sample response cache.
-
-    q [b, g, h, e]; prompt_k/v [b, k, p, e]; prompt_valid [b, p]; resp_k/v [b*g, k, n, e];
-    resp_valid [n] (the same slots are filled in every row). Returns [b, g, h, e].
+    Empty, or with a prompt cache (`prefill_prompt`, b = r rows, t <= s slots) copied to slots
+    0..t-1: with one sample per context a single cache is cheaper than a shared one.
     """
-    b, g, h, e = q.shape
-    kv, n = resp_k.shape[1], resp_k.shape[2]
-    q = q.reshape(b, g, kv, h // kv, e).astype(prompt_k.dtype)
-    rk = resp_k.reshape(b, g, kv, n, e)
-    rv = resp_v.reshape(b, g, kv, n, e)
+    shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
+    cache = {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+             "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+             "valid": jnp.zeros((rows, size), bool)}
+    if prefix is not None:
+        put = lambda c, x: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0,) * c.ndim)  # noqa: E731
+        cache = {"k": tuple(map(put, cache["k"], prefix["k"])),
+                 "v": tuple(map(put, cache["v"], prefix["v"])),
+                 "valid": put(cache["valid"], prefix["valid"])}
+    return cache
+
+
+def _decode_attend(q, parts, impl="dot"):
+    """Decode attention with one softmax over several key/value parts.
+
+    q [b, g, k, q, e] (q query heads per kv head, g samples per context). Each part is
+    (keys, values, valid): keys/values [b, k, s, e] shared by the g samples of a context, or
+    [b, g, k, s, e] per sample; valid broadcastable to [b, g, 1, 1, s]. impl "dot" uses batched
+    matmuls, "reduce" multiply-and-sum (fewer, fused kernels for tiny query counts).
+    Returns float32 [b, g, k, q, e].
+    """
+    e = q.shape[-1]
     neg = jnp.finfo(jnp.float32).min
-    sp = jnp.einsum("bgkqe,bkpe->bgkqp", q, prompt_k, preferred_element_type=jnp.float32)
-    sr = jnp.einsum("bgkqe,bgkne->bgkqn", q, rk, preferred_element_type=jnp.float32)
-    sp = jnp.where(prompt_valid[:, None, None, None], sp * e ** -0.5, neg)
-    sr = jnp.where(resp_valid, sr * e ** -0.5, neg)
-    m = jnp.maximum(sp.max(-1, keepdims=True), sr.max(-1, keepdims=True))
-    pp, pr = jnp.exp(sp - m), jnp.exp(sr - m)
-    denom = pp.sum(-1, keepdims=True) + pr.sum(-1, keepdims=True)
-    out = (jnp.einsum("bgkqp,bkpe->bgkqe", pp.astype(prompt_v.dtype), prompt_v,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("bgkqn,bgkne->bgkqe", pr.astype(rv.dtype), rv,
-                        preferred_element_type=jnp.float32))
-    return (out / denom).reshape(b, g, h, e)
+    scores = []
+    for keys, _, valid in parts:
+        qc = q.astype(keys.dtype)
+        shared = keys.ndim == 4
+        if impl == "dot":
+            spec = "bgkqe,bkse->bgkqs" if shared else "bgkqe,bgkse->bgkqs"
+            s = jnp.einsum(spec, qc, keys, preferred_element_type=jnp.float32)
+        else:
+            kb = keys[:, None, :, None] if shared else keys[:, :, :, None]
+            s = jnp.sum(qc[..., None, :].astype(jnp.float32) * kb.astype(jnp.float32), -1)
+        scores.append(jnp.where(valid, s * e ** -0.5, neg))
+    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    probs = [jnp.exp(s - m) for s in scores]
+    denom = sum(p.sum(-1, keepdims=True) for p in probs)
+    out = 0.0
+    for (_, values, _), p in zip(parts, probs):
+        shared = values.ndim == 4
+        if impl == "dot":
+            spec = "bgkqs,bkse->bgkqe" if shared else "bgkqs,bgkse->bgkqe"
+            out = out + jnp.einsum(spec, p.astype(values.dtype), values,
+                                   preferred_element_type=jnp.float32)
+        else:
+            vb = values[:, None, :, None] if shared else values[:, :, :, None]
+            out = out + jnp.sum(p[..., None] * vb.astype(jnp.float32), -2)
+    return out / denom
 
 
-def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig):
+def _rope_rows(x, positions, theta):
+    """rope for one token per row: x [r, ..., e], positions [r]."""
+    flat = x.reshape(x.shape[0], 1, -1, x.shape[-1])
+    return rope(flat, positions[:, None], theta).reshape(x.shape)
+
+
+def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig,
+                  attention="dot"):
     """One decode step of every sample. weights from `decoding_weights`.
 
-    tokens, positions [r] int with r = b * g (row i*g + j is sample j of context i); writes the
-    new keys / values to response slot `index` (a scalar) and attends over the prompt cache of
-    each row's context plus response slots 0..index. Returns (float32 logits [r, v], cache).
+    tokens, positions [r] int with r = b * g (row i*g + j is sample j of context i). Writes the
+    new keys / values to slot `index` (a scalar) of the per-sample `cache` and attends over its
+    valid slots plus, if `prompt_cache` is not None, the prompt cache of the row's context
+    (b rows). Returns (float32 logits [r, v], cache).
     """
-    b = prompt_cache["valid"].shape[0]
     r = tokens.shape[0]
+    b = r if prompt_cache is None else prompt_cache["valid"].shape[0]
     g = r // b
+    kv, e = cfg.num_kv_heads, cfg.head_dim
+    nq = cfg.num_heads // kv
     dtype = jnp.dtype(cfg.dtype)
-    x = weights["embed_tokens"][tokens][:, None]  # [r, 1, d]
-    pos = positions[:, None]
-    resp_valid = jnp.arange(cache["k"][0].shape[2]) <= index
+    valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
+    resp_valid = valid.reshape(b, g, 1, 1, -1)
+    if prompt_cache is not None:
+        prompt_valid = prompt_cache["valid"][:, None, None, None]
+    x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
         h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(p, h, pos, cfg)  # q [r, 1, h, e]; k, v [r, 1, k, e]
-        ck, cv = cache["k"][i], cache["v"][i]
-        ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+        qkv = h @ p["qkv"]
+        if "qkv_bias" in p:
+            qkv = qkv + p["qkv_bias"]
+        qkv = qkv.reshape(r, kv, nq + 2, e)
+        q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
+        k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
+        v = qkv[:, :, nq + 1:]
+        ck = jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype),
                                           (0, 0, index, 0))
-        cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
+        cv = jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype),
                                           (0, 0, index, 0))
         new_k.append(ck)
         new_v.append(cv)
-        attn = _shared_attend(q.reshape(b, g, cfg.num_heads, cfg.head_dim),
-                              prompt_cache["k"][i], prompt_cache["v"][i], prompt_cache["valid"],
-                              ck, cv, resp_valid)
-        attn = attn.reshape(r, 1, cfg.num_heads, cfg.head_dim).astype(dtype)
-        x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"])
+        n = ck.shape[2]
+        parts = [(ck.reshape(b, g, kv, n, e), cv.reshape(b, g, kv, n, e), resp_valid)]
+        if prompt_cache is not None:
+            parts.insert(0, (prompt_cache["k"][i], prompt_cache["v"][i], prompt_valid))
+        attn = _decode_attend(q.reshape(b, g, kv, nq, e), parts, attention)
+        x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-        x = x + _mlp(p, h)
-    logits = logits_from_hidden(weights, x, cfg)[:, 0]
-    return logits, {"k": tuple(new_k), "v": tuple(new_v)}
+        gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)
+        x = x + (jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]) @ p["down"]
+    logits = logits_from_hidden(weights, x[:, None], cfg)[:, 0]
+    return logits, {"k": tuple(new_k), "v": tuple(new_v), "valid": valid}

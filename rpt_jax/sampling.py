@@ -33,6 +33,10 @@ class SamplingConfig:
     max_new_tokens: int = 16
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str = "bfloat16"
+    # "shared": one prompt cache per context read by its g samples; "per_sample": the prompt
+    # copied into every sample's cache (fewer kernels per step); "auto": shared when g > 1.
+    cache_layout: str = "auto"
+    decode_attention: str = "dot"  # "dot" (batched matmuls) or "reduce" (multiply-and-sum)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -44,6 +48,15 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if self.cache_layout not in ("auto", "shared", "per_sample"):
+            raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
+        if self.decode_attention not in ("dot", "reduce"):
+            raise ValueError(f"decode_attention={self.decode_attention!r} is not dot/reduce")
+
+    @property
+    def shared_prompt(self) -> bool:
+        return self.cache_layout == "shared" or (self.cache_layout == "auto"
+                                                  and self.num_samples > 1)
 
     @classmethod
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
@@ -93,7 +106,6 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
     Returns (tokens [r] int32, log_softmax(logits / T)[token] [r] float32).
     """
     scaled = logits / cfg.temperature if cfg.temperature > 0 else logits
-    logprobs_all = jax.nn.log_softmax(scaled, axis=-1)
     if cfg.greedy:
         tokens = jnp.argmax(logits, axis=-1)
     else:
@@ -103,10 +115,91 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[-1:], jnp.float32))(keys)
         tokens = jnp.argmax(filtered + gumbel, axis=-1)  # Gumbel-max = categorical(filtered)
     tokens = tokens.astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    # log_softmax at the chosen token only: two reductions, no [r, v] log-probability array
+    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)
 
 
 # ----------------------------------------------------------------------------- the sampler
+
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # [r, k, s, e]
+
+
+def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfig,
+            sampling_cfg: SamplingConfig, pad_id: int = 0):
+    """Everything before the decode loop: prefill, caches, token 0. Returns (context, state).
+
+    context holds what the loop only reads (decoding weights, prompt cache, positions); state
+    what it updates (per-sample cache, output buffers, done flags, step t).
+    """
+    cfg = sampling_cfg
+    b, p = prompt_tokens.shape
+    g, n = cfg.num_samples, cfg.max_new_tokens
+    r = b * g
+    mask = prompt_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+
+    first_logits, prompt_cache = model.prefill_prompt(
+        params, prompt_tokens, model_cfg, positions, mask, cfg.cache_dtype)
+    # the per-sample cache holds every fed token: all but the last sampled one
+    if cfg.shared_prompt:
+        cache = model.init_response_cache(model_cfg, r, max(n - 1, 1), cfg.cache_dtype)
+        offset = 0
+    else:
+        prefix = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), prompt_cache)
+        cache = model.init_response_cache(model_cfg, r, p + max(n - 1, 1), cfg.cache_dtype,
+                                          prefix)
+        prompt_cache, offset = None, p
+    cache = {"k": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["k"]),
+             "v": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["v"]),
+             "valid": cache["valid"]}
+    context = dict(weights=model.decoding_weights(params, model_cfg), prompt_cache=prompt_cache,
+                   slot_offset=offset, rng=rng,
+                   row_pos=jnp.repeat(mask.sum(axis=1), g))  # position of response token 0
+    state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
+                 lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
+                 stopped=jnp.zeros((r,), bool), last=jnp.zeros((r,), jnp.int32),
+                 t=jnp.zeros((), jnp.int32), cache=cache)
+    state = _record(state, jnp.repeat(first_logits, g, axis=0), rng, cfg, pad_id)
+    return context, state
+
+
+def _record(state, logits, rng, cfg: SamplingConfig, pad_id):
+    """Choose the tokens of step t from logits [r, v]; rows already done get pad_id, logprob 0."""
+    t = state["t"]
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)
+    tok, lp = choose_tokens(logits, rng, t, rows, cfg)
+    done = state["done"]
+    tok = jnp.where(done, pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    stop_ids = jnp.asarray(cfg.stop_ids if cfg.stop_ids else (-1,), jnp.int32)
+    stopped = ~done & jnp.isin(tok, stop_ids)
+    return dict(state,
+                tokens=jax.lax.dynamic_update_slice(state["tokens"], tok[:, None], (0, t)),
+                logprobs=jax.lax.dynamic_update_slice(state["logprobs"], lp[:, None], (0, t)),
+                lengths=state["lengths"] + (~done).astype(jnp.int32),
+                done=done | stopped, stopped=state["stopped"] | stopped, last=tok, t=t + 1)
+
+
+def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
+                pad_id: int = 0) -> SampleOutput:
+    """The `lax.while_loop` of decode steps; exits when every row is done or n tokens exist."""
+    cfg = sampling_cfg
+
+    def cond(state):
+        return (state["t"] < cfg.max_new_tokens) & ~jnp.all(state["done"])
+
+    def body(state):
+        t = state["t"]  # feed token t-1 (response slot t-1), choose token t
+        logits, cache = model.decode_shared(
+            context["weights"], state["last"], context["row_pos"] + t - 1,
+            context["prompt_cache"], state["cache"], context["slot_offset"] + t - 1, model_cfg,
+            cfg.decode_attention)
+        return _record(dict(state, cache=cache), logits, context["rng"], cfg, pad_id)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["stopped"])
+
 
 def sample(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfig,
            sampling_cfg: SamplingConfig, pad_id: int = 0) -> SampleOutput:
@@ -115,57 +208,9 @@ def sample(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfig
     prompt_tokens, prompt_mask [b, p]: left padded (mask 0 = pad, the last column real in every
     row); positions count from each row's first real token. rng: a PRNG key.
     """
-    cfg = sampling_cfg
-    b, p = prompt_tokens.shape
-    g, n = cfg.num_samples, cfg.max_new_tokens
-    r = b * g
-    mask = prompt_mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    prompt_len = mask.sum(axis=1)
-
-    weights = model.decoding_weights(params, model_cfg)
-    first_logits, prompt_cache = model.prefill_prompt(
-        params, prompt_tokens, model_cfg, positions, mask, cfg.cache_dtype)
-    # the response cache holds every fed token: all but the last sampled one
-    cache = model.init_response_cache(model_cfg, r, max(n - 1, 1), cfg.cache_dtype)
-    cache = jax.tree.map(
-        lambda c: sharding.constrain(c, ("batch", "kv_heads", "length", "head_dim")), cache)
-
-    rows = jnp.arange(r, dtype=jnp.int32)
-    row_pos = jnp.repeat(prompt_len, g)  # position of response token 0
-    stop_ids = jnp.asarray(cfg.stop_ids if cfg.stop_ids else (-1,), jnp.int32)
-
-    def record(state, t, logits):
-        tok, lp = choose_tokens(logits, rng, t, rows, cfg)
-        done = state["done"]
-        tok = jnp.where(done, pad_id, tok)
-        lp = jnp.where(done, 0.0, lp)
-        stopped = ~done & jnp.isin(tok, stop_ids)
-        return dict(state,
-                    tokens=state["tokens"].at[:, t].set(tok),
-                    logprobs=state["logprobs"].at[:, t].set(lp),
-                    lengths=state["lengths"] + (~done).astype(jnp.int32),
-                    done=done | stopped, stopped=state["stopped"] | stopped,
-                    last=tok, t=t + 1)
-
-    state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
-                 lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
-                 stopped=jnp.zeros((r,), bool), last=jnp.zeros((r,), jnp.int32),
-                 t=jnp.zeros((), jnp.int32), cache=cache)
-    state = record(state, 0, jnp.repeat(first_logits, g, axis=0))
-
-    def cond(state):
-        return (state["t"] < n) & ~jnp.all(state["done"])
-
-    def body(state):
-        t = state["t"]
-        logits, new_cache = model.decode_shared(
-            weights, state["last"], row_pos + t - 1, prompt_cache, state["cache"], t - 1,
-            model_cfg)
-        return record(dict(state, cache=new_cache), t, logits)
-
-    state = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["stopped"])
+    context, state = prepare(params, prompt_tokens, prompt_mask, rng, model_cfg, sampling_cfg,
+                             pad_id)
+    return decode_loop(context, state, model_cfg, sampling_cfg, pad_id)
 
 
 def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
@@ -185,7 +230,15 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     jitted = jax.jit(fn, in_shardings=(param_shardings, mat, mat, repl),
                      out_shardings=SampleOutput(mat, mat, rows, rows))
 
+    checked = set()
+
     def run(params, prompt_tokens, prompt_mask, rng):
+        shape = tuple(prompt_tokens.shape)
+        if shape not in checked:  # once per prompt bucket, before its compile
+            available = device_bytes(mesh)
+            if available is not None:
+                check_memory(model_cfg, sampling_cfg, shape[0], shape[1], available)
+            checked.add(shape)
         with jax.set_mesh(mesh):
             return jitted(params, prompt_tokens, prompt_mask, rng)
 
@@ -197,35 +250,34 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
 
 def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int) -> dict:
-    """Bytes the sampler holds at once (all devices together), by part."""
+    """Bytes the sampler holds at once (all devices together), by part. batch = contexts."""
     m, s = model_cfg, sampling_cfg
     n_params = model.num_params(m)
-    param_b = jnp.dtype(m.param_dtype).itemsize
     compute_b = jnp.dtype(m.dtype).itemsize
-    cache_b = jnp.dtype(s.cache_dtype).itemsize
     rows = batch * s.num_samples
-    per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * cache_b
-    parts = {
-        "params": n_params * param_b,
+    per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
+    sample_slots = s.max_new_tokens + (0 if s.shared_prompt else prompt_len)
+    return {
+        "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b,
         "prompt KV cache": batch * prompt_len * per_slot,
-        "response KV cache": rows * s.max_new_tokens * per_slot,
-        # prefill activations: hidden states of every layer's k, v and one layer's scores
-        "prefill activations": (batch * prompt_len * (m.num_layers * 2 * m.num_kv_heads
+        "per-sample KV cache": rows * sample_slots * per_slot,
+        # prefill: every layer's k, v (scan outputs), one layer's activations and scores
+        "prefill activations": (batch * prompt_len * (2 * m.num_layers * m.num_kv_heads
                                                       * m.head_dim + 4 * m.hidden_size
-                                                      + 2 * m.mlp_dim) * compute_b
+                                                      + 3 * m.mlp_dim) * compute_b
                                 + batch * m.num_heads * prompt_len * prompt_len * 4),
-        "decode logits and sampling buffers": rows * m.vocab_size * 4 * 4,
+        "logits and sampling buffers": rows * m.vocab_size * 4 * 3,
         "outputs": rows * s.max_new_tokens * 8,
     }
-    return parts
 
 
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, bytes_available: int) -> int:
     """Raise ValueError before compiling when sampling cannot fit in `bytes_available`.
 
-    bytes_available: memory of all devices the sampler runs on, together. Returns the estimate.
+    batch: contexts (rows = batch * num_samples); bytes_available: the memory of all devices
+    the sampler runs on, together (the data are split evenly). Returns the estimate in bytes.
     """
     parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len)
     total = int(sum(parts.values()))
@@ -237,4 +289,15 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
             f"{total / 2**30:.2f} GiB but {bytes_available / 2**30:.2f} GiB are available "
             f"({detail}); lower data.batch_size, sampling.num_samples, "
             f"sampling.max_new_tokens or the prompt bucket, or use a bf16 cache_dtype")
+    return total
+
+
+def device_bytes(mesh) -> int | None:
+    """Memory of the mesh's devices together, or None where the backend does not report it."""
+    total = 0
+    for d in mesh.devices.flat:
+        stats = d.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return None
+        total += stats["bytes_limit"]
     return total

@@ -5,8 +5,8 @@
 
 Random weights. --batch counts sample rows (contexts = batch / num-samples), so new tokens/s is
 comparable across --num-samples. No stop ids: every row generates --new-tokens tokens.
-Reported: new tokens/s over the whole call (prefill included), ms per decode step (from the
-difference between a full run and a run of one new token), and the fraction of the roofline:
+Reported: new tokens/s over the whole call (prefill included), ms per decode step (the full
+call minus `sampling.prepare`, the part before the loop, over n - 1 steps), and the roofline:
 the bytes a step must read (decode weights once plus the KV cache up to the current length,
 averaged over the steps) over the copy bandwidth measured with jax in the same run.
 Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
@@ -39,11 +39,13 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes, repeats=10):
-    """Bytes/s of a large elementwise pass (read + write) through jax."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001)
-    return 2 * x.nbytes / timed(lambda: f(x), repeats)
+def bandwidth(nbytes, repeats=10):
+    """Bytes/s of a large array through jax: (copy: read + write, read: a sum)."""
+    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    read = jax.jit(lambda x: x.sum())
+    return (2 * x.nbytes / timed(lambda: copy(x), repeats),
+            x.nbytes / timed(lambda: read(x), repeats))
 
 
 def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
@@ -55,17 +57,53 @@ def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
     return weights + per_slot * (contexts * prompt_len + batch * avg_response)
 
 
-def bench_rpt(params, mcfg, scfg, prompts, mesh, repeats):
+def bench_rpt(params, mcfg, scfg, prompts, mesh, repeats, profile_dir=None):
+    """(seconds per call, seconds per decode step) of the sampler on `mesh`."""
     shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
     mask = jnp.ones_like(prompts)
     rng = jax.random.key(0)
     full = sampling.make_sampler(mesh, mcfg, scfg, shards)
-    one = sampling.make_sampler(mesh, mcfg, dataclasses.replace(scfg, max_new_tokens=1), shards)
+    mat, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
+    prepare = jax.jit(lambda *a: sampling.prepare(*a, mcfg, scfg),
+                      in_shardings=(shards, mat, mat, repl))  # everything before the loop
     t_full = timed(lambda: full(params, prompts, mask, rng), repeats)
-    t_one = timed(lambda: one(params, prompts, mask, rng), repeats)
+    with jax.set_mesh(mesh):
+        t_pre = timed(lambda: prepare(params, prompts, mask, rng), repeats)
     out = full(params, prompts, mask, rng)
     assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
-    return t_full, (t_full - t_one) / (scfg.max_new_tokens - 1)
+    if profile_dir:
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        jax.block_until_ready(full(params, prompts, mask, rng))
+        jax.profiler.stop_trace()
+    return t_full, (t_full - t_pre) / (scfg.max_new_tokens - 1)
+
+
+def kernel_table(profile_dir, steps, top=30):
+    """Markdown lines: device-side events of a trace summed by name, per decode step."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    path = sorted(glob.glob(f"{profile_dir}/**/*.trace.json.gz", recursive=True))[-1]
+    events = json.load(gzip.open(path))["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {p for p, n in procs.items() if "/device:" in n and "CPU" not in n.upper()}
+    if not device_pids:  # CPU: XLA's thunks run on host threads
+        device_pids = set(procs)
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device_pids:
+            name = re.sub(r"[._]\d+$", "", e["name"])
+            total[name] += e["dur"]
+            count[name] += 1
+    lines = [f"device events per decode step: {sum(count.values()) / steps:.0f}, "
+             f"busy {sum(total.values()) / steps / 1e3:.3f} ms",
+             "| us/step | calls/step | name |", "|---|---|---|"]
+    for name, us in total.most_common(top):
+        lines.append(f"| {us / steps:.1f} | {count[name] / steps:.1f} | {name[:90]} |")
+    return lines
 
 
 def bench_plain(params, mcfg, scfg, prompts, repeats):
@@ -136,59 +174,86 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--param-dtype", default=None, help="weights dtype (default: --dtype)")
     ap.add_argument("--cache-dtype", default=None, help="KV cache dtype (default: --dtype)")
-    ap.add_argument("--num-samples", type=int, default=1, help="G samples per context")
+    ap.add_argument("--num-samples", default="1", help="G samples per context (comma list)")
+    ap.add_argument("--cache-layout", default="auto", help="comma list of auto/shared/per_sample")
+    ap.add_argument("--decode-attention", default="dot", help="comma list of dot/reduce")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
     ap.add_argument("--compare-plain", action="store_true",
                     help="the plain fori_loop decode of PERF_NOTES too")
+    ap.add_argument("--profile", default="", help="folder: trace the first variant, print kernels")
     ap.add_argument("--bandwidth-mib", type=int, default=None,
-                    help="array size for the copy bandwidth (default 256 CPU, 2048 GPU)")
+                    help="array size for the bandwidth (default 256 CPU, 2048 otherwise)")
     args = ap.parse_args(argv)
-    if args.batch % args.num_samples:
-        ap.error(f"--batch {args.batch} is not a multiple of --num-samples {args.num_samples}")
-    contexts = args.batch // args.num_samples
+    samples = [int(g) for g in args.num_samples.split(",")]
+    for g in samples:
+        if args.batch % g:
+            ap.error(f"--batch {args.batch} is not a multiple of --num-samples {g}")
     cache_dtype = args.cache_dtype or args.dtype
     mcfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
                              param_dtype=args.param_dtype or args.dtype)
-    scfg = sampling.SamplingConfig(num_samples=args.num_samples, temperature=args.temperature,
-                                   max_new_tokens=args.new_tokens, cache_dtype=cache_dtype)
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices), 1, 1), sharding.AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    platform = devices[0].platform
-    mib = args.bandwidth_mib or (256 if platform == "cpu" else 2048)
-    bandwidth = copy_bandwidth(mib * 2**20)
+    mib = args.bandwidth_mib or (256 if devices[0].platform == "cpu" else 2048)
+    copy_bw, read_bw = bandwidth(mib * 2**20)
+    bw = max(copy_bw, read_bw)
     device = f"{len(devices)}x {devices[0].device_kind}"
-    print(f"# {device}, jax {jax.__version__}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"{model.num_params(mcfg) / 1e6:.0f}M params", flush=True)
+    print(f"# {device}, jax {jax.__version__}, bandwidth: copy {copy_bw / 1e9:.0f} GB/s, "
+          f"read {read_bw / 1e9:.0f} GB/s; {model.num_params(mcfg) / 1e6:.0f}M params", flush=True)
 
     params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.key(0))
-    prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
-                                 mcfg.vocab_size, jnp.int32)
     new = args.batch * args.new_tokens
-    floor_s = step_bytes(mcfg, args.batch, contexts, args.prompt_len, args.new_tokens,
-                         cache_dtype) / bandwidth
     command = "python scripts/bench_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
-    t, step = bench_rpt(params, mcfg, scfg, prompts, mesh, args.repeats)
-    rows.append(("rpt_jax sampler", new / t, f"{step * 1e3:.2f}", f"{floor_s / step:.0%}"))
+
+    def report(name, g, tps, ms="", roof=""):
+        rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
+                    f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
+                    f"| {tps:,.0f} | {ms} | {roof} | `{command}` |")
+        print(f"{name}, G={g}: {tps:,.0f} new tokens/s, {ms} ms/step, roofline {roof}",
+              flush=True)
+
+    profile = args.profile
+    for g in samples:
+        contexts = args.batch // g
+        prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
+                                     mcfg.vocab_size, jnp.int32)
+        for layout in args.cache_layout.split(","):
+            for attention in args.decode_attention.split(","):
+                scfg = sampling.SamplingConfig(
+                    num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
+                    cache_dtype=cache_dtype, cache_layout=layout, decode_attention=attention)
+                floor = step_bytes(mcfg, args.batch, contexts if scfg.shared_prompt
+                                   else args.batch, args.prompt_len, args.new_tokens,
+                                   cache_dtype) / bw
+                try:
+                    t, step = bench_rpt(params, mcfg, scfg, prompts, mesh, args.repeats, profile)
+                except Exception as err:  # keep the other variants of a long device run
+                    print(f"FAILED {layout}, {attention}, G={g}: {err!r}", flush=True)
+                    continue
+                report(f"rpt_jax sampler ({layout}, {attention})", g, new / t,
+                       f"{step * 1e3:.2f}", f"{floor / step:.0%}")
+                if profile:
+                    print("\n".join(kernel_table(profile, args.new_tokens - 1)), flush=True)
+                    profile = ""
     if args.compare_plain:
-        plain_prompts = jnp.repeat(prompts, args.num_samples, axis=0)
-        t = bench_plain(params, mcfg, scfg, plain_prompts, args.repeats)
-        rows.append(("plain fori_loop (PERF_NOTES)", new / t, "", ""))
+        prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
+                                     mcfg.vocab_size, jnp.int32)
+        scfg = sampling.SamplingConfig(temperature=args.temperature,
+                                       max_new_tokens=args.new_tokens, cache_dtype=cache_dtype)
+        report("plain fori_loop (PERF_NOTES)", 1, new / bench_plain(params, mcfg, scfg, prompts,
+                                                                    args.repeats))
     if args.compare_hf:
         del params
         t, name = bench_hf(mcfg, args.batch, args.prompt_len, args.new_tokens, args.dtype,
                            args.temperature, args.repeats)
-        rows.append((name, new / t, "", ""))
+        report(name, 1, new / t)
     print(f"\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
           f"| new tok/s | ms/step | roofline | command |")
     print("|" + "---|" * 13)
-    for name, tps, ms, roof in rows:
-        print(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
-              f"| {args.num_samples} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
-              f"| {tps:,.0f} | {ms} | {roof} | `{command}` |")
+    print("\n".join(rows))
     return rows
 
 

@@ -99,6 +99,17 @@ def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_ou
     assert not greedy_out.finished.any()
 
 
+@pytest.mark.parametrize("change", [dict(num_samples=1),  # auto: the per-sample layout
+                                    dict(cache_layout="shared", decode_attention="reduce")])
+def test_cache_layouts_and_attention_impls_agree(params, ragged, greedy_out, change):
+    tokens, mask, _ = ragged
+    cfg = dataclasses.replace(GREEDY, **change)
+    out = _sample(params, tokens, mask, jax.random.key(3), CFG, cfg, 0)
+    stride = GREEDY.num_samples // cfg.num_samples  # greedy samples of a context are equal
+    np.testing.assert_array_equal(out.tokens, greedy_out.tokens[::stride])
+    np.testing.assert_allclose(out.logprobs, greedy_out.logprobs[::stride], atol=1e-5)
+
+
 def test_logprobs_equal_full_forward_rescoring(params, ragged, sampled):
     """Sampled tokens rescored by the full forward (f32): |diff| <= 1e-4 nats with a float32
     cache; with a bfloat16 cache (k, v rounded to 8 mantissa bits) median <= 1e-2 and
