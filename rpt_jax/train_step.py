@@ -4,7 +4,8 @@ Params and optimizer state live in float32, sharded by `sharding.RULES`; the mod
 `ModelConfig.dtype` (bf16 on accelerators). The batch (see `objective.make_train_batch`) is split
 into `rl.micro_batches` slices; a `lax.scan` carries (grad_sum, loss_sum, count) over them and
 divides once at the end, so the update equals the one-slice update exactly (up to float
-summation order). A step whose loss or gradient is not finite leaves the state untouched and
+summation order). The LM head and the loss run fused per chunk of positions
+(`objective.fused_policy_loss`): no [N, S, V] logits, no recompute of them. A step whose loss or gradient is not finite leaves the state untouched and
 says so in its metrics; the trainer decides when to stop.
 
 Config fields read: optim.{lr, b1, b2, eps, weight_decay, grad_clip, warmup_steps, schedule};
@@ -115,8 +116,8 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
     """The update fn(state, batch) -> (state, metrics), jitted on `mesh`; the state is donated.
 
     batch: objective.make_train_batch's dict, rows sharded over the mesh's data axes (plus
-    ref_logprobs [N, S] when rl.kl_coef > 0). logits_chunk: positions per LM-head chunk (memory
-    knob, see objective.token_logprobs). metrics: scalars (loss, clip_frac, approx_kl, logp_gap,
+    ref_logprobs [N, S] when rl.kl_coef > 0). logits_chunk: positions per LM-head chunk, the
+    memory knob: [rows per device, logits_chunk, V] float32 logits exist at once. metrics: scalars (loss, clip_frac, approx_kl, logp_gap,
     logp_gap_max, entropy, kl_ref if used, grad_norm, zero_adv_group_frac, loss_tokens,
     finite, applied).
     """
