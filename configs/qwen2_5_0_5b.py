@@ -8,7 +8,8 @@ from rpt_jax.config import base_config
 
 def get_config():
     c = base_config("qwen2_5_0_5b")
-    c.model.remat = "full"
+    c.model.remat = "dots"
+    c.model.attention = "cudnn"  # fused attention on NVIDIA GPUs; use "xla" on TPU or CPU
     c.data.corpus = "champ"
     c.data.batch_size = 64
     c.data.max_prompt_len = 1024

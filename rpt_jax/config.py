@@ -1,9 +1,9 @@
 """The one config structure every preset shares, the model shapes, and validation.
 
-A config has the sections model, mesh, data, sampling, reward, rl, optim, checkpoint, eval and
-logging, plus `seed` (every random choice flows from it) and `num_steps`. Presets in configs/
-start from `base_config()` and override values; they never add keys, so a reader learns the
-structure once. `validate` checks a config before anything is compiled.
+A config has the sections model, mesh, data, sampling, reward, rl, optim, warmup, checkpoint,
+eval and logging, plus `seed` (every random choice flows from it) and `num_steps`. Presets in
+configs/ start from `base_config()` and override values; they never add keys, so a reader learns
+the structure once. `validate` checks a config before anything is compiled.
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
     "reward.kind": ("prefix_match", "first_token", "dense", "conditional_dense"),
     "rl.advantage": ("grpo", "dr_grpo"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "optim.schedule": ("constant", "cosine"),
+    "warmup.think": ("none", "last_line"),
 }
 
 
@@ -57,6 +59,7 @@ def base_config(model: str = "tiny"):
     c.model = ml_collections.ConfigDict(dict(
         preset=model, **model_shape(model),
         dtype="bfloat16", param_dtype="float32", remat="none", init_std=0.02,
+        attention="xla",  # "cudnn": fused attention for training/prefill on NVIDIA GPUs (bf16)
         hf_checkpoint="",  # a Hugging Face checkpoint folder to start from; "" = random init
     ))
 
@@ -104,6 +107,7 @@ def base_config(model: str = "tiny"):
         kl_coef=0.0, entropy_coef=0.0,
         loss_agg="token_mean",
         micro_batches=1,  # gradient accumulation over this many slices of the batch
+        logits_chunk=256,  # positions per LM-head chunk in the loss (memory vs speed)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
@@ -111,6 +115,9 @@ def base_config(model: str = "tiny"):
         warmup_steps=0, schedule="constant", max_bad_steps=5,
     ))
 
+    # Supervised warm-up on the answer format before RL, for models that have never seen it
+    # (the tiny preset starts from random weights); see rpt_jax.warmup. steps=0: off.
+    c.warmup = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, think="last_line"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
     c.eval = ml_collections.ConfigDict(dict(
         every=100, num_examples=200, num_samples=8, split="validation",
@@ -159,6 +166,8 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     if m.preset not in MODEL_SHAPES:
         model_shape(m.preset)
     data, fsdp, tensor = mesh_shape(config, num_devices)
+    if m.attention == "cudnn" and m.dtype == "float32":
+        raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of "
                          f"model.num_kv_heads={m.num_kv_heads}")

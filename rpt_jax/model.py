@@ -47,6 +47,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     init_std: float = 0.02
+    attention: str = "xla"  # full-sequence attention: "xla" (any device) or "cudnn" (GPU, bf16)
 
     @classmethod
     def from_config(cls, model_config) -> "ModelConfig":
@@ -173,7 +174,10 @@ def _layer(x, p, positions, allowed, cfg):
     """One decoder layer over a full sequence; returns (x, (k, v)) for cache filling."""
     h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     q, k, v = _qkv(p, h, positions, cfg)
-    attn = _attend(q, k, v, allowed)
+    if cfg.attention == "cudnn":  # fused kernel: no [b, h, t, t] scores in memory
+        attn = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+    else:
+        attn = _attend(q, k, v, allowed)
     x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
     h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
     x = sharding.constrain(x + _mlp(p, h), ("batch", "length", "act_embed"))

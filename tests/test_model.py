@@ -142,4 +142,4 @@ def test_bf16_compute_close_to_f32(params):
     a = model.forward(params, tokens, CFG)
     b = model.forward(params, tokens, cfg16)
     assert b.dtype == jnp.float32
-    np.testing.assert_allclose(a, b, atol=0.05)
+    np.testing.assert_allclose(a, b, atol=0.15)  # bf16 keeps ~3 significant digits
