@@ -10,8 +10,8 @@ the tied embedding, i.e. the LM head; attention's own FLOPs are not counted, as 
 MFU). MFU is given against the nominal dense bf16 peak of the device kind (--peak-tflops
 overrides) and against a bf16 matmul measured in the same run.
 
-`--attention cudnn` is a diagnostic: it swaps model._attend for jax.nn.dot_product_attention with
-the cuDNN fused kernel (same mask semantics) to show what a fused attention in model.py would buy.
+`--attention cudnn` sets model.attention="cudnn": jax.nn.dot_product_attention's fused cuDNN
+kernel for the full-sequence pass (NVIDIA GPUs, bf16); "xla" is the portable einsum attention.
 
 Needs no ml-collections (the config is a plain namespace), so it runs on the GPU image.
 """
@@ -88,11 +88,6 @@ def matmul_flops(n: int, dtype) -> float:
     return 20 * 2 * n ** 3 / _median_time(f, a, b, warmup=3)
 
 
-def _cudnn_attend(q, k, v, allowed):
-    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
-    return out.astype(q.dtype)
-
-
 def random_batch(args, vocab, rng):
     B = args.batch // args.group
     R = args.seq_len - args.prompt_len
@@ -148,7 +143,8 @@ def breakdown(args, cfg, state, tx, batch, chunk):
 
 def run_variant(args, remat, micro, attention, chunk, peak, mm):
     base = dict(MODEL_SHAPES[args.preset])
-    cfg = model.ModelConfig(**base, dtype=args.dtype, param_dtype="float32", remat=remat)
+    cfg = model.ModelConfig(**base, dtype=args.dtype, param_dtype="float32", remat=remat,
+                            attention=attention)
     config = SimpleNamespace(
         mesh=SimpleNamespace(data=-1, fsdp=1, tensor=1),
         sampling=SimpleNamespace(temperature=0.8, num_samples=args.group,
@@ -157,37 +153,31 @@ def run_variant(args, remat, micro, attention, chunk, peak, mm):
                            entropy_coef=0.0, micro_batches=micro),
         optim=SimpleNamespace(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                               grad_clip=1.0, warmup_steps=0, schedule="constant"))
-    original = model._attend
-    if attention == "cudnn":
-        model._attend = _cudnn_attend
-    try:
-        mesh = sharding.make_mesh(config)
-        shapes = model.param_shapes(cfg)
-        ps = sharding.param_shardings(mesh, model.logical_axes(cfg), shapes)
-        params = jax.jit(model.init, static_argnums=0, out_shardings=ps)(cfg, jax.random.key(0))
-        tx = train_step.make_optimizer(config.optim, 1000)
-        state = train_step.init_train_state(params, tx, mesh, ps)
-        del params
-        step = train_step.make_train_step(config, cfg, mesh,
-                                          train_step.state_shardings(mesh, tx, shapes, ps), tx,
-                                          logits_chunk=chunk)
-        batch = random_batch(args, cfg.vocab_size, jax.random.key(1))
+    mesh = sharding.make_mesh(config)
+    shapes = model.param_shapes(cfg)
+    ps = sharding.param_shardings(mesh, model.logical_axes(cfg), shapes)
+    params = jax.jit(model.init, static_argnums=0, out_shardings=ps)(cfg, jax.random.key(0))
+    tx = train_step.make_optimizer(config.optim, 1000)
+    state = train_step.init_train_state(params, tx, mesh, ps)
+    del params
+    step = train_step.make_train_step(config, cfg, mesh,
+                                      train_step.state_shardings(mesh, tx, shapes, ps), tx,
+                                      logits_chunk=chunk)
+    batch = random_batch(args, cfg.vocab_size, jax.random.key(1))
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t
+    for _ in range(args.warmup - 1):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
         t = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t
-        for _ in range(args.warmup - 1):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t)
-        parts = breakdown(args, cfg, state, tx, batch, chunk) if args.breakdown else {}
-    finally:
-        model._attend = original
+        times.append(time.perf_counter() - t)
+    parts = breakdown(args, cfg, state, tx, batch, chunk) if args.breakdown else {}
     step_s = statistics.median(times)
     tokens = args.batch * args.seq_len
     flops = 6 * model.num_params(cfg) * tokens / step_s
