@@ -1,0 +1,412 @@
+"""The RPT training loop: contexts -> G sampled traces each -> reward -> advantages -> update.
+
+`train_and_evaluate(config, workdir)` wires the modules together; the math lives in them
+(sampling, reward, objective, train_step). Each step runs three jitted functions on the mesh
+(sampler, rollout = reward + advantages + batch layout, update); the host only feeds the batch
+and fetches scalars for logging.
+
+Determinism: step s samples with fold_in(key(seed), s); the data iterator's position and the
+train state are checkpointed together, so a run killed at any moment and resumed reaches the
+same parameters as an uninterrupted one (bitwise on CPU).
+
+Workdir layout:
+  checkpoints/<step>/   train state + data-iterator state (rpt_jax.checkpoint)
+  checkpoints.corrupt/  checkpoints that failed verification (moved aside, never reused)
+  tokenizer/            the run's tokenizer (the built-in BPE is trained once, then read)
+  tfds/                 prepared corpora, unless data.data_dir is set
+  eval/                 the cached eval set
+  metrics.jsonl, tensorboard/   (rpt_jax.metrics_writer)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpt_jax import checkpoint, contexts, evaluation, metrics_writer, objective
+from rpt_jax import config as config_lib
+from rpt_jax import model as model_lib
+from rpt_jax import reward as reward_lib
+from rpt_jax import sampling, sharding, train_step, warmup
+from rpt_jax import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+# Stream ids folded into key(seed) for the one-off draws; steps use fold_in(key(seed), step)
+# and never reach these.
+_INIT_STREAM = 1 << 30
+ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "context_tokens", "context_mask",
+                "target_bytes", "target_len", "boundaries", "target_tokens")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str  # "done" | "preempted" (SIGTERM/SIGINT: saved, clean exit) | "bad_steps"
+    step: int  # updates done (the last checkpoint's step unless status == "bad_steps")
+    state: train_step.TrainState
+    metrics: dict  # the last step's logged scalars
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    """The PRNG key of training step `step` (sampling draws from it)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
+    """The tokenizer the config names; the built-in one is trained once and kept in workdir."""
+    if config.data.tokenizer or config.model.hf_checkpoint:
+        return tokenizer_lib.load_tokenizer(config)
+    folder = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)):
+        tok = tokenizer_lib.Tokenizer.from_dir(folder)
+        if tok.vocab_size > config.model.vocab_size:
+            raise ValueError(f"{folder} has {tok.vocab_size} ids but model.vocab_size="
+                             f"{config.model.vocab_size}; use a fresh --workdir")
+        return tok
+    tok = tokenizer_lib.load_tokenizer(config)
+    if jax.process_index() == 0:
+        tok.save(folder)
+    return tok
+
+
+def check_hf_shape(config, folder: str) -> None:
+    """Raise when config.model's architecture differs from the HF checkpoint's config.json."""
+    from rpt_jax import hf
+    theirs = hf.model_config_from_hf(folder)
+    diff = {k: (config.model[k], v) for k, v in theirs.items()
+            if k in config.model and config.model[k] != v}
+    if diff:
+        raise ValueError(f"model.hf_checkpoint={folder} does not match config.model: "
+                         + ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}"
+                                     for k, (a, b) in diff.items()))
+
+
+def abstract_state(model_cfg, tx, state_shardings) -> train_step.TrainState:
+    """The TrainState as jax.ShapeDtypeStructs with their shardings (a restore target)."""
+    def fresh(p):
+        return train_step.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+    shapes = jax.eval_shape(fresh, model_lib.param_shapes(model_cfg))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, state_shardings)
+
+
+def initial_params(config, model_cfg, p_shardings):
+    """Params of a fresh run: model.hf_checkpoint, else random init from the seed."""
+    if config.model.hf_checkpoint:
+        from rpt_jax import hf
+        check_hf_shape(config, config.model.hf_checkpoint)
+        log.info("loading %s", config.model.hf_checkpoint)
+        return hf.load_params(config.model.hf_checkpoint, model_cfg, p_shardings)
+    key = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
+    init = jax.jit(model_lib.init, static_argnums=0, out_shardings=p_shardings)
+    return init(model_cfg, key)
+
+
+def _true_token_prob(params, batch, cfg):
+    """p(x_t | x_<t) under the model, from the raw context (the dense rewards' fallback). [B]."""
+    mask = batch["context_mask"].astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    h, _ = model_lib.hidden_states(params, batch["context_tokens"], cfg, positions, mask)
+    logits = model_lib.logits_from_hidden(params, h[:, -1:], cfg)[:, 0]
+    probs = jax.nn.softmax(logits, axis=-1)
+    true = jnp.maximum(batch["target_tokens"][:, 0], 0)
+    return jnp.take_along_axis(probs, true[:, None], axis=1)[:, 0]
+
+
+def make_rollout(config, model_cfg, mesh):
+    """Jitted fn(params, samples, batch, table, use_keep) -> (train batch, metrics).
+
+    samples: sampling.SampleOutput of B*G rows; batch: the ROLLOUT_KEYS of a global batch;
+    table: the padded reward.ByteTable; use_keep: bool scalar, DAPO dynamic sampling on (a traced
+    value, so switching it on at rl.dynamic_sampling_start compiles nothing new). Scores with
+    the reward, forms group advantages and lays out objective.make_train_batch's rows.
+    """
+    G, kind = int(config.sampling.num_samples), config.reward.kind
+    think_end = str(config.reward.think_end).encode()
+
+    def fn(params, samples, batch, table, use_keep):
+        rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731 (row b*G+g <- context b)
+        target_prob = None
+        if kind in ("dense", "conditional_dense"):
+            target_prob = rep(_true_token_prob(params, batch, model_cfg))
+        reward, diag = reward_lib.score(
+            samples.tokens, samples.lengths, table, rep(batch["target_bytes"]),
+            rep(batch["target_len"]), rep(batch["boundaries"]), kind=kind, think_end=think_end,
+            max_pred_bytes=int(config.reward.max_pred_bytes), target_prob=target_prob,
+            group_size=G if kind == "conditional_dense" else None)
+        adv = objective.group_advantages(reward, G, config.rl.advantage, float(config.rl.adv_eps))
+        keep = objective.group_keep_mask(reward, G) | ~use_keep
+        tb = objective.make_train_batch(batch["prompt_tokens"], batch["prompt_mask"],
+                                        samples.tokens, samples.logprobs, samples.lengths, adv, G,
+                                        keep)
+        correct = diag["correct"].reshape(-1, G)
+        f32 = lambda x: jnp.mean(x.astype(jnp.float32))  # noqa: E731
+        metrics = dict(reward=f32(reward), accuracy=f32(correct),
+                       pass_at_g=f32(jnp.any(correct, axis=1)), boxed=f32(diag["has_box"]),
+                       think_end=f32(diag["has_think_end"]), response_len=f32(samples.lengths),
+                       truncated=f32(~samples.finished), kept_frac=f32(keep),
+                       sampled_tokens=jnp.sum(samples.lengths))
+        return tb, metrics
+
+    rows = sharding.batch_sharding(mesh, 1)
+    mat = sharding.batch_sharding(mesh, 2)
+    batch_out = {k: mat for k in ("tokens", "positions", "segment_ids", "loss_mask",
+                                  "old_logprobs")}
+    batch_out["advantages"] = rows
+    jitted = jax.jit(fn, out_shardings=(batch_out, sharding.replicated(mesh)))
+
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+    run.jitted = jitted
+    return run
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag that the loop checks once per step (a second SIGINT raises
+    KeyboardInterrupt). Every process stops at the same step: the flags are or-ed across hosts."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before `install`."""
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint and stopping after this step",
+                    signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        local = self.signum is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+
+def _memory() -> dict:
+    out = {}
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "bytes_in_use" in stats:
+        out["device_gib"] = stats["bytes_in_use"] / 2**30
+    try:
+        with open("/proc/self/statm") as f:
+            out["host_rss_gib"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation hook
+
+def run_eval(state_params, config, model_cfg, tokenizer, mesh, workdir, data_dir, step,
+             sampler, eval_set=None):
+    """The periodic evaluation (rpt_jax.evaluation): standard and reasoning next-token accuracy
+    on config.eval.split. Returns (flat metrics, eval set to reuse)."""
+    cache = os.path.join(workdir, "eval")
+    if eval_set is None:
+        eval_set = evaluation.build_eval_set(
+            config, tokenizer, mesh, proxy_params=state_params, proxy_cfg=model_cfg,
+            proxy_name="the policy at its first evaluation", cache_dir=cache, data_dir=data_dir,
+            progress=False)
+    same_g = int(config.eval.num_samples) == int(config.sampling.num_samples)
+    rng = jax.random.fold_in(step_key(config.seed, step), _INIT_STREAM)
+    result = evaluation.evaluate(state_params, model_cfg, config, tokenizer, mesh, rng,
+                                 eval_set=eval_set, label=f"step {step}", step=step,
+                                 sampler=sampler if same_g else None, progress=False)
+    metrics = dict(result["metrics"])
+    metrics.update({f"eval/{k}": v for k, v in result["diagnostics"].items()})
+    return metrics, eval_set
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainResult:
+    """Train to config.num_steps in `workdir`, resuming from its newest good checkpoint.
+
+    SIGTERM or Ctrl-C during the run: the current step finishes, a checkpoint is written and the
+    result has status "preempted". progress: show tqdm bars (process 0 only).
+    """
+    mesh_shape = config_lib.validate(config, jax.device_count())
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    stop = StopFlag().install()
+    try:
+        return _run(config, workdir, mesh_shape, stop, progress)
+    finally:
+        stop.restore()
+
+
+def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
+    mesh = sharding.make_mesh(config)
+    log.info("mesh (data, fsdp, tensor) = %s over %d devices", mesh_shape, jax.device_count())
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+
+    tokenizer = load_run_tokenizer(config, workdir)
+    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    p_shapes = model_lib.param_shapes(model_cfg)
+    p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
+    tx = train_step.make_optimizer(config.optim, config.num_steps)
+    s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
+    abstract = abstract_state(model_cfg, tx, s_shardings)
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   keep=config.checkpoint.keep, every=config.checkpoint.every)
+    restored = ckpt.restore(abstract)
+    writer = metrics_writer.MetricsWriter(
+        workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
+        resume_step=None if restored is None else restored.step)
+    if restored is not None:
+        state, start = restored.state, restored.step
+        train_iter.set_state(restored.meta["data"])
+        log.info("resumed from step %d", start)
+    else:
+        start = 0
+        params = initial_params(config, model_cfg, p_shardings)
+        if config.warmup.steps > 0:
+            params = _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir,
+                              writer, progress)
+        state = train_step.init_train_state(params, tx, mesh, p_shardings)
+        ckpt.save(0, state, {"data": train_iter.get_state()})
+    log.info("model: %s, %.2fM params", config.model.preset, model_lib.num_params(model_cfg) / 1e6)
+
+    sampling_cfg = sampling.SamplingConfig.from_config(
+        config.sampling, evaluation.stop_ids(config, tokenizer))
+    sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
+                                    pad_id=tokenizer.pad_id)
+    rollout = make_rollout(config, model_cfg, mesh)
+    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx)
+    table = jax.device_put(evaluation.padded_byte_table(tokenizer, model_cfg.vocab_size),
+                           sharding.replicated(mesh))
+    schedule = train_step.make_schedule(config.optim, config.num_steps)
+    jitted = (sampler.jitted, rollout.jitted, update.jitted)
+
+    num_steps, eval_every = int(config.num_steps), int(config.eval.every)
+    eval_set, status, last = None, "done", {}
+    bad_in_a_row = bad_total = 0
+    compiles_seen = None
+
+    def evaluate(step):
+        nonlocal eval_set
+        t = time.time()
+        m, eval_set = run_eval(state.params, config, model_cfg, tokenizer, mesh, workdir,
+                               data_dir, step, sampler, eval_set)
+        m["eval/seconds"] = time.time() - t
+        writer.write(step, m, kind="eval")
+        log.info("eval at step %d: %s", step,
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())
+                           if isinstance(v, (int, float))))
+
+    if eval_every > 0 and start == 0:
+        evaluate(0)
+
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=start, desc="rpt", unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    done, t_last = start, time.time()
+    try:
+        while done < num_steps:
+            if stop.requested():
+                status = "preempted"
+                break
+            step = done
+            batch = contexts.to_global({k: v for k, v in next(train_iter).items()
+                                        if k in ROLLOUT_KEYS}, mesh)
+            use_keep = bool(config.rl.dynamic_sampling) and step >= config.rl.dynamic_sampling_start
+            samples = sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
+                              step_key(config.seed, step))
+            train_batch, roll = rollout(state.params, samples, batch, table,
+                                        jnp.asarray(use_keep))
+            state, upd = update(state, train_batch)
+            roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
+            done = step + 1
+
+            now = time.time()
+            compiles = sum(f._cache_size() for f in jitted)
+            if compiles_seen is not None and compiles > compiles_seen and done > start + 2:
+                log.warning("recompiled at step %d (%d compiled variants now): a new prompt "
+                            "bucket or an unstable shape", done, compiles)
+            compiles_seen = compiles
+            finite = bool(upd["finite"])
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            bad_total += not finite
+            last = {**roll, **upd, "lr": float(schedule(int(count) - int(upd["applied"]))),
+                    "step_seconds": now - t_last, "compiles": compiles, "bad_steps": bad_total,
+                    "tokens_per_second": float(roll["sampled_tokens"]) / max(now - t_last, 1e-9),
+                    **_memory()}
+            t_last = now
+            if done % max(int(config.logging.every), 1) == 0 or done == num_steps:
+                writer.write(done, last)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.3f}",
+                            len=f"{last['response_len']:.1f}",
+                            tok_s=f"{last['tokens_per_second']:.0f}", refresh=False)
+            bar.update(1)
+
+            if not finite:
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                            done, bad_in_a_row)
+                if bad_in_a_row >= int(config.optim.max_bad_steps):
+                    status = "bad_steps"
+                    log.error("stopping: %d non-finite steps in a row (optim.max_bad_steps=%d); "
+                              "the last good checkpoint is step %s in %s", bad_in_a_row,
+                              config.optim.max_bad_steps, ckpt.latest_step(), ckpt.directory)
+                    break
+            ckpt.maybe_save(done, state, {"data": train_iter.get_state()})
+            if eval_every > 0 and done % eval_every == 0:
+                evaluate(done)
+        bar.close()
+        if status != "bad_steps":
+            ckpt.save(done, state, {"data": train_iter.get_state()})  # skipped if saved already
+            if status == "done" and eval_every > 0 and done % eval_every and done > start:
+                evaluate(done)
+    finally:  # also on an exception: let pending checkpoint writes finish
+        ckpt.close()
+        writer.close()
+    log.info("%s at step %d (checkpoints in %s)", status, done, ckpt.directory)
+    return TrainResult(status, done, state, last)
+
+
+def _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir, writer,
+             progress):
+    """rpt_jax.warmup on the train split, drawn with seed+1 (positions differ from RL's)."""
+    wconfig = config.copy_and_resolve_references()
+    with wconfig.unlocked():
+        wconfig.seed = int(config.seed) + 1
+    batches = contexts.ContextIterator(wconfig, "train", tokenizer, data_dir=data_dir)
+    steps = int(config.warmup.steps)
+    from tqdm import tqdm
+    bar = tqdm(total=steps, desc="format warm-up", unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+
+    def log_fn(i, m):
+        writer.write(i - steps, m, kind="warmup")  # steps -W..-1: before RL step 0
+        bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
+        bar.update(1)
+
+    params = warmup.warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, batches,
+                            log_fn)
+    bar.close()
+    return params

@@ -1,0 +1,60 @@
+"""MetricsWriter: JSONL records, resume drops what a killed run wrote after its checkpoint."""
+import glob
+import os
+
+import numpy as np
+
+from rpt_jax import metrics_writer
+
+
+def steps(workdir, kind=None):
+    return [(r["kind"], r["step"]) for r in metrics_writer.read_metrics(workdir, kind)]
+
+
+def test_records_scalars_and_tensorboard(tmp_path):
+    w = metrics_writer.MetricsWriter(tmp_path)
+    w.write(1, {"reward": np.float32(0.5), "finite": np.bool_(True), "n": np.int32(3),
+                "loss": float("nan"), "vector": np.zeros(3), "eval/pass@4/all": 1.0})
+    w.close()
+    (rec,) = metrics_writer.read_metrics(tmp_path)
+    assert rec["reward"] == 0.5 and rec["finite"] == 1 and rec["n"] == 3
+    assert rec["loss"] == "nan" and "vector" not in rec  # JSON has no NaN; only scalars
+    assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
+    assert metrics_writer._tag("eval", "eval/pass@4/all") == "eval/pass_at_4/all"
+    assert metrics_writer._tag("train", "reward") == "train/reward"
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path):
+    w = metrics_writer.MetricsWriter(tmp_path, tensorboard=False)
+    for s in (-2, -1):
+        w.write(s, {"loss": 1.0}, kind="warmup")
+    for s in range(1, 6):
+        w.write(s, {"reward": 0.1})
+    w.write(4, {"acc": 1.0}, kind="eval")
+    w.close()
+    with open(os.path.join(tmp_path, metrics_writer.JSONL), "a") as f:
+        f.write('{"step": 6, "kind": "tr')  # a line cut short by kill -9
+    w = metrics_writer.MetricsWriter(tmp_path, tensorboard=False, resume_step=3)
+    w.write(4, {"reward": 0.2})
+    w.close()
+    assert steps(tmp_path) == [("warmup", -2), ("warmup", -1), ("train", 1), ("train", 2),
+                               ("train", 3), ("train", 4)]
+    assert metrics_writer.read_metrics(tmp_path, "train")[-1]["reward"] == 0.2
+
+
+def test_fresh_run_starts_anew(tmp_path):
+    w = metrics_writer.MetricsWriter(tmp_path)
+    w.write(1, {"reward": 0.1})
+    w.close()
+    w = metrics_writer.MetricsWriter(tmp_path, resume_step=None)
+    w.write(1, {"reward": 0.3})
+    w.close()
+    assert [r["reward"] for r in metrics_writer.read_metrics(tmp_path)] == [0.3]
+    assert len(glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))) == 1
+
+
+def test_only_process_zero_writes(tmp_path):
+    w = metrics_writer.MetricsWriter(tmp_path, enabled=False)
+    w.write(1, {"reward": 0.1})
+    w.close()
+    assert not os.path.exists(os.path.join(tmp_path, metrics_writer.JSONL))

@@ -1,0 +1,219 @@
+"""The training loop on a 1-layer model: a short run, resume equals uninterrupted (bitwise, after
+a corrupt latest checkpoint too), SIGTERM saves and exits cleanly, kill -9 resumes, a non-finite
+step is skipped and K in a row stop the run."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from rpt_jax import checkpoint, metrics_writer, sharding, train_step, trainer
+from rpt_jax import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 12
+# configs/tiny.py shrunk: 1 layer of width 32, 8 contexts x 4 samples of up to 12 tokens, one
+# prompt bucket, checkpoints every 2 steps (the last 3 kept), evals at steps 0, 6, 12. The format
+# warm-up (150 steps of ~10 ms) makes some samples right, so GRPO has groups to learn from.
+OVERRIDES = [
+    f"--config.num_steps={NUM_STEPS}", "--config.model.num_layers=1",
+    "--config.model.hidden_size=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=1",
+    "--config.model.head_dim=16", "--config.model.mlp_dim=64", "--config.data.batch_size=8",
+    "--config.data.max_prompt_len=64", "--config.sampling.prompt_buckets=(64,)",
+    "--config.sampling.num_samples=4", "--config.sampling.max_new_tokens=12",
+    "--config.warmup.steps=150", "--config.warmup.lr=0.01",
+    "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
+    "--config.eval.every=6", "--config.eval.num_examples=8", "--config.eval.num_samples=4",
+    "--config.optim.max_bad_steps=2",
+]
+
+
+def load_config(data_dir, *extra):
+    argv = ["prog", f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+            f"--config.data.data_dir={data_dir}", *extra]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def config(data_dir):
+    return load_config(data_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return workdir, trainer.train_and_evaluate(config, workdir, progress=False)
+
+
+def final_state(config, workdir):
+    """The newest checkpoint of a workdir, restored."""
+    mesh = sharding.make_mesh(config)
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    shapes = model_lib.param_shapes(cfg)
+    p_sh = sharding.param_shardings(mesh, model_lib.logical_axes(cfg), shapes)
+    tx = train_step.make_optimizer(config.optim, config.num_steps)
+    abstract = trainer.abstract_state(cfg, tx, train_step.state_shardings(mesh, tx, shapes, p_sh))
+    return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)
+
+
+def assert_bitwise_equal(a, b):
+    for (path, x), y in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(path))
+
+
+def test_run_logs_checkpoints_and_does_not_recompile(uninterrupted):
+    workdir, result = uninterrupted
+    assert result.status == "done" and result.step == NUM_STEPS
+    # updates applied (a step whose groups all have equal rewards has nothing to learn from)
+    assert int(result.state.step) >= NUM_STEPS // 2
+    train = metrics_writer.read_metrics(workdir, "train")
+    assert [r["step"] for r in train] == list(range(1, NUM_STEPS + 1))
+    for r in train:
+        assert 0.0 <= r["reward"] <= 1.0 and r["finite"] == 1 and r["bad_steps"] == 0
+        assert 0 < r["response_len"] <= 12 and r["tokens_per_second"] > 0
+        assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
+    # sampler, rollout and update compiled once each (one prompt bucket), never again
+    assert {r["compiles"] for r in train} == {3}
+    warm = metrics_writer.read_metrics(workdir, "warmup")
+    assert [r["step"] for r in warm] == list(range(-150, 0))
+    assert np.mean([r["loss"] for r in warm[-10:]]) < 0.5 * warm[0]["loss"]
+    assert np.mean([r["boxed"] for r in train]) > 0.5  # the warm-up taught the answer format
+    evals = metrics_writer.read_metrics(workdir, "eval")
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert all(0 <= r["eval/reasoning/all"] <= 100 for r in evals)
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ck.all_steps() == [8, 10, 12]
+
+
+def test_resume_after_corrupt_latest_equals_uninterrupted(config, uninterrupted, tmp_path, caplog):
+    """Step 12's checkpoint corrupt: falls back to step 10, resumes, ends bitwise equal."""
+    workdir, result = uninterrupted
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    # step 12's folder now holds step 10's arrays: valid files with other values than were saved
+    ckdir = pathlib.Path(resumed) / "checkpoints"
+    shutil.rmtree(ckdir / "12" / "state")
+    shutil.copytree(ckdir / "10" / "state", ckdir / "12" / "state")
+    again = trainer.train_and_evaluate(config, resumed, progress=False)
+    assert "restored arrays differ from what was saved" in caplog.text
+    assert "falling back to the previous one" in caplog.text
+    assert again.status == "done" and again.step == NUM_STEPS
+    assert_bitwise_equal(again.state, result.state)
+    assert [r["step"] for r in metrics_writer.read_metrics(resumed, "train")] == \
+        list(range(1, NUM_STEPS + 1))
+
+
+def _wait_for(predicate, proc, log_path, timeout=240.0, poll=0.01):
+    t = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}:\n"
+                                 + pathlib.Path(log_path).read_text()[-3000:])
+        if time.time() - t > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(poll)
+
+
+def _train_steps(workdir):
+    """Steps of the train records in metrics.jsonl so far (a line being written is skipped)."""
+    path = os.path.join(workdir, metrics_writer.JSONL)
+    steps = []
+    if os.path.isfile(path):
+        for line in pathlib.Path(path).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec["kind"] == "train":
+                steps.append(rec["step"])
+    return steps or [0]
+
+
+def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_path):
+    """A real process: SIGTERM mid-run -> checkpoint + exit 0; resumed, then kill -9 at once; the
+    third start finishes with the uninterrupted run's parameters, bitwise."""
+    workdir = str(tmp_path / "killed")
+    cache = str(tmp_path / "jax_cache")
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",  # as conftest sets it here
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
+           f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+           f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"]
+    log_path = str(tmp_path / "train.log")
+
+    def start():
+        with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the child
+            return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def finish(proc):
+        assert proc.wait(timeout=240) == 0, pathlib.Path(log_path).read_text()[-3000:]
+        return pathlib.Path(log_path).read_text()
+
+    proc = start()
+    _wait_for(lambda: max(_train_steps(workdir)) >= 1, proc, log_path)
+    proc.send_signal(signal.SIGSTOP)  # freeze it wherever it is, then deliver SIGTERM
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    out = finish(proc)
+    assert "received SIGTERM" in out and "preempted at step" in out
+    stopped = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+    assert 1 <= stopped < NUM_STEPS and max(_train_steps(workdir)) == stopped
+
+    proc = start()
+    _wait_for(lambda: max(_train_steps(workdir)) > stopped, proc, log_path)
+    proc.kill()  # SIGKILL: no handler runs, no final save
+    proc.wait()
+
+    out = finish(start())
+    assert "resumed from step" in out and f"done at step {NUM_STEPS}" in out
+    restored = final_state(config, workdir)
+    assert restored.step == NUM_STEPS
+    assert_bitwise_equal(restored.state, uninterrupted[1].state)
+    assert _train_steps(workdir) == list(range(1, NUM_STEPS + 1))
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, tmp_path):
+    """A NaN weight makes every loss non-finite: each update is skipped (state unchanged), counted,
+    and after optim.max_bad_steps=2 in a row the run stops without saving."""
+    good = final_state(config, uninterrupted[0])
+    params = jax.tree.map(lambda x: x, good.state.params)
+    params["norm"] = params["norm"].at[0].set(jnp.nan)
+    poisoned = good.state._replace(params=params, step=jnp.zeros((), jnp.int32))
+    workdir = str(tmp_path / "nan")
+    ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ck.save(4, poisoned, {"data": {"step": 4, "num_examples": good.meta["data"]["num_examples"],
+                                   "seed": config.seed}})
+    ck.close()
+    # without DAPO dropping (all rewards are 0 here) every row enters the loss
+    no_drop = load_config(config.data.data_dir, "--config.rl.dynamic_sampling=False")
+    result = trainer.train_and_evaluate(no_drop, workdir, progress=False)
+    assert result.status == "bad_steps" and result.step == 6
+    assert_bitwise_equal(result.state, poisoned)
+    train = metrics_writer.read_metrics(workdir, "train")
+    assert [(r["step"], r["finite"], r["applied"], r["bad_steps"]) for r in train] == \
+        [(5, 0, 0, 1), (6, 0, 0, 2)]
+    # the step-6 checkpoint (checkpoint.every=2) is not written: the last good one stays newest
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
