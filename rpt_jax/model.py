@@ -387,41 +387,29 @@ def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16"
     return cache
 
 
-def _decode_attend(q, parts, impl="dot"):
+def _decode_attend(q, parts):
     """Decode attention with one softmax over several key/value parts.
 
     q [b, g, k, q, e] (q query heads per kv head, g samples per context). Each part is
     (keys, values, valid): keys/values [b, k, s, e] shared by the g samples of a context, or
-    [b, g, k, s, e] per sample; valid broadcastable to [b, g, 1, 1, s]. impl "dot" uses batched
-    matmuls, "reduce" multiply-and-sum (fewer, fused kernels for tiny query counts).
+    [b, g, k, s, e] per sample; valid broadcastable to [b, g, 1, 1, s].
     Returns float32 [b, g, k, q, e].
     """
     e = q.shape[-1]
     neg = jnp.finfo(jnp.float32).min
     scores = []
     for keys, _, valid in parts:
-        qc = q.astype(keys.dtype)
-        shared = keys.ndim == 4
-        if impl == "dot":
-            spec = "bgkqe,bkse->bgkqs" if shared else "bgkqe,bgkse->bgkqs"
-            s = jnp.einsum(spec, qc, keys, preferred_element_type=jnp.float32)
-        else:
-            kb = keys[:, None, :, None] if shared else keys[:, :, :, None]
-            s = jnp.sum(qc[..., None, :].astype(jnp.float32) * kb.astype(jnp.float32), -1)
+        spec = "bgkqe,bkse->bgkqs" if keys.ndim == 4 else "bgkqe,bgkse->bgkqs"
+        s = jnp.einsum(spec, q.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
         scores.append(jnp.where(valid, s * e ** -0.5, neg))
     m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     probs = [jnp.exp(s - m) for s in scores]
     denom = sum(p.sum(-1, keepdims=True) for p in probs)
     out = 0.0
     for (_, values, _), p in zip(parts, probs):
-        shared = values.ndim == 4
-        if impl == "dot":
-            spec = "bgkqs,bkse->bgkqe" if shared else "bgkqs,bgkse->bgkqe"
-            out = out + jnp.einsum(spec, p.astype(values.dtype), values,
-                                   preferred_element_type=jnp.float32)
-        else:
-            vb = values[:, None, :, None] if shared else values[:, :, :, None]
-            out = out + jnp.sum(p[..., None] * vb.astype(jnp.float32), -2)
+        spec = "bgkqs,bkse->bgkqe" if values.ndim == 4 else "bgkqs,bgkse->bgkqe"
+        out = out + jnp.einsum(spec, p.astype(values.dtype), values,
+                               preferred_element_type=jnp.float32)
     return out / denom
 
 
@@ -431,8 +419,7 @@ def _rope_rows(x, positions, theta):
     return rope(flat, positions[:, None], theta).reshape(x.shape)
 
 
-def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig,
-                  attention="dot"):
+def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig):
     """One decode step of every sample. weights from `decoding_weights`.
 
     tokens, positions [r] int with r = b * g (row i*g + j is sample j of context i). Writes the
@@ -471,7 +458,7 @@ def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: M
         parts = [(ck.reshape(b, g, kv, n, e), cv.reshape(b, g, kv, n, e), resp_valid)]
         if prompt_cache is not None:
             parts.insert(0, (prompt_cache["k"][i], prompt_cache["v"][i], prompt_valid))
-        attn = _decode_attend(q.reshape(b, g, kv, nq, e), parts, attention)
+        attn = _decode_attend(q.reshape(b, g, kv, nq, e), parts)
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)

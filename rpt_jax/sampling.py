@@ -22,6 +22,12 @@ import numpy as np
 from rpt_jax import model, sharding
 
 
+# On an H200 (Qwen2.5-0.5B shape, bf16, 256 rows, prompt 128, G=8) the shared layout's extra
+# attention kernels cost ~0.3 ms a step more than the prompt bytes it saves; the bytes saved
+# grow with the prompt, and break even near 450 prompt tokens.
+SHARED_MIN_PROMPT = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Hashable sampling settings (a static jit argument)."""
@@ -33,10 +39,10 @@ class SamplingConfig:
     max_new_tokens: int = 16
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str = "bfloat16"
-    # "shared": one prompt cache per context read by its g samples; "per_sample": the prompt
-    # copied into every sample's cache (fewer kernels per step); "auto": shared when g > 1.
+    # "shared": one prompt cache per context, read once per step for its g samples;
+    # "per_sample": the prompt copied into every sample's cache (fewer kernels per step);
+    # "auto": shared when g > 1 and the prompt has >= SHARED_MIN_PROMPT tokens.
     cache_layout: str = "auto"
-    decode_attention: str = "dot"  # "dot" (batched matmuls) or "reduce" (multiply-and-sum)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -50,13 +56,12 @@ class SamplingConfig:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if self.cache_layout not in ("auto", "shared", "per_sample"):
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
-        if self.decode_attention not in ("dot", "reduce"):
-            raise ValueError(f"decode_attention={self.decode_attention!r} is not dot/reduce")
 
-    @property
-    def shared_prompt(self) -> bool:
-        return self.cache_layout == "shared" or (self.cache_layout == "auto"
-                                                  and self.num_samples > 1)
+    def shared_prompt(self, prompt_len: int) -> bool:
+        """Whether the g samples of a context read one prompt cache (see cache_layout)."""
+        if self.cache_layout == "auto":
+            return self.num_samples > 1 and prompt_len >= SHARED_MIN_PROMPT
+        return self.cache_layout == "shared"
 
     @classmethod
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
@@ -100,24 +105,78 @@ def _filtered_logits(scaled, top_k: int, top_p: float):
     return scaled
 
 
+def _chunk(v: int) -> int:
+    """The largest divisor of v that is at most sqrt(v): the token chunk of `_inverse_cdf`."""
+    return max(c for c in range(1, int(v ** 0.5) + 1) if v % c == 0)
+
+
+def _first_above(cum, target):
+    """Per row, the first index whose cumulative mass exceeds target, kept on a massive entry.
+
+    cum [r, n] non-decreasing; target [r]. Rounding can put target at or past the total; the
+    index is then clamped to the last entry with mass, so an excluded token is never chosen.
+    """
+    n = cum.shape[-1]
+    idx = jnp.sum(cum <= target[:, None], axis=-1)
+    has_mass = jnp.diff(cum, axis=-1, prepend=0.0) > 0
+    last = n - 1 - jnp.argmax(has_mass[:, ::-1], axis=-1)
+    return jnp.minimum(idx, last)
+
+
+def _inverse_cdf(weights_fn, r, v, u):
+    """Sample token i with probability w_i / sum(w) from u [r] uniform in [0, 1).
+
+    weights_fn(chunk_index or None) gives the unnormalised weights [r, v] (None) or those of one
+    chunk per row [r, c]. Two levels (chunk masses, then tokens of the chosen chunk) so the
+    [r, v] array is read once, by one reduction, instead of drawing v random numbers per row.
+    Returns (tokens [r] int32, total mass [r]).
+    """
+    c = _chunk(v)
+    mass = weights_fn(None).reshape(r, v // c, c).sum(-1)  # [r, v/c]
+    cum = jnp.cumsum(mass, axis=-1)
+    total = cum[:, -1]
+    target = u * total
+    j = _first_above(cum, target)
+    before = jnp.where(j > 0, jnp.take_along_axis(cum, jnp.maximum(j - 1, 0)[:, None], 1)[:, 0],
+                       0.0)
+    within = jnp.cumsum(weights_fn(j), axis=-1)  # [r, c]
+    i = _first_above(within, target - before)
+    return (j * c + i).astype(jnp.int32), total
+
+
 def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
     """Pick one token per row. logits [r, v] float32; rows [r] global row ids.
 
-    Returns (tokens [r] int32, log_softmax(logits / T)[token] [r] float32).
+    Sampling draws one uniform per row from fold_in(fold_in(rng, step), row), so a row's token
+    does not depend on how rows are split over devices. Returns (tokens [r] int32,
+    log_softmax(logits / T)[token] [r] float32, under the full, unfiltered distribution).
     """
+    r, v = logits.shape
     scaled = logits / cfg.temperature if cfg.temperature > 0 else logits
+    top = jnp.max(scaled, axis=-1, keepdims=True)
     if cfg.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        log_norm = None
     else:
         filtered = _filtered_logits(scaled, cfg.top_k, cfg.top_p)
+        c = _chunk(v)
+
+        def weights_fn(j):  # exp(filtered - max): the max of scaled is the max of filtered too
+            if j is None:
+                return jnp.exp(filtered - top)
+            chunk = jnp.take_along_axis(filtered.reshape(r, v // c, c), j[:, None, None], 1)
+            return jnp.exp(chunk[:, 0] - top)
+
         step_key = jax.random.fold_in(rng, step)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[-1:], jnp.float32))(keys)
-        tokens = jnp.argmax(filtered + gumbel, axis=-1)  # Gumbel-max = categorical(filtered)
-    tokens = tokens.astype(jnp.int32)
-    # log_softmax at the chosen token only: two reductions, no [r, v] log-probability array
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+        tokens, total = _inverse_cdf(weights_fn, r, v, u)
+        unfiltered = not cfg.top_k and cfg.top_p >= 1.0
+        log_norm = top[:, 0] + jnp.log(total) if unfiltered else None
+    if log_norm is None:
+        log_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)
+    return tokens, chosen - log_norm
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -142,7 +201,7 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
     first_logits, prompt_cache = model.prefill_prompt(
         params, prompt_tokens, model_cfg, positions, mask, cfg.cache_dtype)
     # the per-sample cache holds every fed token: all but the last sampled one
-    if cfg.shared_prompt:
+    if cfg.shared_prompt(p):
         cache = model.init_response_cache(model_cfg, r, max(n - 1, 1), cfg.cache_dtype)
         offset = 0
     else:
@@ -193,8 +252,7 @@ def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: Samp
         t = state["t"]  # feed token t-1 (response slot t-1), choose token t
         logits, cache = model.decode_shared(
             context["weights"], state["last"], context["row_pos"] + t - 1,
-            context["prompt_cache"], state["cache"], context["slot_offset"] + t - 1, model_cfg,
-            cfg.decode_attention)
+            context["prompt_cache"], state["cache"], context["slot_offset"] + t - 1, model_cfg)
         return _record(dict(state, cache=cache), logits, context["rng"], cfg, pad_id)
 
     state = jax.lax.while_loop(cond, body, state)
@@ -256,7 +314,7 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     compute_b = jnp.dtype(m.dtype).itemsize
     rows = batch * s.num_samples
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
-    sample_slots = s.max_new_tokens + (0 if s.shared_prompt else prompt_len)
+    sample_slots = s.max_new_tokens + (0 if s.shared_prompt(prompt_len) else prompt_len)
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b,

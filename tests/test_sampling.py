@@ -66,7 +66,7 @@ def ragged():
     return _ragged_prompts([9, 4, 1, 12], width=12)
 
 
-SAMPLED = dataclasses.replace(BASE, num_samples=3)
+SAMPLED = dataclasses.replace(BASE, num_samples=3, cache_layout="shared")
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,9 @@ def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_ou
     assert not greedy_out.finished.any()
 
 
-@pytest.mark.parametrize("change", [dict(num_samples=1),  # auto: the per-sample layout
-                                    dict(cache_layout="shared", decode_attention="reduce")])
-def test_cache_layouts_and_attention_impls_agree(params, ragged, greedy_out, change):
+@pytest.mark.parametrize("change", [dict(num_samples=1), dict(cache_layout="shared")])
+def test_cache_layouts_agree(params, ragged, greedy_out, change):
+    """greedy_out used the per-sample layout (auto, short prompts); the shared one and G=1."""
     tokens, mask, _ = ragged
     cfg = dataclasses.replace(GREEDY, **change)
     out = _sample(params, tokens, mask, jax.random.key(3), CFG, cfg, 0)
@@ -200,20 +200,53 @@ def _expected_probs(logits, temperature, top_k, top_p):
     return p
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.6), (4, 0.7)])
-def test_sampling_distribution(top_k, top_p):
+LOGITS_8 = np.array([2.0, 1.5, 1.0, 0.7, 0.2, -0.5, -1.0, -3.0], np.float32)
+LOGITS_40 = np.random.default_rng(7).normal(0, 1.5, 40).astype(np.float32)  # chunks of 5
+
+
+@pytest.mark.parametrize("logits,top_k,top_p", [
+    (LOGITS_8, 0, 1.0), (LOGITS_8, 3, 1.0), (LOGITS_8, 0, 0.6), (LOGITS_8, 4, 0.7),
+    (LOGITS_40, 0, 1.0), (LOGITS_40, 6, 1.0)])
+def test_sampling_distribution(logits, top_k, top_p):
     """Frequencies of 20k draws of choose_tokens match the filtered softmax (5 sigma)."""
-    logits = np.array([2.0, 1.5, 1.0, 0.7, 0.2, -0.5, -1.0, -3.0], np.float32)
-    rows = 20_000
+    rows, v = 20_000, len(logits)
     cfg = dataclasses.replace(BASE, temperature=0.8, top_k=top_k, top_p=top_p)
     toks, logp = jax.jit(sampling.choose_tokens, static_argnums=4)(
-        jnp.broadcast_to(logits, (rows, 8)), jax.random.key(9), 0, jnp.arange(rows), cfg)
+        jnp.broadcast_to(logits, (rows, v)), jax.random.key(9), 0, jnp.arange(rows), cfg)
     want = _expected_probs(logits.astype(np.float64), 0.8, top_k, top_p)
-    freq = np.bincount(np.asarray(toks), minlength=8) / rows
+    freq = np.bincount(np.asarray(toks), minlength=v) / rows
     sigma = np.sqrt(want * (1 - want) / rows) + 1e-12
     assert np.all(np.abs(freq - want) <= 5 * sigma + 1e-9), (freq, want)
     full = np.log(_expected_probs(logits.astype(np.float64), 0.8, 0, 1.0))
     np.testing.assert_allclose(logp, full[np.asarray(toks)], atol=1e-5)
+
+
+def test_inverse_cdf_against_searchsorted():
+    """Two-level inverse CDF == numpy searchsorted on the flat CDF; zero weights never chosen,
+    even for u at the top of [0, 1) where float rounding puts u * total past the last sum."""
+    rng = np.random.default_rng(3)
+    w = rng.random((6, 40)).astype(np.float32)
+    w[:, 10:20] = 0.0  # two whole chunks without mass
+    w[:, 35:] = 0.0  # and the tail
+    w[0, :] = 0.0
+    w[0, 12] = 1.0  # a single token in an otherwise empty chunk
+    u = np.array([0.0, 0.3, 0.5, 0.77, 0.999, np.nextafter(np.float32(1), np.float32(0))],
+                 np.float32)
+    weights = jnp.asarray(w)
+
+    def weights_fn(j):
+        if j is None:
+            return weights
+        return jnp.take_along_axis(weights.reshape(6, 8, 5), j[:, None, None], 1)[:, 0]
+
+    toks, total = sampling._inverse_cdf(weights_fn, 6, 40, jnp.asarray(u))
+    toks = np.asarray(toks)
+    for r in range(6):
+        cdf = np.cumsum(w[r].astype(np.float64))
+        assert w[r, toks[r]] > 0
+        want = min(np.searchsorted(cdf / cdf[-1], u[r], side="right"), np.flatnonzero(w[r])[-1])
+        assert toks[r] == want, (r, toks[r], want)
+    np.testing.assert_allclose(total, w.sum(1), rtol=1e-6)
 
 
 def test_rng_determinism(params, ragged, sampled):
