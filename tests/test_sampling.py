@@ -131,11 +131,12 @@ def test_logprobs_equal_full_forward_rescoring(params, ragged, sampled):
     assert len({tuple(np.asarray(sampled.tokens[r])) for r in range(3)}) > 1
 
 
-def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled):
-    """`sampled` ran on one device; the same rng on a (data=4, fsdp=1, tensor=2) mesh."""
+@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
+def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled, shape):
+    """`sampled` ran on one device; the same rng on a (data, fsdp, tensor) mesh of 8."""
     tokens, mask, _ = ragged
     assert len(jax.devices()) == 8 and len(sampled.tokens.devices()) == 1
-    mesh = jax.make_mesh((4, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh(shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
     sharded_params = jax.device_put(params, shards)
     got = sampling.make_sampler(mesh, CFG, SAMPLED, shards)(
