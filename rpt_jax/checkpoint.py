@@ -123,8 +123,8 @@ class Checkpointer:
         """
         step = int(step)
         if step in self._mgr.all_steps():
-            log.info("checkpoint %d already exists in %s; not saving it again", step,
-                     self.directory)
+            log.debug("checkpoint %d already exists in %s; not saving it again", step,
+                      self.directory)
             return
         flat = _flat(state)
         meta = {"user": dict(meta or {}), "fingerprint": fingerprint(flat), "time": time.time()}

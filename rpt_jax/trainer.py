@@ -103,7 +103,6 @@ def initial_params(config, model_cfg, p_shardings):
     """Params of a fresh run: model.hf_checkpoint, else random init from the seed."""
     if config.model.hf_checkpoint:
         from rpt_jax import hf
-        check_hf_shape(config, config.model.hf_checkpoint)
         log.info("loading %s", config.model.hf_checkpoint)
         return hf.load_params(config.model.hf_checkpoint, model_cfg, p_shardings)
     key = jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM)
@@ -229,7 +228,7 @@ def run_eval(state_params, config, model_cfg, tokenizer, mesh, workdir, data_dir
     if eval_set is None:
         eval_set = evaluation.build_eval_set(
             config, tokenizer, mesh, proxy_params=state_params, proxy_cfg=model_cfg,
-            proxy_name="the policy at its first evaluation", cache_dir=cache, data_dir=data_dir,
+            proxy_name=evaluation.FIRST_EVALUATION, cache_dir=cache, data_dir=data_dir,
             progress=False)
     same_g = int(config.eval.num_samples) == int(config.sampling.num_samples)
     rng = jax.random.fold_in(step_key(config.seed, step), _INIT_STREAM)
@@ -250,6 +249,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     result has status "preempted". progress: show tqdm bars (process 0 only).
     """
     mesh_shape = config_lib.validate(config, jax.device_count())
+    if config.model.hf_checkpoint:
+        check_hf_shape(config, config.model.hf_checkpoint)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     stop = StopFlag().install()
@@ -298,7 +299,8 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
                                     pad_id=tokenizer.pad_id)
     rollout = make_rollout(config, model_cfg, mesh)
-    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx)
+    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
+                                        logits_chunk=int(config.rl.logits_chunk))
     table = jax.device_put(evaluation.padded_byte_table(tokenizer, model_cfg.vocab_size),
                            sharding.replicated(mesh))
     schedule = train_step.make_schedule(config.optim, config.num_steps)
@@ -309,6 +311,15 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     bad_in_a_row = bad_total = 0
     compiles_seen = None
 
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=start, desc="rpt", unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0, delay=0.1)
+
+    def say(level, msg, *args):  # a log line on its own line, not glued to the progress bar
+        bar.clear()
+        log.log(level, msg, *args)
+        bar.refresh()
+
     def evaluate(step):
         nonlocal eval_set
         t = time.time()
@@ -316,16 +327,11 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                                data_dir, step, sampler, eval_set)
         m["eval/seconds"] = time.time() - t
         writer.write(step, m, kind="eval")
-        log.info("eval at step %d: %s", step,
-                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())
-                           if isinstance(v, (int, float))))
+        say(logging.INFO, "eval at step %d: %s", step,
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if isinstance(v, (int, float))))
 
     if eval_every > 0 and start == 0:
         evaluate(0)
-
-    from tqdm import tqdm
-    bar = tqdm(total=num_steps, initial=start, desc="rpt", unit="step", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
     done, t_last = start, time.time()
     try:
         while done < num_steps:
@@ -347,8 +353,8 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             now = time.time()
             compiles = sum(f._cache_size() for f in jitted)
             if compiles_seen is not None and compiles > compiles_seen and done > start + 2:
-                log.warning("recompiled at step %d (%d compiled variants now): a new prompt "
-                            "bucket or an unstable shape", done, compiles)
+                say(logging.WARNING, "recompiled at step %d (%d compiled variants now): a new "
+                    "prompt bucket or an unstable shape", done, compiles)
             compiles_seen = compiles
             finite = bool(upd["finite"])
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
@@ -366,13 +372,13 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             bar.update(1)
 
             if not finite:
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                            done, bad_in_a_row)
+                say(logging.WARNING, "step %d: non-finite loss or gradient, update skipped "
+                    "(%d in a row)", done, bad_in_a_row)
                 if bad_in_a_row >= int(config.optim.max_bad_steps):
                     status = "bad_steps"
-                    log.error("stopping: %d non-finite steps in a row (optim.max_bad_steps=%d); "
-                              "the last good checkpoint is step %s in %s", bad_in_a_row,
-                              config.optim.max_bad_steps, ckpt.latest_step(), ckpt.directory)
+                    say(logging.ERROR, "stopping: %d non-finite steps in a row (optim.max_bad_steps"
+                        "=%d); the last good checkpoint is step %s in %s", bad_in_a_row,
+                        config.optim.max_bad_steps, ckpt.latest_step(), ckpt.directory)
                     break
             ckpt.maybe_save(done, state, {"data": train_iter.get_state()})
             if eval_every > 0 and done % eval_every == 0:

@@ -22,14 +22,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     import jax
     from rpt_jax import config as config_lib
     from rpt_jax import trainer
 
     config_lib.validate(_CONFIG.value, jax.device_count())  # before anything compiles
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if result.status == "bad_steps":
         sys.exit(1)

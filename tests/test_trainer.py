@@ -217,3 +217,26 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, t
         [(5, 0, 0, 1), (6, 0, 0, 2)]
     # the step-6 checkpoint (checkpoint.every=2) is not written: the last good one stays newest
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
+
+
+def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
+    """model.hf_checkpoint: the weights (and the folder's tokenizer) are the run's start; with
+    lr 0 the one update leaves them bitwise as loaded. A shape mismatch fails before compiling."""
+    from rpt_jax import hf
+    from rpt_jax import tokenizer as tokenizer_lib
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    params = model_lib.init(cfg, jax.random.key(7))
+    tok_dir = str(tmp_path / "tok")
+    tokenizer_lib.load_tokenizer(config).save(tok_dir)
+    folder = str(hf.save_params(params, cfg, tmp_path / "hf", tokenizer_dir=tok_dir))
+    hf_config = load_config(data_dir, f"--config.model.hf_checkpoint={folder}",
+                            "--config.num_steps=1", "--config.warmup.steps=0",
+                            "--config.eval.every=0", "--config.optim.lr=0.0")
+    result = trainer.train_and_evaluate(hf_config, str(tmp_path / "run"), progress=False)
+    assert result.status == "done" and result.step == 1
+    assert_bitwise_equal(result.state.params, params)
+
+    wrong = load_config(data_dir, f"--config.model.hf_checkpoint={folder}",
+                        "--config.model.mlp_dim=128")
+    with pytest.raises(ValueError, match="model.mlp_dim=128 but the checkpoint has 64"):
+        trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
