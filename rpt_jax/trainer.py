@@ -49,7 +49,7 @@ ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "context_tokens", "context_mask"
 @dataclasses.dataclass
 class TrainResult:
     status: str  # "done" | "preempted" (SIGTERM/SIGINT: saved, clean exit) | "bad_steps"
-    step: int  # updates done (the last checkpoint's step unless status == "bad_steps")
+    step: int  # loop steps done, skipped ones included (= the last checkpoint unless "bad_steps")
     state: train_step.TrainState
     metrics: dict  # the last step's logged scalars
 
