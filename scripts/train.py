@@ -16,6 +16,9 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and caches go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU slices, SLURM, "
+    "or JAX_COORDINATOR_ADDRESS set); every host runs this same command.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +29,8 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import jax
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()  # before any other jax call; each host then sees the slice
     from rpt_jax import config as config_lib
     from rpt_jax import trainer
 
