@@ -18,7 +18,6 @@ Needs no ml-collections (the config is a plain namespace), so it runs on the GPU
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +29,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from rpt_jax import model, objective, sharding, train_step  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402  (no ml-collections at import)

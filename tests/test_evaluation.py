@@ -11,7 +11,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rpt_jax import contexts, corpora, evaluation, model, reward, sampling, sharding
+from rpt_jax import corpora, evaluation, model, reward, sampling, sharding
 from rpt_jax.config import base_config
 from rpt_jax.tokenizer import builtin_tokenizer
 

