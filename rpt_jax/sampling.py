@@ -1,14 +1,16 @@
 """Jitted sampling of G continuations per prompt under a device mesh.
 
 One prefill per context, then a `lax.while_loop` of KV-cached decode steps over all b * g samples
-that exits as soon as every sample has stopped. The g samples of a context share that context's
-prompt cache; each sample has its own response cache (model.decode_shared).
+that exits as soon as every sample has stopped. The g samples of a context either read that
+context's one prompt cache (long prompts) or get a copy of it in their own cache (short prompts,
+fewer kernels per step); see model.decode_shared and `SamplingConfig.cache_layout`.
 
 Shapes: b contexts, g samples per context, r = b * g sample rows (row i * g + j is sample j of
 context i), p prompt tokens (left padded), n max_new_tokens, v vocab.
 
-Randomness: step t of row i draws from fold_in(fold_in(rng, t), i), so the tokens depend only on
-(rng, row, step) and not on how the rows are sharded over devices.
+Randomness: step t of row i draws one uniform from fold_in(fold_in(rng, t), i) and inverts the
+CDF of the (filtered) temperature-scaled softmax, so the tokens depend only on (rng, row, step)
+and not on how the rows are split over devices.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rpt_jax import model, sharding
 
@@ -192,6 +193,9 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
     what it updates (per-sample cache, output buffers, done flags, step t).
     """
     cfg = sampling_cfg
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
+                         f"{prompt_mask.shape} must both be [batch, prompt_len]")
     b, p = prompt_tokens.shape
     g, n = cfg.num_samples, cfg.max_new_tokens
     r = b * g
@@ -293,6 +297,10 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     def run(params, prompt_tokens, prompt_mask, rng):
         shape = tuple(prompt_tokens.shape)
         if shape not in checked:  # once per prompt bucket, before its compile
+            split = mesh.shape["data"] * mesh.shape["fsdp"]
+            if shape[0] % split:
+                raise ValueError(f"prompt batch {shape[0]} is not divisible by the mesh's data "
+                                 f"axes (data*fsdp={split})")
             available = device_bytes(mesh)
             if available is not None:
                 check_memory(model_cfg, sampling_cfg, shape[0], shape[1], available)

@@ -5,6 +5,8 @@
 
 Random weights. --batch counts sample rows (contexts = batch / num-samples), so new tokens/s is
 comparable across --num-samples. No stop ids: every row generates --new-tokens tokens.
+Every implementation is built and warmed up first, then timed in interleaved rounds (one call
+of each per round, median over rounds), so a load swing on a shared machine hits all alike.
 Reported: new tokens/s over the whole call (prefill included), ms per decode step (the full
 call minus `sampling.prepare`, the part before the loop, over n - 1 steps), and the roofline:
 the bytes a step must read (decode weights once plus the KV cache up to the current length,
@@ -14,29 +16,21 @@ Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import model, sampling, sharding  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402  (module level imports no ml-collections)
 
 
-def timed(fn, repeats):
-    """Median wall seconds of `repeats` calls after one warm-up call (compile)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def block(fn):
+    """A zero-argument callable that runs fn() and waits for its result."""
+    return lambda: jax.block_until_ready(fn())
 
 
 def bandwidth(nbytes, repeats=10):
@@ -44,8 +38,21 @@ def bandwidth(nbytes, repeats=10):
     x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
     copy = jax.jit(lambda x: x * 1.0001)
     read = jax.jit(lambda x: x.sum())
-    return (2 * x.nbytes / timed(lambda: copy(x), repeats),
-            x.nbytes / timed(lambda: read(x), repeats))
+    times = interleaved({"copy": block(lambda: copy(x)), "read": block(lambda: read(x))}, repeats)
+    return 2 * x.nbytes / times["copy"], x.nbytes / times["read"]
+
+
+def interleaved(runners, repeats):
+    """{name: median seconds}: one warm-up call each, then `repeats` rounds of one call each."""
+    for fn in runners.values():
+        fn()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
@@ -57,27 +64,31 @@ def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
     return weights + per_slot * (contexts * prompt_len + batch * avg_response)
 
 
-def bench_rpt(params, mcfg, scfg, prompts, mesh, repeats, profile_dir=None):
-    """(seconds per call, seconds per decode step) of the sampler on `mesh`."""
+def rpt_runners(params, mcfg, scfg, prompts, mesh):
+    """(full sampler call, everything before its decode loop) as zero-argument callables."""
     shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
     mask = jnp.ones_like(prompts)
     rng = jax.random.key(0)
     full = sampling.make_sampler(mesh, mcfg, scfg, shards)
     mat, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
     prepare = jax.jit(lambda *a: sampling.prepare(*a, mcfg, scfg),
-                      in_shardings=(shards, mat, mat, repl))  # everything before the loop
-    t_full = timed(lambda: full(params, prompts, mask, rng), repeats)
-    with jax.set_mesh(mesh):
-        t_pre = timed(lambda: prepare(params, prompts, mask, rng), repeats)
+                      in_shardings=(shards, mat, mat, repl))
+
+    def run_prepare():
+        with jax.set_mesh(mesh):
+            return prepare(params, prompts, mask, rng)
+
     out = full(params, prompts, mask, rng)
     assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
-    if profile_dir:
-        try:
-            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
-            jax.block_until_ready(full(params, prompts, mask, rng))
-        finally:
-            jax.profiler.stop_trace()
-    return t_full, (t_full - t_pre) / (scfg.max_new_tokens - 1)
+    return block(lambda: full(params, prompts, mask, rng)), block(run_prepare)
+
+
+def trace(fn, profile_dir):
+    try:
+        jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+        fn()
+    finally:
+        jax.profiler.stop_trace()
 
 
 def kernel_table(profile_dir, steps, top=30):
@@ -108,7 +119,7 @@ def kernel_table(profile_dir, steps, top=30):
     return lines
 
 
-def bench_plain(params, mcfg, scfg, prompts, repeats):
+def plain_runner(params, mcfg, scfg, prompts):
     """The baseline of PERF_NOTES: prefill + fori_loop over model.decode (stacked cache)."""
     n, temp = scfg.max_new_tokens, scfg.temperature
     b, p = prompts.shape
@@ -127,10 +138,11 @@ def bench_plain(params, mcfg, scfg, prompts, repeats):
 
         return jax.lax.fori_loop(1, n, body, (tok, cache, out))[2]
 
-    return timed(lambda: run(params, prompts, jax.random.key(0)), repeats)
+    return block(lambda: run(params, prompts, jax.random.key(0)))
 
 
-def bench_hf(mcfg, batch, prompt_len, new_tokens, dtype, temperature, repeats):
+def hf_runner(mcfg, batch, prompt_len, new_tokens, dtype, temperature):
+    """(transformers generate with random weights of the same shape, its name)."""
     import torch
     import transformers
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,14 +169,7 @@ def bench_hf(mcfg, batch, prompt_len, new_tokens, dtype, temperature, repeats):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), f"transformers {transformers.__version__} " \
-        f"(torch {torch.__version__}, {device})"
+    return run, f"transformers {transformers.__version__} (torch {torch.__version__}, {device})"
 
 
 def main(argv=None):
@@ -206,17 +211,7 @@ def main(argv=None):
 
     params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.key(0))
     new = args.batch * args.new_tokens
-    command = "python scripts/bench_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
-
-    def report(name, g, tps, ms="", roof=""):
-        rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
-                    f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
-                    f"| {tps:,.0f} | {ms} | {roof} | `{command}` |")
-        print(f"{name}, G={g}: {tps:,.0f} new tokens/s, {ms} ms/step, roofline {roof}",
-              flush=True)
-
-    profile = args.profile
+    runners, info = {}, {}  # name -> callable; name -> (G, decode-step floor s, prepare name)
     for g in samples:
         contexts = args.batch // g
         prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
@@ -226,33 +221,49 @@ def main(argv=None):
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout)
             shared = scfg.shared_prompt(args.prompt_len)
+            name = f"rpt_jax sampler ({'shared' if shared else 'per-sample'} prompt cache), G={g}"
+            try:
+                runners[name], runners[name + " prepare"] = rpt_runners(
+                    params, mcfg, scfg, prompts, mesh)
+            except Exception as err:  # keep the other variants of a long device run
+                print(f"FAILED {name}: {err!r}", flush=True)
+                continue
             floor = step_bytes(mcfg, args.batch, contexts if shared else args.batch,
                                args.prompt_len, args.new_tokens, cache_dtype) / bw
-            try:
-                t, step = bench_rpt(params, mcfg, scfg, prompts, mesh, args.repeats, profile)
-            except Exception as err:  # keep the other variants of a long device run
-                print(f"FAILED {layout}, G={g}: {err!r}", flush=True)
-                continue
-            name = f"rpt_jax sampler ({'shared' if shared else 'per-sample'} prompt cache)"
-            report(name, g, new / t, f"{step * 1e3:.2f}", f"{floor / step:.0%}")
-            if profile:
-                try:
-                    print("\n".join(kernel_table(profile, args.new_tokens - 1)), flush=True)
-                except Exception as err:  # a trace without device events
-                    print(f"no kernel table: {err!r}", flush=True)
-                profile = ""
+            info[name] = (g, floor, name + " prepare")
+            print(f"built {name}", flush=True)
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
                                      mcfg.vocab_size, jnp.int32)
         scfg = sampling.SamplingConfig(temperature=args.temperature,
                                        max_new_tokens=args.new_tokens, cache_dtype=cache_dtype)
-        report("plain fori_loop (PERF_NOTES)", 1, new / bench_plain(params, mcfg, scfg, prompts,
-                                                                    args.repeats))
+        runners["plain fori_loop (PERF_NOTES)"] = plain_runner(params, mcfg, scfg, prompts)
+        info["plain fori_loop (PERF_NOTES)"] = (1, None, None)
     if args.compare_hf:
-        del params
-        t, name = bench_hf(mcfg, args.batch, args.prompt_len, args.new_tokens, args.dtype,
-                           args.temperature, args.repeats)
-        report(name, 1, new / t)
+        run, name = hf_runner(mcfg, args.batch, args.prompt_len, args.new_tokens, args.dtype,
+                              args.temperature)
+        runners[name], info[name] = run, (1, None, None)
+    times = interleaved(runners, args.repeats)
+
+    command = "python scripts/bench_sampler.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = []
+    for name, (g, floor, prep) in info.items():
+        t = times[name]
+        ms = roof = ""
+        if prep:
+            step = (t - times[prep]) / (args.new_tokens - 1)
+            ms, roof = f"{step * 1e3:.2f}", f"{floor / step:.0%}"
+        rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
+                    f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
+                    f"| {new / t:,.0f} | {ms} | {roof} | `{command}` |")
+        print(f"{name}: {new / t:,.0f} new tokens/s, {ms} ms/step, roofline {roof}", flush=True)
+    if args.profile and info:
+        first = next(iter(info))
+        trace(runners[first], args.profile)
+        try:
+            print("\n".join([first] + kernel_table(args.profile, args.new_tokens - 1)))
+        except Exception as err:  # a trace without device events
+            print(f"no kernel table: {err!r}")
     print(f"\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
           f"| new tok/s | ms/step | roofline | command |")
     print("|" + "---|" * 13)
