@@ -306,10 +306,11 @@ def decode(params, tokens, positions, cache, cfg: ModelConfig):
 
 
 # ----------------------------------------------------------------------------- sampling decode path
-# The sampler keeps one prompt cache per context (b rows) and one response cache per sample
-# (r = b * g rows): each decode step reads a context's prompt keys once for its g samples.
-# Caches are tuples of per-layer arrays [rows, k, slots, e], so a step updates each layer's
-# cache in place inside the sampler's while loop (no stacked-array copy, no concatenate).
+# g samples per context: r = b * g rows. The sampler either keeps one prompt cache per context
+# (b rows, read once per step for its g samples; long prompts) next to a per-sample response
+# cache, or copies the prompt into each sample's cache (one attention part, fewer kernels;
+# short prompts). Caches are tuples of per-layer arrays [rows, k, slots, e], so a step updates
+# each layer's cache in place inside the sampler's while loop (no stacked copy, no concatenate).
 # Weights are re-laid out once per sampling call (`decoding_weights`): cast to the compute
 # dtype, split per layer, and fused into plain 2-D matrices (q|k|v grouped per kv head, gate|up
 # interleaved per MLP unit) so that a step runs 4 matmuls per layer without weight transposes,
@@ -318,24 +319,24 @@ def decode(params, tokens, positions, cache, cfg: ModelConfig):
 def decoding_weights(params, cfg: ModelConfig) -> dict:
     """Params re-laid out for decoding: {"embed_tokens", "norm", "lm_head"?, "layers": tuple}.
 
-    Each layer: "qkv" [d, k*(g+2)*e] (per kv head: its g query heads, its key, its value),
-    "qkv_bias" [k*(g+2)*e] (if any), "o" [h*e, d], "gate_up" [d, f*2], "down" [f, d] and the
-    two norms, all in the compute dtype. g = h // k.
+    Each layer: "qkv" [d, k*(q+2)*e] (per kv head: its q = h // k query heads, its key, its
+    value), "qkv_bias" [k*(q+2)*e] (if any), "o" [h*e, d], "gate_up" [d, f*2] (gate and up of
+    each MLP unit side by side), "down" [f, d] and the two norms, all in the compute dtype.
     """
     dtype = jnp.dtype(cfg.dtype)
     d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    g = h // k
+    nq = h // k
     L = jax.tree.map(lambda x: x.astype(dtype), params["layers"])
 
-    def group(q, kk, v):  # [..., h, e], [..., k, e], [..., k, e] -> [..., k, g+2, e]
-        q = q.reshape(q.shape[:-2] + (k, g, e))
+    def group(q, kk, v):  # [..., h, e], [..., k, e], [..., k, e] -> [..., k, q+2, e]
+        q = q.reshape(q.shape[:-2] + (k, nq, e))
         return jnp.concatenate([q, kk[..., None, :], v[..., None, :]], axis=-2)
 
     qkv = group(L["q_proj"]["kernel"], L["k_proj"]["kernel"], L["v_proj"]["kernel"])
     stacked = {
         "input_layernorm": L["input_layernorm"],
         "post_attention_layernorm": L["post_attention_layernorm"],
-        "qkv": qkv.reshape(cfg.num_layers, d, k * (g + 2) * e),
+        "qkv": qkv.reshape(cfg.num_layers, d, k * (nq + 2) * e),
         "o": L["o_proj"]["kernel"].reshape(cfg.num_layers, h * e, d),
         "gate_up": jnp.stack([L["gate_proj"]["kernel"], L["up_proj"]["kernel"]], axis=-1)
                       .reshape(cfg.num_layers, d, f * 2),
