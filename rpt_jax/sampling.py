@@ -44,6 +44,9 @@ class SamplingConfig:
     # "per_sample": the prompt copied into every sample's cache (fewer kernels per step);
     # "auto": shared when g > 1 and the prompt has >= SHARED_MIN_PROMPT tokens.
     cache_layout: str = "auto"
+    # prefill the prompts in this many sequential slices of rows (lax.map): bounds the prefill
+    # activations (every layer's k, v and one layer's [rows, heads, p, p] scores) for long prompts
+    prefill_chunks: int = 1
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -55,6 +58,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if self.prefill_chunks < 1:
+            raise ValueError(f"prefill_chunks={self.prefill_chunks} must be >= 1")
         if self.cache_layout not in ("auto", "shared", "per_sample"):
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
 
@@ -202,8 +207,7 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
     mask = prompt_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
-    first_logits, prompt_cache = model.prefill_prompt(
-        params, prompt_tokens, model_cfg, positions, mask, cfg.cache_dtype)
+    first_logits, prompt_cache = _prefill(params, prompt_tokens, positions, mask, model_cfg, cfg)
     # the per-sample cache holds every fed token: all but the last sampled one
     if cfg.shared_prompt(p):
         cache = model.init_response_cache(model_cfg, r, max(n - 1, 1), cfg.cache_dtype)
@@ -225,6 +229,25 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
                  t=jnp.zeros((), jnp.int32), cache=cache)
     state = _record(state, jnp.repeat(first_logits, g, axis=0), rng, cfg, pad_id)
     return context, state
+
+
+def _prefill(params, tokens, positions, mask, model_cfg, cfg: SamplingConfig):
+    """model.prefill_prompt over all rows, or over cfg.prefill_chunks slices of rows in turn.
+
+    Slice i holds rows i, i + c, i + 2c, ... (c = prefill_chunks), so with the batch split over
+    devices in contiguous blocks every device keeps working on its own rows.
+    """
+    b, c = tokens.shape[0], cfg.prefill_chunks
+    if c == 1:
+        return model.prefill_prompt(params, tokens, model_cfg, positions, mask, cfg.cache_dtype)
+    if b % c:
+        raise ValueError(f"prompt batch {b} is not divisible by prefill_chunks={c}")
+    split = lambda x: jnp.swapaxes(x.reshape((b // c, c) + x.shape[1:]), 0, 1)  # noqa: E731
+    merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((b,) + x.shape[2:])  # noqa: E731
+    out = jax.lax.map(lambda a: model.prefill_prompt(params, a[0], model_cfg, a[1], a[2],
+                                                     cfg.cache_dtype),
+                      (split(tokens), split(positions), split(mask)))
+    return jax.tree.map(merge, out)
 
 
 def _record(state, logits, rng, cfg: SamplingConfig, pad_id):
@@ -328,11 +351,12 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
         "decoding weights (compute-dtype copy)": n_params * compute_b,
         "prompt KV cache": batch * prompt_len * per_slot,
         "per-sample KV cache": rows * sample_slots * per_slot,
-        # prefill: every layer's k, v (scan outputs), one layer's activations and scores
-        "prefill activations": (batch * prompt_len * (2 * m.num_layers * m.num_kv_heads
-                                                      * m.head_dim + 4 * m.hidden_size
-                                                      + 3 * m.mlp_dim) * compute_b
-                                + batch * m.num_heads * prompt_len * prompt_len * 4),
+        # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
+        # one layer's activations and, without a fused attention kernel, its scores
+        "prefill activations": -(-batch // s.prefill_chunks) * prompt_len * (
+            (2 * m.num_layers * m.num_kv_heads * m.head_dim + 4 * m.hidden_size
+             + 3 * m.mlp_dim) * compute_b
+            + (m.num_heads * prompt_len * 4 if m.attention != "cudnn" else 0)),
         "logits and sampling buffers": rows * m.vocab_size * 4 * 3,
         "outputs": rows * s.max_new_tokens * 8,
     }

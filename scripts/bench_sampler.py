@@ -183,6 +183,9 @@ def main(argv=None):
     ap.add_argument("--cache-dtype", default=None, help="KV cache dtype (default: --dtype)")
     ap.add_argument("--num-samples", default="1", help="G samples per context (comma list)")
     ap.add_argument("--cache-layout", default="auto", help="comma list of auto/shared/per_sample")
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                    help="model.attention of the prefill (cudnn: GPU, bf16)")
+    ap.add_argument("--prefill-chunks", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
@@ -198,7 +201,7 @@ def main(argv=None):
             ap.error(f"--batch {args.batch} is not a multiple of --num-samples {g}")
     cache_dtype = args.cache_dtype or args.dtype
     mcfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
-                             param_dtype=args.param_dtype or args.dtype)
+                             param_dtype=args.param_dtype or args.dtype, attention=args.attention)
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices), 1, 1), sharding.AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -219,7 +222,7 @@ def main(argv=None):
         for layout in args.cache_layout.split(","):
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
-                cache_dtype=cache_dtype, cache_layout=layout)
+                cache_dtype=cache_dtype, cache_layout=layout, prefill_chunks=args.prefill_chunks)
             shared = scfg.shared_prompt(args.prompt_len)
             name = f"rpt_jax sampler ({'shared' if shared else 'per-sample'} prompt cache), G={g}"
             try:

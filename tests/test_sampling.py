@@ -66,7 +66,7 @@ def ragged():
     return _ragged_prompts([9, 4, 1, 12], width=12)
 
 
-SAMPLED = dataclasses.replace(BASE, num_samples=3, cache_layout="shared")
+SAMPLED = dataclasses.replace(BASE, num_samples=3, cache_layout="shared", prefill_chunks=2)
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +267,12 @@ def test_check_memory():
     need = sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30)
     # params f32 (494M x 4) + bf16 copy (x 2) + response cache (8 x 8192 x 24 x 2 x 2 x 64 x 2)
     assert need > 494e6 * 6 + 8 * 8192 * 24 * 2 * 2 * 64 * 2
+    # prefilling 256 prompts of 4096 tokens in 16 slices removes most of the activations
+    short = dataclasses.replace(cfg, max_new_tokens=256)
+    whole = sampling.memory_bytes(big, short, 256, 4096)["prefill activations"]
+    sliced = sampling.memory_bytes(big, dataclasses.replace(short, prefill_chunks=16), 256,
+                                   4096)["prefill activations"]
+    assert sliced * 16 == whole
 
 
 def test_config_validation_and_from_config():
