@@ -73,11 +73,12 @@ class SamplingConfig:
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
+        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks") if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
                    max_new_tokens=int(c.max_new_tokens),
                    stop_ids=tuple(sorted({int(s) for s in stop_ids})),
-                   cache_dtype=str(c.cache_dtype))
+                   cache_dtype=str(c.cache_dtype), **tuning)
 
 
 class SampleOutput(NamedTuple):

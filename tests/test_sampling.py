@@ -277,9 +277,13 @@ def test_check_memory():
 
 def test_config_validation_and_from_config():
     from rpt_jax.config import base_config
-    cfg = sampling.SamplingConfig.from_config(base_config().sampling, stop_ids=[7, 2, 7])
+    section = base_config().sampling
+    cfg = sampling.SamplingConfig.from_config(section, stop_ids=[7, 2, 7])
     assert cfg.stop_ids == (2, 7) and cfg.num_samples == 8 and cfg.temperature == 0.8
     hash(cfg)
+    with section.unlocked():
+        section.prefill_chunks = 4
+    assert sampling.SamplingConfig.from_config(section).prefill_chunks == 4
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
