@@ -352,6 +352,20 @@ def decoding_weights(params, cfg: ModelConfig) -> dict:
     return out
 
 
+def decoding_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every `decoding_weights` leaf (same tree)."""
+    layer = {"input_layernorm": ("norm",), "post_attention_layernorm": ("norm",),
+             "qkv": ("embed", "heads"), "o": ("heads", "embed"), "gate_up": ("embed", "mlp"),
+             "down": ("mlp", "embed")}
+    if cfg.qkv_bias:
+        layer["qkv_bias"] = ("heads",)
+    axes = {"embed_tokens": ("vocab", "embed"), "norm": ("norm",),
+            "layers": tuple(dict(layer) for _ in range(cfg.num_layers))}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
 def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
                    cache_dtype="bfloat16"):
     """Run left-padded prompts once. tokens, positions, segment_ids [b, t] (segment 0 = padding).

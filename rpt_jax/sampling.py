@@ -47,6 +47,9 @@ class SamplingConfig:
     # prefill the prompts in this many sequential slices of rows (lax.map): bounds the prefill
     # activations (every layer's k, v and one layer's [rows, heads, p, p] scores) for long prompts
     prefill_chunks: int = 1
+    # all-gather the (compute-dtype) decoding weights over the fsdp axis once per call instead
+    # of once per decode step; costs one copy of the weights per fsdp shard (see memory_bytes)
+    gather_weights: bool = True
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -140,6 +143,9 @@ def _inverse_cdf(weights_fn, r, v, u):
     """
     c = _chunk(v)
     mass = weights_fn(None).reshape(r, v // c, c).sum(-1)  # [r, v/c]
+    # a vocab split over the tensor axis splits the chunks too; gather the small chunk masses
+    # once so the scans below run locally ("length" is a logical axis that is never split)
+    mass = sharding.constrain(mass, ("batch", "length"))
     cum = jnp.cumsum(mass, axis=-1)
     total = cum[:, -1]
     target = u * total
@@ -221,7 +227,7 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
     cache = {"k": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["k"]),
              "v": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["v"]),
              "valid": cache["valid"]}
-    context = dict(weights=model.decoding_weights(params, model_cfg), prompt_cache=prompt_cache,
+    context = dict(weights=_decoding_weights(params, model_cfg, cfg), prompt_cache=prompt_cache,
                    slot_offset=offset, rng=rng,
                    row_pos=jnp.repeat(mask.sum(axis=1), g))  # position of response token 0
     state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
@@ -230,6 +236,16 @@ def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfi
                  t=jnp.zeros((), jnp.int32), cache=cache)
     state = _record(state, jnp.repeat(first_logits, g, axis=0), rng, cfg, pad_id)
     return context, state
+
+
+def _decoding_weights(params, model_cfg, cfg: SamplingConfig):
+    """model.decoding_weights, split like the params, or with the fsdp axis gathered."""
+    is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)  # noqa: E731
+    unsplit = {"embed": "act_embed"} if cfg.gather_weights else {}  # act_embed: never split
+    axes = jax.tree.map(lambda a: tuple(unsplit.get(n, n) for n in a),
+                        model.decoding_axes(model_cfg), is_leaf=is_axes)
+    return jax.tree.map(lambda a, w: sharding.constrain(w, a), axes,
+                        model.decoding_weights(params, model_cfg), is_leaf=is_axes)
 
 
 def _prefill(params, tokens, positions, mask, model_cfg, cfg: SamplingConfig):
@@ -327,7 +343,8 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
                                  f"axes (data*fsdp={split})")
             available = device_bytes(mesh)
             if available is not None:
-                check_memory(model_cfg, sampling_cfg, shape[0], shape[1], available)
+                check_memory(model_cfg, sampling_cfg, shape[0], shape[1], available,
+                             mesh.shape["fsdp"])
             checked.add(shape)
         with jax.set_mesh(mesh):
             return jitted(params, prompt_tokens, prompt_mask, rng)
@@ -339,8 +356,9 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
 # ----------------------------------------------------------------------------- memory
 
 def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
-                 prompt_len: int) -> dict:
-    """Bytes the sampler holds at once (all devices together), by part. batch = contexts."""
+                 prompt_len: int, fsdp: int = 1) -> dict:
+    """Bytes the sampler holds at once (all devices together), by part. batch = contexts;
+    fsdp: size of the mesh's fsdp axis (gather_weights keeps a weight copy per fsdp shard)."""
     m, s = model_cfg, sampling_cfg
     n_params = model.num_params(m)
     compute_b = jnp.dtype(m.dtype).itemsize
@@ -349,7 +367,8 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     sample_slots = s.max_new_tokens + (0 if s.shared_prompt(prompt_len) else prompt_len)
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
-        "decoding weights (compute-dtype copy)": n_params * compute_b,
+        "decoding weights (compute-dtype copy)": n_params * compute_b * (
+            fsdp if s.gather_weights else 1),
         "prompt KV cache": batch * prompt_len * per_slot,
         "per-sample KV cache": rows * sample_slots * per_slot,
         # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
@@ -364,13 +383,13 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
 
 
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
-                 prompt_len: int, bytes_available: int) -> int:
+                 prompt_len: int, bytes_available: int, fsdp: int = 1) -> int:
     """Raise ValueError before compiling when sampling cannot fit in `bytes_available`.
 
     batch: contexts (rows = batch * num_samples); bytes_available: the memory of all devices
     the sampler runs on, together (the data are split evenly). Returns the estimate in bytes.
     """
-    parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len)
+    parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp)
     total = int(sum(parts.values()))
     if total > bytes_available:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())

@@ -273,6 +273,12 @@ def test_check_memory():
     sliced = sampling.memory_bytes(big, dataclasses.replace(short, prefill_chunks=16), 256,
                                    4096)["prefill activations"]
     assert sliced * 16 == whole
+    # decoding weights gathered over fsdp=4: four bf16 copies instead of one
+    split = sampling.memory_bytes(big, short, 256, 4096, fsdp=4)
+    one = sampling.memory_bytes(big, dataclasses.replace(short, gather_weights=False), 256, 4096,
+                                fsdp=4)
+    key = "decoding weights (compute-dtype copy)"
+    assert split[key] == 4 * one[key] == 4 * model.num_params(big) * 2
 
 
 def test_config_validation_and_from_config():
