@@ -320,7 +320,10 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     """`sample` jitted on `mesh`: (params, prompt_tokens, prompt_mask, rng) -> SampleOutput.
 
     Params keep `param_shardings` (the training layout); prompts and outputs are split over the
-    data axes. One compile per prompt shape (the caller pads to a few buckets).
+    data axes. One compile per prompt shape (the caller pads to a few buckets); before it, the
+    memory estimate is checked against the devices' reported memory (`check_memory`). Nothing
+    is donated: no input matches an output's shape, and the caches live and are updated in
+    place inside the one compiled call.
     """
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
