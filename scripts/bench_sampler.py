@@ -119,20 +119,61 @@ def kernel_table(profile_dir, steps, top=30):
     return lines
 
 
+# ----------------------------------------------------------------------------- plain baseline
+# PERF_NOTES' plain KV-cache decode, kept here as the benchmark's reference point: one stacked
+# cache [l, b, s, k, e] read inside a scan over layers, the new keys / values written after it.
+
+def plain_prefill(params, tokens, cfg, cache_size, cache_dtype):
+    """Prompt [b, t] -> (float32 logits [b, t, v], cache {k, v [l, b, s, k, e], index t})."""
+    b, t = tokens.shape
+    h, (k, v) = model.hidden_states(params, tokens, cfg)
+    pad = ((0, 0), (0, 0), (0, cache_size - t), (0, 0), (0, 0))
+    cache = {"k": jnp.pad(k.astype(cache_dtype), pad), "v": jnp.pad(v.astype(cache_dtype), pad),
+             "index": jnp.asarray(t, jnp.int32)}
+    return model.logits_from_hidden(params, h, cfg), cache
+
+
+def plain_decode(params, tokens, positions, cache, cfg):
+    """One step for every row: tokens, positions [b] -> (float32 logits [b, v], cache)."""
+    x = model.embed(params, tokens[:, None], cfg)
+    i = cache["index"]
+    slots = cache["k"].shape[2]
+    valid = jnp.broadcast_to(jnp.arange(slots + 1) < i, (x.shape[0], slots + 1))
+    valid = valid.at[:, -1].set(True)  # the new token itself
+    cdtype = cache["k"].dtype
+
+    def body(x, layer):
+        p, k_cache, v_cache = layer
+        h = model.rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+        q, k, v = model._qkv(p, h, positions[:, None], cfg)
+        k, v = k.astype(cdtype), v.astype(cdtype)
+        keys, values = jnp.concatenate([k_cache, k], 1), jnp.concatenate([v_cache, v], 1)
+        attn = model._attend(q.astype(cdtype), keys, values, valid[:, None]).astype(x.dtype)
+        x = x + jnp.einsum("bthe,hed->btd", attn, p["o_proj"]["kernel"].astype(x.dtype))
+        h = model.rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+        return x + model._mlp(p, h), (k[:, 0], v[:, 0])
+
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_new[:, :, None], (0, 0, i, 0, 0)),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v_new[:, :, None], (0, 0, i, 0, 0)),
+             "index": i + 1}
+    return model.logits_from_hidden(params, x, cfg)[:, 0], cache
+
+
 def plain_runner(params, mcfg, scfg, prompts):
-    """The baseline of PERF_NOTES: prefill + fori_loop over model.decode (stacked cache)."""
+    """The baseline of PERF_NOTES: plain_prefill + fori_loop over plain_decode."""
     n, temp = scfg.max_new_tokens, scfg.temperature
     b, p = prompts.shape
 
     @jax.jit
     def run(params, prompts, rng):
-        logits, cache = model.prefill(params, prompts, mcfg, p + n, cache_dtype=scfg.cache_dtype)
+        logits, cache = plain_prefill(params, prompts, mcfg, p + n, scfg.cache_dtype)
         tok = jax.random.categorical(jax.random.fold_in(rng, 0), logits[:, -1] / temp)
         out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(tok)
 
         def body(i, carry):
             tok, cache, out = carry
-            lg, cache = model.decode(params, tok, jnp.full((b,), p + i - 1), cache, mcfg)
+            lg, cache = plain_decode(params, tok, jnp.full((b,), p + i - 1), cache, mcfg)
             tok = jax.random.categorical(jax.random.fold_in(rng, i), lg / temp)
             return tok, cache, out.at[:, i].set(tok)
 

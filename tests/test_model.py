@@ -1,4 +1,4 @@
-"""Model: cached decoding equals the full forward; masks; numpy reference of one layer."""
+"""Model: cached decoding (both cache layouts) equals the full forward; masks; numpy reference."""
 import dataclasses
 
 import jax
@@ -76,22 +76,45 @@ def test_forward_matches_numpy_reference(params):
     np.testing.assert_allclose(got, _np_forward(params, tokens, CFG), atol=2e-4, rtol=2e-4)
 
 
-def test_cached_decoding_reproduces_full_forward(params):
+def _decode_cached(params, prompt, seg, pos, tokens, positions, shared):
+    """Prefill `prompt` [b, t], then decode tokens [b, n] one at a time; logits [b, 1 + n, v].
+
+    shared: the prompt cache stays separate (read next to the response cache); else it is copied
+    into the per-sample cache.
+    """
+    b, n = tokens.shape
+    last, prompt_cache = model.prefill_prompt(params, prompt, CFG, pos, seg, "float32")
+    weights = model.decoding_weights(params, CFG)
+    if shared:
+        cache = model.init_response_cache(CFG, b, n, "float32")
+        offset = 0
+    else:
+        cache = model.init_response_cache(CFG, b, prompt.shape[1] + n, "float32",
+                                          prefix=prompt_cache)
+        prompt_cache, offset = None, prompt.shape[1]
+    step = jax.jit(model.decode_shared, static_argnums=6)
+    out = [last]
+    for i in range(n):
+        logits, cache = step(weights, tokens[:, i], positions[:, i], prompt_cache, cache,
+                             jnp.asarray(offset + i, jnp.int32), CFG)
+        out.append(logits)
+    return jnp.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cached_decoding_reproduces_full_forward(params, shared):
     rng = np.random.default_rng(1)
     b, t, n_new = 3, 10, 6
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t + n_new)), jnp.int32)
     full = model.forward(params, tokens, CFG)
-    logits, cache = model.prefill(params, tokens[:, :t], CFG, cache_size=t + n_new,
-                                  cache_dtype="float32")
-    np.testing.assert_allclose(logits, full[:, :t], atol=1e-5)
-    decode = jax.jit(model.decode, static_argnums=4)
-    for i in range(n_new):
-        pos = jnp.full((b,), t + i, jnp.int32)
-        step, cache = decode(params, tokens[:, t + i], pos, cache, CFG)
-        np.testing.assert_allclose(step, full[:, t + i], atol=1e-5)
+    pos = jnp.broadcast_to(jnp.arange(t + n_new, dtype=jnp.int32), (b, t + n_new))
+    got = _decode_cached(params, tokens[:, :t], jnp.ones((b, t), jnp.int32), pos[:, :t],
+                         tokens[:, t:], pos[:, t:], shared)
+    np.testing.assert_allclose(got, full[:, t - 1:], atol=1e-5)
 
 
-def test_left_padding_with_positions_and_segments(params):
+@pytest.mark.parametrize("shared", [True, False])
+def test_left_padding_with_positions_and_segments(params, shared):
     """A left-padded row, with positions counted from its first real token, equals the unpadded row."""
     rng = np.random.default_rng(2)
     row = jnp.asarray(rng.integers(1, CFG.vocab_size, (1, 7)), jnp.int32)
@@ -103,11 +126,9 @@ def test_left_padding_with_positions_and_segments(params):
     got = model.forward(params, padded, CFG, positions=pos, segment_ids=seg)
     np.testing.assert_allclose(got[:, pad:], ref, atol=1e-5)
     # and through the cache: decode one more token after a padded prefill
-    nxt = jnp.asarray([5], jnp.int32)
-    ref2 = model.forward(params, jnp.concatenate([row, nxt[:, None]], 1), CFG)[:, -1]
-    _, cache = model.prefill(params, padded, CFG, cache_size=pad + 8, positions=pos,
-                             segment_ids=seg, cache_dtype="float32")
-    got2, _ = model.decode(params, nxt, jnp.asarray([7], jnp.int32), cache, CFG)
+    nxt = jnp.asarray([[5]], jnp.int32)
+    ref2 = model.forward(params, jnp.concatenate([row, nxt], 1), CFG)[:, -2:]
+    got2 = _decode_cached(params, padded, seg, pos, nxt, jnp.asarray([[7]], jnp.int32), shared)
     np.testing.assert_allclose(got2, ref2, atol=1e-5)
 
 
