@@ -78,6 +78,7 @@ def base_config(model: str = "tiny"):
         target_tokens=16,  # ground-truth tokens whose boundaries are kept
         min_context=8,  # tokens before the first position that may be chosen
         positions_per_doc=8,
+        contexts_per_doc=1,  # m > 1: rows in groups of m positions of one document (one prefill)
         template="v0",
         chat_template=False,  # wrap the prompt in the tokenizer's chat template
         entropy_threshold=0.0,  # keep positions whose proxy top-k entropy exceeds this (nats)
@@ -180,6 +181,10 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     if config.data.batch_size % (data * fsdp):
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the data "
                          f"axes of the mesh (data*fsdp={data * fsdp})")
+    m = config.data.contexts_per_doc
+    if m < 1 or config.data.batch_size % m:
+        raise ValueError(f"data.contexts_per_doc={m} must be >= 1 and divide "
+                         f"data.batch_size={config.data.batch_size}")
     samples = config.data.batch_size * config.sampling.num_samples
     if samples % config.rl.micro_batches or (samples // config.rl.micro_batches) % (data * fsdp):
         raise ValueError(f"data.batch_size*sampling.num_samples={samples} must split into "

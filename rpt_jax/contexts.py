@@ -7,8 +7,15 @@ text before and after {prompt_content} is tokenised separately (with the chat te
 it when data.chat_template is set) and the corpus ids are spliced in between, so the prompt holds
 exactly the ids x_<t and the ground-truth boundaries are exactly the corpus tokens' byte lengths.
 
+Document groups (m = data.contexts_per_doc > 1): a batch's rows come in groups of m contexts cut
+from one document at positions whose context is not left-truncated (t <= the budget), so every
+prompt of the group is prefix + x_<t + suffix and the sampler can prefill prefix + x_<t_max-1
+once for the whole group, then each context's tail [x_t-1] + suffix on top of the first
+prefix_len + t - 1 slots (make_batch's doc_tokens / doc_visible / tail_tokens).
+
 Shapes: B rows per host batch, P prompt length (a sampling.prompt_buckets size), C context
-length (bucketed the same way), W = data.target_window bytes, K = data.target_tokens.
+length (bucketed the same way), W = data.target_window bytes, K = data.target_tokens,
+m = data.contexts_per_doc, L document-row length (bucketed), S = len(suffix).
 """
 from __future__ import annotations
 
@@ -90,17 +97,18 @@ def tokenize_documents(tokenizer, texts: Sequence[str], chunk: int = 1024) -> To
 # ----------------------------------------------------------------------------- positions
 
 def select_positions(lengths, min_context: int, per_doc: int, seed: int, entropies=None,
-                     threshold: float = 0.0):
+                     threshold: float = 0.0, max_position: int | None = None):
     """Choose up to `per_doc` positions t per document (all when per_doc <= 0).
 
-    Candidates are min_context <= t < n (and t >= 1), and with `entropies` (one float array per
-    document, NaN where unknown) only those with entropy[t] > threshold. The choice for document
-    d depends only on (seed, d). Returns (doc_index [N] int32, position [N] int32, counts of
-    documents skipped by reason).
+    Candidates are min_context <= t < n (and t >= 1; t <= max_position when given), and with
+    `entropies` (one float array per document, NaN where unknown) only those with
+    entropy[t] > threshold. The choice for document d depends only on (seed, d). Returns
+    (doc_index [N] int32 ascending, position [N] int32, counts of documents skipped by reason).
     """
     docs, positions, skipped = [], [], {"too_short": 0, "no_position_above_threshold": 0}
     for d, n in enumerate(lengths):
-        cand = np.arange(max(min_context, 1), n)
+        end = n if max_position is None else min(n, max_position + 1)
+        cand = np.arange(max(min_context, 1), end)
         if cand.size == 0:
             skipped["too_short"] += 1
             continue
@@ -187,17 +195,36 @@ def prompt_length(spec: ExampleSpec, positions: np.ndarray) -> np.ndarray:
     return np.minimum(positions, spec.budget) + len(spec.prefix) + len(spec.suffix)
 
 
+def doc_row_length(spec: ExampleSpec, positions: np.ndarray) -> np.ndarray:
+    """Tokens of a document row prefix + x_<t-1 shared by contexts at positions <= t."""
+    return len(spec.prefix) + np.asarray(positions) - 1
+
+
 def make_batch(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, token_bytes,
                entropies=None, prompt_width: int | None = None,
-               context_width: int | None = None) -> dict:
+               context_width: int | None = None, group_size: int = 1,
+               doc_width: int | None = None) -> dict:
     """Fixed-shape examples for (doc_index[i], position[i]) pairs; see the module docstring.
 
-    token_bytes: list of each vocabulary id's bytes. prompt_width / context_width: the padded
-    lengths P and C (default: the smallest bucket that fits these rows; a multi-host caller passes
-    the global batch's, so every host has the same shapes).
+    token_bytes: list of each vocabulary id's bytes. prompt_width / context_width / doc_width:
+    the padded lengths P, C and L (default: the smallest bucket that fits these rows; a multi-host
+    caller passes the global batch's, so every host has the same shapes).
+
+    Returns prompt_tokens / prompt_mask [B, P] (left-padded), context_tokens / context_mask
+    [B, C] (left-padded, the last data.max_prompt_len corpus tokens), target_bytes [B, W] uint8,
+    target_len [B], boundaries [B, K] (byte ends of the continuation's tokens, 0 past the window),
+    target_tokens [B, K] (-1 past the document), entropy [B] (NaN without entropies), doc_index,
+    position [B]. With group_size = m > 1, rows j*m .. j*m+m-1 must be one document's positions
+    t <= spec.budget, and also (see document_rows):
+      doc_tokens / doc_mask [B/m, L]: prefix + x_<t_max-1 of group j, right-padded;
+      doc_visible [B]: len(prefix) + t - 1, the leading slots of its doc row a context reads;
+      tail_tokens [B, 1 + S]: [x_t-1] + suffix,
+    so that doc_tokens[i // m, :doc_visible[i]] + tail_tokens[i] is row i's unpadded prompt.
     """
     doc_index = np.asarray(doc_index, np.int32)
     position = np.asarray(position, np.int32)
+    grouped = document_rows(docs, doc_index, position, spec, group_size, doc_width) \
+        if group_size > 1 else {}
     w, k = spec.target_window, spec.target_tokens
     prompts, contexts = [], []
     b = len(doc_index)
@@ -235,7 +262,56 @@ def make_batch(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, toke
                 context_tokens=context_tokens, context_mask=context_mask,
                 target_bytes=target_bytes, target_len=target_len, boundaries=boundaries,
                 target_tokens=target_tokens, entropy=entropy, doc_index=doc_index,
-                position=position)
+                position=position, **grouped)
+
+
+def document_rows(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, group_size: int,
+                  doc_width: int | None = None) -> dict:
+    """One shared row per group of `group_size` contexts from one document (see make_batch).
+
+    doc_index / position [B], grouped as rows j*m .. j*m+m-1. Returns doc_tokens, doc_mask
+    [B/m, L] int32, doc_visible [B] int32 and tail_tokens [B, 1 + S] int32. Raises ValueError
+    when B is not a multiple of m, a group mixes documents, or a context would be left-truncated
+    (t > spec.budget: its prompt no longer starts with the document's beginning).
+    """
+    m = int(group_size)
+    doc_index = np.asarray(doc_index, np.int32)
+    position = np.asarray(position, np.int32)
+    b = len(doc_index)
+    if m < 1 or b % m:
+        raise ValueError(f"{b} rows do not split into groups of data.contexts_per_doc={m}")
+    d = doc_index.reshape(-1, m)
+    t = position.reshape(-1, m)
+    mixed = np.flatnonzero((d != d[:, :1]).any(1))
+    if mixed.size:
+        j = int(mixed[0])
+        raise ValueError(f"rows {j * m}..{j * m + m - 1} hold documents "
+                         f"{sorted(set(d[j].tolist()))}; each group of data.contexts_per_doc={m} "
+                         f"rows must be one document's")
+    bad = np.flatnonzero((position > spec.budget) | (position < 1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"row {i}: position {position[i]} of document {doc_index[i]} is outside "
+                         f"[1, {spec.budget}] (the context budget), so its prompt would not "
+                         f"start with the document's prefix; data.contexts_per_doc={m} needs "
+                         f"untruncated contexts")
+    lengths = doc_row_length(spec, t.max(1))
+    width = doc_width or spec.bucket(int(lengths.max()))
+    if width < lengths.max():
+        raise ValueError(f"doc_width={width} < the longest document row ({int(lengths.max())})")
+    doc_tokens = np.full((len(d), width), spec.pad_id, np.int32)
+    doc_mask = np.zeros((len(d), width), np.int32)
+    prefix = np.asarray(spec.prefix, np.int32)
+    for j, n in enumerate(lengths):
+        ids = docs.doc(d[j, 0])
+        doc_tokens[j, :n] = np.concatenate([prefix, ids[:n - len(prefix)]])
+        doc_mask[j, :n] = 1
+    last = np.array([docs.doc(di)[ti - 1] for di, ti in zip(doc_index, position)], np.int32)
+    tail_tokens = np.concatenate(
+        [last[:, None], np.tile(np.asarray(spec.suffix, np.int32), (b, 1))], axis=1)
+    return dict(doc_tokens=doc_tokens, doc_mask=doc_mask,
+                doc_visible=doc_row_length(spec, position).astype(np.int32),
+                tail_tokens=tail_tokens)
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -247,6 +323,16 @@ class ContextIterator:
     (config.seed, epoch) and read as one stream; global batch s is stream rows [s*B, (s+1)*B) and
     host p takes its contiguous slice of B / process_count rows, so hosts are disjoint and together
     cover every batch. `get_state()` / `set_state()` save and restore the position exactly.
+
+    With m = data.contexts_per_doc > 1 the stream is one of document groups: positions are chosen
+    only where the context is untruncated (t <= spec.budget), documents with fewer than m such
+    positions are dropped, and each epoch (rng seeded with (config.seed, epoch)) shuffles each
+    document's positions, cuts them into groups of m (the remainder waits for a later epoch's
+    shuffle) and shuffles the groups. Global batch s is groups [s*B/m, (s+1)*B/m), group j in rows
+    j*m .. j*m+m-1, and batches carry make_batch's doc_tokens / doc_mask / doc_visible /
+    tail_tokens. Each host's B / process_count rows must be whole groups; for the sampler, B/m
+    doc rows split over the mesh's data*fsdp devices, which holds when every device's contexts
+    are whole groups. num_examples is the contexts per epoch (groups * m when m > 1).
 
     data_dir: where corpora and entropy caches live (default data.data_dir; the trainer passes
     <workdir>/tfds). documents: optional sequence of {"text"} (default: the config's corpus
@@ -267,6 +353,11 @@ class ContextIterator:
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index={self.process_index} outside [0, {self.process_count})")
         self.local_batch = self.global_batch // self.process_count
+        self.group = int(config.data.contexts_per_doc)
+        if self.group < 1 or self.local_batch % self.group:
+            raise ValueError(f"data.contexts_per_doc={self.group} must be >= 1 and divide each "
+                             f"host's {self.local_batch} rows (data.batch_size="
+                             f"{self.global_batch} over {self.process_count} processes)")
         self.seed = int(config.seed)
         self.spec = ExampleSpec.from_config(config, tokenizer)  # template errors before any work
         proxy = config.data.proxy_checkpoint if proxy_checkpoint is None else proxy_checkpoint
@@ -287,36 +378,78 @@ class ContextIterator:
             raise ValueError("entropies do not match the documents' token counts")
         self.entropies = entropies
         self.token_bytes = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        # Grouped contexts must not be left-truncated, so only t <= budget are candidates.
+        grouped_note = (f" (data.contexts_per_doc={self.group} takes only positions t <= "
+                        f"{self.spec.budget}, the untruncated contexts)" if self.group > 1 else "")
         self.doc_index, self.position, skipped = select_positions(
             self.docs.lengths, config.data.min_context, config.data.positions_per_doc, self.seed,
-            entropies, threshold)
+            entropies, threshold, self.spec.budget if self.group > 1 else None)
         if any(skipped.values()):
-            log.warning("%s: skipped documents %s", corpus_key, skipped)
+            log.warning("%s: skipped documents %s%s", corpus_key, skipped, grouped_note)
         if not len(self.doc_index):
             raise ValueError(f"{corpus_key}: no examples from {len(self.docs)} documents "
-                             f"(skipped {skipped})")
+                             f"(skipped {skipped}){grouped_note}")
+        if self.group > 1:
+            self._keep_whole_groups(corpus_key, int(config.data.positions_per_doc))
         log.info("%s: %d examples from %d documents", corpus_key, len(self.doc_index),
                  len(self.docs))
         self.step = 0
-        self._perms: dict[int, np.ndarray] = {}
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def _keep_whole_groups(self, corpus_key: str, per_doc: int) -> None:
+        """Drop documents with fewer than m positions; record each document's run of rows."""
+        m, budget = self.group, self.spec.budget
+        counts = np.bincount(self.doc_index, minlength=len(self.docs))
+        short = (counts > 0) & (counts < m)
+        longer = int((self.docs.lengths > budget + 1).sum())
+        if short.any() or longer:
+            log.warning("%s: data.contexts_per_doc=%d: %d documents with fewer than %d positions "
+                        "at t <= %d dropped (%d positions); %d documents have positions t > %d, "
+                        "not used", corpus_key, m, int(short.sum()), m, budget,
+                        int(counts[short].sum()), longer, budget)
+        keep = counts[self.doc_index] >= m
+        if not keep.any():
+            raise ValueError(f"{corpus_key}: no document has data.contexts_per_doc={m} positions "
+                             f"with an untruncated context (t <= {budget}; data.positions_per_doc="
+                             f"{per_doc}, most per document: {int(counts.max())}); lower "
+                             f"data.contexts_per_doc")
+        self.doc_index, self.position = self.doc_index[keep], self.position[keep]
+        counts = counts[counts >= m]
+        self._run_start = np.repeat(np.cumsum(counts) - counts, counts)  # doc_index is ascending
+        self._run_usable = np.repeat(counts // m * m, counts)
+        self._grouped = int((counts // m * m).sum())
 
     @property
     def num_examples(self) -> int:
-        return len(self.doc_index)
+        """Contexts per epoch: every example when m = 1, the grouped ones when m > 1."""
+        return len(self.doc_index) if self.group == 1 else self._grouped
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
+    def _epoch(self, epoch: int) -> np.ndarray:
+        """[num_examples / m, m] example indices of this epoch's groups, in stream order."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 2:
+                self._epochs.pop(min(self._epochs))
             rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(self.num_examples)
-        return self._perms[epoch]
+            if self.group == 1:
+                self._epochs[epoch] = rng.permutation(self.num_examples)[:, None]
+            else:
+                # Shuffle within each document (random keys, sorted per document), cut each
+                # document's first usable rows into groups, then shuffle the groups.
+                order = np.lexsort((rng.random(len(self.doc_index)), self.doc_index))
+                rank = np.arange(len(order)) - self._run_start
+                groups = order[rank < self._run_usable].reshape(-1, self.group)
+                self._epochs[epoch] = groups[rng.permutation(len(groups))]
+        return self._epochs[epoch]
 
     def global_rows(self, step: int) -> np.ndarray:
-        """Example indices of global batch `step` (every host computes the same)."""
-        stream = np.arange(step * self.global_batch, (step + 1) * self.global_batch)
-        epochs, within = np.divmod(stream, self.num_examples)
-        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)], np.int64)
+        """Example indices [B] of global batch `step` (every host computes the same)."""
+        per_epoch = self.num_examples // self.group
+        per_batch = self.global_batch // self.group
+        epochs, within = np.divmod(np.arange(step * per_batch, (step + 1) * per_batch), per_epoch)
+        out = np.empty((per_batch, self.group), np.int64)
+        for e in np.unique(epochs):
+            out[epochs == e] = self._epoch(int(e))[within[epochs == e]]
+        return out.reshape(-1)
 
     def __iter__(self):
         return self
@@ -325,24 +458,37 @@ class ContextIterator:
         rows = self.global_rows(self.step)
         self.step += 1
         pos = self.position[rows]
+        # Widths from the global batch, so every host has the same shapes.
         p = self.spec.bucket(int(prompt_length(self.spec, pos).max()))
         c = self.spec.bucket(int(np.minimum(pos, self.spec.max_prompt_len).max()))
+        width = (self.spec.bucket(int(doc_row_length(self.spec, pos).max()))
+                 if self.group > 1 else None)
         mine = rows[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
         return make_batch(self.docs, self.doc_index[mine], self.position[mine], self.spec,
-                          self.token_bytes, self.entropies, p, c)
+                          self.token_bytes, self.entropies, p, c, self.group, width)
 
     def get_state(self) -> dict:
-        return {"step": int(self.step), "num_examples": int(self.num_examples), "seed": self.seed}
+        return {"step": int(self.step), "num_examples": int(self.num_examples), "seed": self.seed,
+                "contexts_per_doc": self.group}
 
     def set_state(self, state: dict) -> None:
-        if int(state["num_examples"]) != self.num_examples or int(state["seed"]) != self.seed:
+        # States saved before contexts_per_doc existed were ungrouped.
+        group = int(state.get("contexts_per_doc", 1))
+        if (int(state["num_examples"]) != self.num_examples or int(state["seed"]) != self.seed
+                or group != self.group):
             raise ValueError(f"iterator state {state} was saved for other data: this iterator has "
-                             f"{self.num_examples} examples and seed {self.seed}")
+                             f"{self.num_examples} examples, seed {self.seed} and "
+                             f"data.contexts_per_doc={self.group}")
         self.step = int(state["step"])
 
 
 def to_global(batch: dict, mesh) -> dict:
-    """Each host's rows -> global jax arrays split over the mesh's data axes."""
+    """Each host's rows -> global jax arrays split over the mesh's data axes.
+
+    Grouped batches' doc_tokens / doc_mask have B/m rows, split the same way: the sampler needs
+    B/m divisible by the mesh's data*fsdp, which holds when each device's contexts are whole
+    groups.
+    """
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
             for k, v in batch.items()}
 

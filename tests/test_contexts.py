@@ -210,6 +210,196 @@ def test_positions_and_bad_documents(builtin, caplog):
                                  documents=docs)
 
 
+# ----------------------------------------------------------------------------- document groups
+
+def check_document_rows(batch, m, spec, ids_of):
+    """Every prompt rebuilt from its group's doc row and its tail; groups are one document's
+    untruncated positions; doc rows are prefix + the document's ids, right-padded."""
+    b = len(batch["doc_index"])
+    assert batch["doc_tokens"].shape[0] == batch["doc_mask"].shape[0] == b // m
+    assert batch["tail_tokens"].shape == (b, 1 + len(spec.suffix))
+    width = batch["doc_tokens"].shape[1]
+    d = batch["doc_index"].reshape(-1, m)
+    t = batch["position"].reshape(-1, m)
+    assert (d == d[:, :1]).all() and (t <= spec.budget).all()
+    assert all(len(set(row)) == m for row in t.tolist())  # distinct positions in a group
+    lengths = len(spec.prefix) + t.max(1) - 1
+    assert width == spec.bucket(lengths.max())
+    for j in range(b // m):
+        ids = ids_of(d[j, 0])
+        assert batch["doc_mask"][j].tolist() == [1] * lengths[j] + [0] * (width - lengths[j])
+        assert batch["doc_tokens"][j].tolist() == (list(spec.prefix) + ids[:t[j].max() - 1]
+                                                   + [spec.pad_id] * (width - lengths[j]))
+    for i in range(b):
+        prompt = batch["prompt_tokens"][i][batch["prompt_mask"][i] == 1]
+        dt, ti = batch["doc_index"][i], batch["position"][i]
+        assert batch["doc_visible"][i] == len(spec.prefix) + ti - 1
+        assert batch["tail_tokens"][i].tolist() == [ids_of(dt)[ti - 1]] + list(spec.suffix)
+        rebuilt = np.concatenate([batch["doc_tokens"][i // m, :batch["doc_visible"][i]],
+                                  batch["tail_tokens"][i]])
+        np.testing.assert_array_equal(rebuilt, prompt)
+        assert prompt.tolist() == list(spec.prefix) + ids_of(dt)[:ti] + list(spec.suffix)
+    for key in ("doc_tokens", "doc_mask", "doc_visible", "tail_tokens"):
+        assert batch[key].dtype == np.int32, key
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_document_groups_rebuild_every_prompt(smol, chat):
+    """v0 (empty suffix) and v0 in SmolLM2's chat template (non-empty suffix), against
+    transformers' token ids; the budget is small so long documents have truncated positions."""
+    ref, tok = smol
+    docs = real_docs(8)
+    prefix, suffix = contexts.template_ids(tok, "v0", chat)
+    assert bool(suffix) == chat
+    m, room = 4, 60
+    config = make_config(max_prompt_len=len(prefix) + len(suffix) + room, chat_template=chat,
+                         contexts_per_doc=m, positions_per_doc=8)
+    it = contexts.ContextIterator(config, "train", tok, 0, 1, documents=docs)
+    spec = it.spec
+    assert spec.budget == room
+    ids = [ref.encode(x["text"], add_special_tokens=False) for x in docs]
+    assert sum(len(x) > room + 1 for x in ids) >= 4  # positions past the budget exist
+    # The examples: per_doc positions among min_context <= t <= budget, every document kept.
+    per_doc = {d: min(8, min(len(x), room + 1) - 4) for d, x in enumerate(ids)}
+    assert all(v >= m for v in per_doc.values())
+    assert np.bincount(it.doc_index).tolist() == [per_doc[d] for d in range(len(docs))]
+    assert it.num_examples == sum(v // m * m for v in per_doc.values())
+    for batch in drain(it, 3):
+        check_document_rows(batch, m, spec, lambda d: ids[d])
+
+
+def test_make_batch_groups_and_errors(builtin):
+    docs = contexts.tokenize_documents(builtin, [x["text"] for x in arith_docs(4)])
+    spec = contexts.ExampleSpec.from_config(arith_config(), builtin)
+    token_bytes = [builtin.token_bytes(i) for i in range(builtin.vocab_size)]
+    d, t = [0, 0, 0, 2, 2, 2], [5, 9, 7, 30, 4, 12]
+    batch = contexts.make_batch(docs, d, t, spec, token_bytes, group_size=3)
+    check_document_rows(batch, 3, spec, lambda i: docs.doc(i).tolist())
+    plain = contexts.make_batch(docs, d, t, spec, token_bytes)  # same keys, computed as before
+    assert set(batch) - set(plain) == {"doc_tokens", "doc_mask", "doc_visible", "tail_tokens"}
+    for key in plain:
+        np.testing.assert_array_equal(batch[key], plain[key])
+    wide = contexts.make_batch(docs, d, t, spec, token_bytes, group_size=3, doc_width=128)
+    assert wide["doc_tokens"].shape == (2, 128)
+    with pytest.raises(ValueError, match="groups of data.contexts_per_doc=4"):
+        contexts.make_batch(docs, d, t, spec, token_bytes, group_size=4)
+    with pytest.raises(ValueError, match=r"rows 0\.\.1 hold documents \[0, 2\]"):
+        contexts.make_batch(docs, [0, 2], [5, 6], spec, token_bytes, group_size=2)
+    with pytest.raises(ValueError, match="outside"):
+        contexts.make_batch(docs, [0, 0], [5, spec.budget + 1], spec, token_bytes, group_size=2)
+    with pytest.raises(ValueError, match="doc_width=8"):
+        contexts.make_batch(docs, d, t, spec, token_bytes, group_size=3, doc_width=8)
+
+
+def test_ungrouped_stream_is_unchanged(builtin):
+    """contexts_per_doc=1: global batch s is rows [s*B, (s+1)*B) of the (seed, epoch)
+    permutation, made by make_batch without groups."""
+    docs = arith_docs()
+    it = contexts.ContextIterator(arith_config(), "train", builtin, 0, 1, documents=docs)
+    n = it.num_examples
+    assert n == len(it.doc_index) and it.get_state()["contexts_per_doc"] == 1
+    stream = np.concatenate([np.random.default_rng([it.seed, e]).permutation(n) for e in (0, 1)])
+    steps = n // 8 + 2  # into the second epoch
+    for s, batch in enumerate(drain(it, steps)):
+        rows = stream[s * 8:(s + 1) * 8]
+        want = contexts.make_batch(it.docs, it.doc_index[rows], it.position[rows], it.spec,
+                                   it.token_bytes)
+        assert batch.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_grouped_epochs_use_every_position(builtin):
+    docs = arith_docs()
+    m = 4
+    config = arith_config(contexts_per_doc=m, positions_per_doc=6)
+    it = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    counts = np.bincount(it.doc_index)
+    assert it.num_examples == (counts // m * m).sum() and it.num_examples % m == 0
+    assert (it.position <= it.spec.budget).all()
+    per_epoch = it.num_examples // 8
+    groups = it.global_rows(0).reshape(-1, m)
+    for s in range(1, 12 * per_epoch):
+        groups = np.concatenate([groups, it.global_rows(s).reshape(-1, m)])
+    g = it.num_examples // m
+    epochs = [groups[e * g:(e + 1) * g] for e in range(len(groups) // g)]
+    assert len(epochs) >= 10
+    for ep in epochs:
+        docs_of = it.doc_index[ep]
+        assert (docs_of == docs_of[:, :1]).all()
+        assert len(set(ep.ravel().tolist())) == ep.size  # no context twice in an epoch
+        # Each document gives floor(count / m) groups per epoch.
+        np.testing.assert_array_equal(np.bincount(docs_of[:, 0], minlength=len(counts)),
+                                      counts // m)
+        assert (np.diff(docs_of[:, 0]) < 0).any()  # the groups' order is shuffled too
+    assert not np.array_equal(np.sort(epochs[0], 1), np.sort(epochs[1], 1))
+    assert set(np.concatenate(epochs).ravel().tolist()) == set(range(len(it.doc_index)))
+    # Deterministic in (seed, data); the seed decides.
+    again = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    np.testing.assert_array_equal(again.global_rows(per_epoch + 3),
+                                  it.global_rows(per_epoch + 3))
+    config.seed = 5
+    other = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    assert not np.array_equal(other.global_rows(0), it.global_rows(0))
+
+
+def test_grouped_hosts_and_restore(builtin):
+    docs = arith_docs(60)
+    config = arith_config(contexts_per_doc=2)
+    single = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    hosts = [contexts.ContextIterator(config, "train", builtin, p, 2, documents=docs)
+             for p in range(2)]
+    per_epoch = single.num_examples // 8
+    for whole in drain(single, per_epoch + 2):  # across the epoch boundary
+        parts = [next(h) for h in hosts]
+        for key in whole:
+            assert parts[0][key].shape == parts[1][key].shape, key
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+        check_document_rows(whole, 2, single.spec, lambda d: single.docs.doc(d).tolist())
+    # Exact restore, also across an epoch boundary, from a JSON round trip.
+    it = hosts[1]
+    for steps in (3, per_epoch):
+        it.set_state(dict(it.get_state(), step=0))
+        drain(it, steps)
+        state = json.loads(json.dumps(it.get_state()))
+        assert state["contexts_per_doc"] == 2 and state["num_examples"] == it.num_examples
+        expected = drain(it, 2)
+        fresh = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
+        fresh.set_state(state)
+        for want, got in zip(expected, drain(fresh, 2)):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+    ungrouped = contexts.ContextIterator(arith_config(), "train", builtin, 1, 2, documents=docs)
+    with pytest.raises(ValueError, match="data.contexts_per_doc=1"):
+        ungrouped.set_state(dict(state, num_examples=ungrouped.num_examples))
+    with pytest.raises(ValueError, match="other data"):
+        it.set_state(dict(state, contexts_per_doc=1))
+
+
+def test_grouped_config_errors(builtin, caplog):
+    from rpt_jax.config import validate
+    docs = arith_docs(30) + [{"text": "1 + 1 = 2"}]  # too short for 4 positions
+    with caplog.at_level(logging.WARNING):
+        it = contexts.ContextIterator(arith_config(contexts_per_doc=4, min_context=2), "train",
+                                      builtin, 0, 1, documents=docs)
+    assert 30 not in it.doc_index and "1 documents with fewer than 4 positions" in caplog.text
+    for m, hosts in ((3, 1), (4, 4), (0, 1)):
+        with pytest.raises(ValueError, match=f"data.contexts_per_doc={m} must be >= 1 and divide"):
+            contexts.ContextIterator(arith_config(contexts_per_doc=m), "train", builtin, 0, hosts,
+                                     documents=docs)
+    with pytest.raises(ValueError, match="no document has data.contexts_per_doc=8"):
+        contexts.ContextIterator(arith_config(contexts_per_doc=8, positions_per_doc=6), "train",
+                                 builtin, 0, 1, documents=docs)
+    with pytest.raises(ValueError, match="contexts_per_doc=2 takes only positions t <= "):
+        contexts.ContextIterator(arith_config(contexts_per_doc=2, min_context=200), "train",
+                                 builtin, 0, 1, documents=docs)
+    for m in (0, 3):
+        with pytest.raises(ValueError, match=f"data.contexts_per_doc={m} must be >= 1"):
+            validate(arith_config(contexts_per_doc=m), 8)
+    validate(arith_config(contexts_per_doc=4), 8)
+
+
 def np_topk_entropy(logits, k):
     top = np.sort(np.asarray(logits, np.float64), axis=-1)[..., -k:]
     p = np.exp(top - top.max(-1, keepdims=True))
