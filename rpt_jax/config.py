@@ -182,9 +182,11 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the data "
                          f"axes of the mesh (data*fsdp={data * fsdp})")
     m = config.data.contexts_per_doc
-    if m < 1 or config.data.batch_size % m:
+    if m < 1 or config.data.batch_size % m or (config.data.batch_size // m) % (data * fsdp):
         raise ValueError(f"data.contexts_per_doc={m} must be >= 1 and divide "
-                         f"data.batch_size={config.data.batch_size}")
+                         f"data.batch_size={config.data.batch_size} into a number of documents "
+                         f"divisible by the mesh's data axes (data*fsdp={data * fsdp}), so each "
+                         f"device samples whole documents")
     samples = config.data.batch_size * config.sampling.num_samples
     if samples % config.rl.micro_batches or (samples // config.rl.micro_batches) % (data * fsdp):
         raise ValueError(f"data.batch_size*sampling.num_samples={samples} must split into "

@@ -282,10 +282,12 @@ _MEMO: dict = {}  # eval sets built in this process without a cache_dir, by key
 
 
 def _eval_config(config):
-    """The config the eval iterator reads: every position is a candidate (no entropy filter)."""
+    """The config the eval iterator reads: every position is a candidate (no entropy filter),
+    ungrouped (the eval set does not depend on data.contexts_per_doc)."""
     cfg = config.copy_and_resolve_references()
     cfg.data.entropy_threshold = 0.0
     cfg.data.proxy_checkpoint = ""
+    cfg.data.contexts_per_doc = 1
     return cfg
 
 
@@ -424,8 +426,8 @@ def evaluate(params, model_cfg: model_lib.ModelConfig, config, tokenizer, mesh, 
 
     params: sharded like training (`sharding.param_shardings`). rng: the sampling key (batch i
     samples with fold_in(rng, i)). eval_set: a prebuilt set (else `build_eval_set` with these
-    params as the proxy when eval.proxy_checkpoint is ""). sampler: (params, prompt_tokens,
-    prompt_mask, rng) -> SampleOutput with rows b*G+g; default `sampling.make_sampler` with
+    params as the proxy when eval.proxy_checkpoint is ""). sampler: (params, sampling.Prompts,
+    rng) -> SampleOutput with rows b*G+g; default `sampling.make_sampler` with
     config.sampling and G = eval.num_samples. The reward is always prefix_match (accuracy),
     whatever reward.kind training uses.
 
@@ -454,7 +456,8 @@ def evaluate(params, model_cfg: model_lib.ModelConfig, config, tokenizer, mesh, 
                                    disable=not progress)):
         gb = contexts.to_global(batch, mesh)
         predicted, _ = next_token(params, gb["context_tokens"], gb["context_mask"])
-        out = sampler(params, gb["prompt_tokens"], gb["prompt_mask"], jax.random.fold_in(rng, i))
+        out = sampler(params, sampling.Prompts(gb["prompt_tokens"], gb["prompt_mask"]),
+                      jax.random.fold_in(rng, i))
         if out.tokens.shape[0] != g * gb["prompt_tokens"].shape[0]:
             raise ValueError(f"sampler returned {out.tokens.shape[0]} rows for "
                              f"{gb['prompt_tokens'].shape[0]} prompts x eval.num_samples={g}")

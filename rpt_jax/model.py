@@ -306,20 +306,18 @@ def decoding_axes(cfg: ModelConfig) -> dict:
 
 
 def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
-                   cache_dtype="bfloat16"):
-    """Run left-padded prompts once. tokens, positions, segment_ids [b, t] (segment 0 = padding).
+                   cache_dtype="bfloat16") -> dict:
+    """Run prompt rows once for their keys and values. tokens, positions, segment_ids [b, t]
+    (segment 0 = padding, anywhere in the row).
 
-    Returns (float32 logits of the last position [b, v], prompt cache) where the prompt cache is
-    {"k", "v": tuples of l arrays [b, k, t, e], "valid": [b, t] bool}.
+    Returns the prompt cache {"k", "v": tuples of l arrays [b, k, t, e], "valid": [b, t] bool}.
     """
-    h, (k, v) = hidden_states(params, tokens, cfg, positions, segment_ids)
-    logits = logits_from_hidden(params, h[:, -1:], cfg)[:, 0]
+    _, (k, v) = hidden_states(params, tokens, cfg, positions, segment_ids)
     k = jnp.swapaxes(k, 2, 3).astype(cache_dtype)  # [l, b, k, t, e]
     v = jnp.swapaxes(v, 2, 3).astype(cache_dtype)
-    cache = {"k": tuple(k[i] for i in range(cfg.num_layers)),
-             "v": tuple(v[i] for i in range(cfg.num_layers)),
-             "valid": segment_ids != 0}
-    return logits, cache
+    return {"k": tuple(k[i] for i in range(cfg.num_layers)),
+            "v": tuple(v[i] for i in range(cfg.num_layers)),
+            "valid": segment_ids != 0}
 
 
 def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16",
@@ -327,7 +325,7 @@ def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16"
     """A per-sample cache {"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s] bool}.
 
     Empty, or with a prompt cache (`prefill_prompt`, b = r rows, t <= s slots) copied to slots
-    0..t-1: with one sample per context a single cache is cheaper than a shared one.
+    0..t-1: for short prompts one cache per sample is cheaper than a shared one.
     """
     shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
     cache = {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -376,10 +374,12 @@ def _rope_rows(x, positions, theta):
 def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig):
     """One decode step of every sample. weights from `decoding_weights`.
 
-    tokens, positions [r] int with r = b * g (row i*g + j is sample j of context i). Writes the
-    new keys / values to slot `index` (a scalar) of the per-sample `cache` and attends over its
-    valid slots plus, if `prompt_cache` is not None, the prompt cache of the row's context
-    (b rows). Returns (float32 logits [r, v], cache).
+    tokens, positions [r] int with r = b * g: row i*g + j is the j-th of the g rows that read
+    row i of `prompt_cache` (b rows; the g samples of a context, or of all a document's
+    contexts). Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
+    and attends over its valid slots plus, if `prompt_cache` is not None, the valid prompt slots
+    below the row's limit `prompt_cache["visible"]` [b, g] int32 (absent: all valid slots).
+    Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
     b = r if prompt_cache is None else prompt_cache["valid"].shape[0]
@@ -390,7 +390,10 @@ def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: M
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
     resp_valid = valid.reshape(b, g, 1, 1, -1)
     if prompt_cache is not None:
-        prompt_valid = prompt_cache["valid"][:, None, None, None]
+        prompt_valid = prompt_cache["valid"][:, None, None, None]  # [b, 1, 1, 1, s]
+        if "visible" in prompt_cache:
+            slots = jnp.arange(prompt_valid.shape[-1], dtype=jnp.int32)
+            prompt_valid = prompt_valid & (slots < prompt_cache["visible"][:, :, None, None, None])
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):

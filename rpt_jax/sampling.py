@@ -40,9 +40,10 @@ class SamplingConfig:
     max_new_tokens: int = 16
     stop_ids: tuple[int, ...] = ()
     cache_dtype: str = "bfloat16"
-    # "shared": one prompt cache per context, read once per step for its g samples;
+    # "shared": one prompt cache per prefix row, read once per step for the rows it serves;
     # "per_sample": the prompt copied into every sample's cache (fewer kernels per step);
-    # "auto": shared when g > 1 and the prompt has >= SHARED_MIN_PROMPT tokens.
+    # "auto": shared for document-grouped prompts, and when g > 1 and the prompt has
+    # >= SHARED_MIN_PROMPT tokens.
     cache_layout: str = "auto"
     # prefill the prompts in this many sequential slices of rows (lax.map): bounds the prefill
     # activations (every layer's k, v and one layer's [rows, heads, p, p] scores) for long prompts
@@ -66,10 +67,11 @@ class SamplingConfig:
         if self.cache_layout not in ("auto", "shared", "per_sample"):
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
 
-    def shared_prompt(self, prompt_len: int) -> bool:
-        """Whether the g samples of a context read one prompt cache (see cache_layout)."""
+    def shared_prompt(self, prompt_len: int, contexts_per_row: int = 1) -> bool:
+        """Whether the rows of a prefix row read one prompt cache (see cache_layout)."""
         if self.cache_layout == "auto":
-            return self.num_samples > 1 and prompt_len >= SHARED_MIN_PROMPT
+            return contexts_per_row > 1 or (self.num_samples > 1
+                                            and prompt_len >= SHARED_MIN_PROMPT)
         return self.cache_layout == "shared"
 
     @classmethod
@@ -197,45 +199,110 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # [r, k, s, e]
 
 
-def prepare(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfig,
-            sampling_cfg: SamplingConfig, pad_id: int = 0):
-    """Everything before the decode loop: prefill, caches, token 0. Returns (context, state).
+class Prompts(NamedTuple):
+    """The prompts of b contexts as D prefix rows that m = b / D contexts each read in part.
 
-    context holds what the loop only reads (decoding weights, prompt cache, positions); state
-    what it updates (per-sample cache, output buffers, done flags, step t).
+    tokens, mask [D, L]: prefix rows (mask 0 = padding, anywhere); positions count a row's real
+    tokens from 0. visible [b] int32: context i reads slots [0, visible[i]) of row i // m.
+    tail [b, T] int32: the rest of context i's prompt, all real tokens, fed one per decode step.
+    visible = tail = None: plain left-padded prompts [b, L] (m = 1; the last column, real in
+    every row, is the tail). contexts.make_batch's doc_* fields give one row per document
+    (`from_batch`), so a document is prefilled once for all of its contexts.
+    """
+    tokens: jax.Array
+    mask: jax.Array
+    visible: jax.Array | None = None
+    tail: jax.Array | None = None
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "Prompts":
+        """The document-grouped fields of a contexts batch if it has them, else its prompts."""
+        if "doc_tokens" in batch:
+            return cls(batch["doc_tokens"], batch["doc_mask"], batch["doc_visible"],
+                       batch["tail_tokens"])
+        return cls(batch["prompt_tokens"], batch["prompt_mask"])
+
+    def split(self) -> "Prompts":
+        """Plain prompts as prefix rows plus a one-token tail (traceable); others unchanged."""
+        if self.visible is not None:
+            return self
+        b, p = self.tokens.shape
+        return Prompts(self.tokens[:, :-1], self.mask[:, :-1],
+                       jnp.full((b,), p - 1, jnp.int32), self.tokens[:, -1:])
+
+    def check(self) -> tuple[int, int, int, int]:
+        """Raise ValueError on inconsistent shapes; return (D, L, b, T) of the split form."""
+        if self.tokens.ndim != 2 or self.tokens.shape != self.mask.shape:
+            raise ValueError(f"prompt tokens {self.tokens.shape} and mask {self.mask.shape} "
+                             f"must both be [rows, length]")
+        d, p = self.tokens.shape
+        if self.visible is None:
+            if p < 2:
+                raise ValueError(f"prompts [{d}, {p}] need a width of at least 2")
+            return d, p - 1, d, 1
+        b = self.visible.shape[0]
+        if self.visible.ndim != 1 or self.tail.ndim != 2 or self.tail.shape[0] != b or b % d:
+            raise ValueError(f"visible {self.visible.shape} and tail {self.tail.shape} must be "
+                             f"[b] and [b, T] with b a multiple of the {d} prefix rows")
+        return d, p, b, self.tail.shape[1]
+
+
+def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
+            sampling_cfg: SamplingConfig, pad_id: int = 0):
+    """Everything before the decode loop. Returns (context, state).
+
+    Prefills the prefix rows, lays out the caches, then feeds all but the last tail token (one
+    decode step each). context holds what the loop only reads (decoding weights, prompt cache,
+    positions); state what it updates (per-sample cache, output buffers, done flags, step t).
     """
     cfg = sampling_cfg
-    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
-                         f"{prompt_mask.shape} must both be [batch, prompt_len]")
-    b, p = prompt_tokens.shape
+    d, L, b, T = prompts.check()
+    prompts = prompts.split()
     g, n = cfg.num_samples, cfg.max_new_tokens
     r = b * g
-    mask = prompt_mask.astype(jnp.int32)
+    fan = r // d  # rows reading one prefix row
+    mask = prompts.mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-
-    first_logits, prompt_cache = _prefill(params, prompt_tokens, positions, mask, model_cfg, cfg)
-    # the per-sample cache holds every fed token: all but the last sampled one
-    if cfg.shared_prompt(p):
-        cache = model.init_response_cache(model_cfg, r, max(n - 1, 1), cfg.cache_dtype)
+    prompt_cache = _prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
+    visible = jnp.repeat(prompts.visible.astype(jnp.int32), g)  # [r]
+    row_mask = jnp.repeat(mask, fan, axis=0)  # [r, L]
+    # position of a row's first tail token: the real prefix tokens it reads
+    row_pos = jnp.sum(row_mask * (jnp.arange(L) < visible[:, None]), axis=1)
+    tail = jnp.repeat(prompts.tail.astype(jnp.int32), g, axis=0)  # [r, T]
+    slots = T - 1 + n  # the per-sample cache holds every fed token: all but the last sampled one
+    if cfg.shared_prompt(L, b // d):
+        prompt_cache = dict(prompt_cache, visible=visible.reshape(d, fan))
+        cache = model.init_response_cache(model_cfg, r, slots, cfg.cache_dtype)
         offset = 0
     else:
-        prefix = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), prompt_cache)
-        cache = model.init_response_cache(model_cfg, r, p + max(n - 1, 1), cfg.cache_dtype,
-                                          prefix)
-        prompt_cache, offset = None, p
+        prefix = jax.tree.map(lambda x: jnp.repeat(x, fan, axis=0), prompt_cache)
+        prefix["valid"] = prefix["valid"] & (jnp.arange(L) < visible[:, None])
+        cache = model.init_response_cache(model_cfg, r, L + slots, cfg.cache_dtype, prefix)
+        prompt_cache, offset = None, L
     cache = {"k": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["k"]),
              "v": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["v"]),
              "valid": cache["valid"]}
     context = dict(weights=_decoding_weights(params, model_cfg, cfg), prompt_cache=prompt_cache,
-                   slot_offset=offset, rng=rng,
-                   row_pos=jnp.repeat(mask.sum(axis=1), g))  # position of response token 0
+                   slot_offset=offset, rng=rng, row_pos=row_pos)
+
+    def feed(j, cache):  # tail token j, no sampling
+        return _step(context, tail[:, j], j, cache, model_cfg)[1]
+
+    cache = jax.lax.fori_loop(0, T - 1, feed, cache)
+    context["row_pos"] = row_pos + T - 1  # position of the last tail token: fed at step 0
+    context["slot_offset"] = offset + T - 1
     state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
                  lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
-                 stopped=jnp.zeros((r,), bool), last=jnp.zeros((r,), jnp.int32),
+                 stopped=jnp.zeros((r,), bool), last=tail[:, -1],
                  t=jnp.zeros((), jnp.int32), cache=cache)
-    state = _record(state, jnp.repeat(first_logits, g, axis=0), rng, cfg, pad_id)
     return context, state
+
+
+def _step(context, tokens, t, cache, model_cfg):
+    """Feed tokens [r] as step t (slot slot_offset + t); returns (logits [r, v], cache)."""
+    return model.decode_shared(context["weights"], tokens, context["row_pos"] + t,
+                               context["prompt_cache"], cache, context["slot_offset"] + t,
+                               model_cfg)
 
 
 def _decoding_weights(params, model_cfg, cfg: SamplingConfig):
@@ -258,7 +325,7 @@ def _prefill(params, tokens, positions, mask, model_cfg, cfg: SamplingConfig):
     if c == 1:
         return model.prefill_prompt(params, tokens, model_cfg, positions, mask, cfg.cache_dtype)
     if b % c:
-        raise ValueError(f"prompt batch {b} is not divisible by prefill_chunks={c}")
+        raise ValueError(f"{b} prompt rows are not divisible by prefill_chunks={c}")
     split = lambda x: jnp.swapaxes(x.reshape((b // c, c) + x.shape[1:]), 0, 1)  # noqa: E731
     merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((b,) + x.shape[2:])  # noqa: E731
     out = jax.lax.map(lambda a: model.prefill_prompt(params, a[0], model_cfg, a[1], a[2],
@@ -286,71 +353,69 @@ def _record(state, logits, rng, cfg: SamplingConfig, pad_id):
 
 def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
                 pad_id: int = 0) -> SampleOutput:
-    """The `lax.while_loop` of decode steps; exits when every row is done or n tokens exist."""
+    """The `lax.while_loop` of decode steps; exits when every row is done or n tokens exist.
+    Step t feeds token t - 1 (the last tail token at t = 0) and chooses token t."""
     cfg = sampling_cfg
 
     def cond(state):
         return (state["t"] < cfg.max_new_tokens) & ~jnp.all(state["done"])
 
     def body(state):
-        t = state["t"]  # feed token t-1 (response slot t-1), choose token t
-        logits, cache = model.decode_shared(
-            context["weights"], state["last"], context["row_pos"] + t - 1,
-            context["prompt_cache"], state["cache"], context["slot_offset"] + t - 1, model_cfg)
+        logits, cache = _step(context, state["last"], state["t"], state["cache"], model_cfg)
         return _record(dict(state, cache=cache), logits, context["rng"], cfg, pad_id)
 
     state = jax.lax.while_loop(cond, body, state)
     return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["stopped"])
 
 
-def sample(params, prompt_tokens, prompt_mask, rng, model_cfg: model.ModelConfig,
+def sample(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
            sampling_cfg: SamplingConfig, pad_id: int = 0) -> SampleOutput:
-    """Sample g continuations of every prompt (traceable; `make_sampler` jits it on a mesh).
+    """Sample g continuations of every context (traceable; `make_sampler` jits it on a mesh).
 
-    prompt_tokens, prompt_mask [b, p]: left padded (mask 0 = pad, the last column real in every
-    row); positions count from each row's first real token. rng: a PRNG key.
+    prompts: `Prompts` (plain left-padded prompts [b, p]: Prompts(tokens, mask)); rng: a PRNG
+    key. Rows of the output: b * g, row i * g + j is sample j of context i.
     """
-    context, state = prepare(params, prompt_tokens, prompt_mask, rng, model_cfg, sampling_cfg,
-                             pad_id)
+    context, state = prepare(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
     return decode_loop(context, state, model_cfg, sampling_cfg, pad_id)
 
 
 def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
                  param_shardings, pad_id: int = 0):
-    """`sample` jitted on `mesh`: (params, prompt_tokens, prompt_mask, rng) -> SampleOutput.
+    """`sample` jitted on `mesh`: (params, prompts: Prompts, rng) -> SampleOutput.
 
     Params keep `param_shardings` (the training layout); prompts and outputs are split over the
-    data axes. One compile per prompt shape (the caller pads to a few buckets); before it, the
-    memory estimate is checked against the devices' reported memory (`check_memory`). Nothing
-    is donated: no input matches an output's shape, and the caches live and are updated in
-    place inside the one compiled call.
+    data axes (document-grouped prompts need their prefix rows divisible by data * fsdp, so each
+    device holds whole documents). One compile per prompt shape (the caller pads to a few
+    buckets); before it, the memory estimate is checked against the devices' reported memory
+    (`check_memory`). Nothing is donated: no input matches an output's shape, and the caches
+    live and are updated in place inside the one compiled call.
     """
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
     repl = sharding.replicated(mesh)
 
-    def fn(params, prompt_tokens, prompt_mask, rng):
-        return sample(params, prompt_tokens, prompt_mask, rng, model_cfg, sampling_cfg, pad_id)
+    def fn(params, prompts, rng):
+        return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
-    jitted = jax.jit(fn, in_shardings=(param_shardings, mat, mat, repl),
+    jitted = jax.jit(fn, in_shardings=(param_shardings, Prompts(mat, mat, rows, mat), repl),
                      out_shardings=SampleOutput(mat, mat, rows, rows))
 
     checked = set()
 
-    def run(params, prompt_tokens, prompt_mask, rng):
-        shape = tuple(prompt_tokens.shape)
-        if shape not in checked:  # once per prompt bucket, before its compile
+    def run(params, prompts: Prompts, rng):
+        d, L, b, T = prompts.check()
+        if (d, L, b, T) not in checked:  # once per prompt bucket, before its compile
             split = mesh.shape["data"] * mesh.shape["fsdp"]
-            if shape[0] % split:
-                raise ValueError(f"prompt batch {shape[0]} is not divisible by the mesh's data "
-                                 f"axes (data*fsdp={split})")
+            if d % split:
+                raise ValueError(f"{d} prompt rows are not divisible by the mesh's data axes "
+                                 f"(data*fsdp={split})")
             available = device_bytes(mesh)
             if available is not None:
-                check_memory(model_cfg, sampling_cfg, shape[0], shape[1], available,
-                             mesh.shape["fsdp"])
-            checked.add(shape)
+                check_memory(model_cfg, sampling_cfg, b, L, available, mesh.shape["fsdp"],
+                             prefix_rows=d, tail_len=T)
+            checked.add((d, L, b, T))
         with jax.set_mesh(mesh):
-            return jitted(params, prompt_tokens, prompt_mask, rng)
+            return jitted(params, prompts, rng)
 
     run.jitted = jitted
     return run
@@ -359,24 +424,28 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
 # ----------------------------------------------------------------------------- memory
 
 def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
-                 prompt_len: int, fsdp: int = 1) -> dict:
-    """Bytes the sampler holds at once (all devices together), by part. batch = contexts;
+                 prompt_len: int, fsdp: int = 1, prefix_rows: int | None = None,
+                 tail_len: int = 1) -> dict:
+    """Bytes the sampler holds at once (all devices together), by part. batch = contexts b;
+    prompt_len = L and prefix_rows = D (default b) of the prefix rows, tail_len = T (Prompts);
     fsdp: size of the mesh's fsdp axis (gather_weights keeps a weight copy per fsdp shard)."""
     m, s = model_cfg, sampling_cfg
     n_params = model.num_params(m)
     compute_b = jnp.dtype(m.dtype).itemsize
     rows = batch * s.num_samples
+    prefix_rows = batch if prefix_rows is None else prefix_rows
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
-    sample_slots = s.max_new_tokens + (0 if s.shared_prompt(prompt_len) else prompt_len)
+    shared = s.shared_prompt(prompt_len, batch // prefix_rows)
+    sample_slots = tail_len - 1 + s.max_new_tokens + (0 if shared else prompt_len)
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b * (
             fsdp if s.gather_weights else 1),
-        "prompt KV cache": batch * prompt_len * per_slot,
+        "prompt KV cache": prefix_rows * prompt_len * per_slot,
         "per-sample KV cache": rows * sample_slots * per_slot,
         # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
         # one layer's activations and, without a fused attention kernel, its scores
-        "prefill activations": -(-batch // s.prefill_chunks) * prompt_len * (
+        "prefill activations": -(-prefix_rows // s.prefill_chunks) * prompt_len * (
             (2 * m.num_layers * m.num_kv_heads * m.head_dim + 4 * m.hidden_size
              + 3 * m.mlp_dim) * compute_b
             + (m.num_heads * prompt_len * 4 if m.attention != "cudnn" else 0)),
@@ -386,13 +455,16 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
 
 
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
-                 prompt_len: int, bytes_available: int, fsdp: int = 1) -> int:
+                 prompt_len: int, bytes_available: int, fsdp: int = 1,
+                 prefix_rows: int | None = None, tail_len: int = 1) -> int:
     """Raise ValueError before compiling when sampling cannot fit in `bytes_available`.
 
     batch: contexts (rows = batch * num_samples); bytes_available: the memory of all devices
-    the sampler runs on, together (the data are split evenly). Returns the estimate in bytes.
+    the sampler runs on, together (the data are split evenly); the rest as in `memory_bytes`.
+    Returns the estimate in bytes.
     """
-    parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp)
+    parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp, prefix_rows,
+                         tail_len)
     total = int(sum(parts.values()))
     if total > bytes_available:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())

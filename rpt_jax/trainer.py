@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _INIT_STREAM = 1 << 30
 ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "context_tokens", "context_mask",
                 "target_bytes", "target_len", "boundaries", "target_tokens")
+GROUPED_KEYS = ("doc_tokens", "doc_mask", "doc_visible", "tail_tokens")  # sampler input
 
 
 @dataclasses.dataclass
@@ -340,10 +341,11 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                 break
             step = done
             batch = contexts.to_global({k: v for k, v in next(train_iter).items()
-                                        if k in ROLLOUT_KEYS}, mesh)
+                                        if k in ROLLOUT_KEYS + GROUPED_KEYS}, mesh)
             use_keep = bool(config.rl.dynamic_sampling) and step >= config.rl.dynamic_sampling_start
-            samples = sampler(state.params, batch["prompt_tokens"], batch["prompt_mask"],
+            samples = sampler(state.params, sampling.Prompts.from_batch(batch),
                               step_key(config.seed, step))
+            batch = {k: batch[k] for k in ROLLOUT_KEYS}
             train_batch, roll = rollout(state.params, samples, batch, table,
                                         jnp.asarray(use_keep))
             state, upd = update(state, train_batch)

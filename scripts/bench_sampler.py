@@ -8,9 +8,14 @@ comparable across --num-samples. No stop ids: every row generates --new-tokens t
 Every implementation is built and warmed up first, then timed in interleaved rounds (one call
 of each per round, median over rounds), so a load swing on a shared machine hits all alike.
 Reported: new tokens/s over the whole call (prefill included), ms per decode step (the full
-call minus `sampling.prepare`, the part before the loop, over n - 1 steps), and the roofline:
+call minus `sampling.prepare`, the part before the loop, over n steps), and the roofline:
 the bytes a step must read (decode weights once plus the KV cache up to the current length,
 averaged over the steps) over the copy bandwidth measured with jax in the same run.
+
+--contexts-per-doc m: RPT's prompts instead, a template (16 tokens before the context, 4 after)
+around contexts cut from documents of --prompt-len tokens at m positions each (evenly spaced in
+the document's second half); timed as plain prompts (one prefill per context) and
+document-grouped (`sampling.Prompts` with one prefix row per document) side by side.
 Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
 """
 from __future__ import annotations
@@ -64,23 +69,51 @@ def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
     return weights + per_slot * (contexts * prompt_len + batch * avg_response)
 
 
-def rpt_runners(params, mcfg, scfg, prompts, mesh):
+def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
     """(full sampler call, everything before its decode loop) as zero-argument callables."""
     shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
-    mask = jnp.ones_like(prompts)
     rng = jax.random.key(0)
     full = sampling.make_sampler(mesh, mcfg, scfg, shards)
-    mat, repl = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
+    mat, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
     prepare = jax.jit(lambda *a: sampling.prepare(*a, mcfg, scfg),
-                      in_shardings=(shards, mat, mat, repl))
+                      in_shardings=(shards, sampling.Prompts(mat, mat, rows, mat),
+                                    sharding.replicated(mesh)))
 
     def run_prepare():
         with jax.set_mesh(mesh):
-            return prepare(params, prompts, mask, rng)
+            return prepare(params, prompts, rng)
 
-    out = full(params, prompts, mask, rng)
+    out = full(params, prompts, rng)
     assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
-    return block(lambda: full(params, prompts, mask, rng)), block(run_prepare)
+    return block(lambda: full(params, prompts, rng)), block(run_prepare)
+
+
+def document_prompts(contexts, per_doc, doc_len, vocab, rng):
+    """RPT-shaped prompts: (document-grouped Prompts, the same prompts left padded, mean prompt
+    tokens). prefix (16) + doc[:t] + suffix (4) for per_doc positions t per document."""
+    import numpy as np
+    gen = np.random.default_rng(rng)
+    prefix, suffix = list(gen.integers(0, vocab, 16)), list(gen.integers(0, vocab, 4))
+    ts = np.linspace(doc_len // 2, doc_len, per_doc).astype(int)
+    width = len(prefix) + doc_len - 1
+    doc_tokens = np.zeros((contexts // per_doc, width), np.int32)
+    visible, tail, plain = [], [], []
+    for d in range(contexts // per_doc):
+        doc = list(gen.integers(0, vocab, doc_len))
+        doc_tokens[d] = prefix + doc[:-1]
+        for t in ts:
+            visible.append(len(prefix) + t - 1)
+            tail.append([doc[t - 1]] + suffix)
+            plain.append(prefix + doc[:t] + suffix)
+    p = max(map(len, plain))
+    tokens = np.zeros((contexts, p), np.int32)
+    mask = np.zeros((contexts, p), np.int32)
+    for i, row in enumerate(plain):
+        tokens[i, p - len(row):], mask[i, p - len(row):] = row, 1
+    grouped = sampling.Prompts(jnp.asarray(doc_tokens), jnp.ones_like(jnp.asarray(doc_tokens)),
+                               jnp.asarray(visible, jnp.int32), jnp.asarray(tail, jnp.int32))
+    mean = float(np.mean([len(r) for r in plain]))
+    return grouped, sampling.Prompts(jnp.asarray(tokens), jnp.asarray(mask)), mean
 
 
 def trace(fn, profile_dir):
@@ -227,6 +260,9 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                     help="model.attention of the prefill (cudnn: GPU, bf16)")
     ap.add_argument("--prefill-chunks", type=int, default=1)
+    ap.add_argument("--contexts-per-doc", type=int, default=0,
+                    help="RPT prompts from documents of --prompt-len tokens, m contexts each: "
+                         "plain vs document-grouped (see above)")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
@@ -256,26 +292,42 @@ def main(argv=None):
     params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.key(0))
     new = args.batch * args.new_tokens
     runners, info = {}, {}  # name -> callable; name -> (G, decode-step floor s, prepare name)
+    m = args.contexts_per_doc
     for g in samples:
         contexts = args.batch // g
-        prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
-                                     mcfg.vocab_size, jnp.int32)
+        if m:
+            if contexts % m:
+                ap.error(f"{contexts} contexts (G={g}) are not a multiple of --contexts-per-doc")
+            grouped, plain, mean_len = document_prompts(contexts, m, args.prompt_len,
+                                                        mcfg.vocab_size, 1)
+            variants = [("plain prompts", plain, contexts, mean_len),
+                        (f"document-grouped, {m} contexts/doc", grouped, contexts // m,
+                         grouped.tokens.shape[1])]
+        else:
+            prompts = jax.random.randint(jax.random.key(1), (contexts, args.prompt_len), 0,
+                                         mcfg.vocab_size, jnp.int32)
+            variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
+                         args.prompt_len)]
         for layout in args.cache_layout.split(","):
-            scfg = sampling.SamplingConfig(
-                num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
-                cache_dtype=cache_dtype, cache_layout=layout, prefill_chunks=args.prefill_chunks)
-            shared = scfg.shared_prompt(args.prompt_len)
-            name = f"rpt_jax sampler ({'shared' if shared else 'per-sample'} prompt cache), G={g}"
-            try:
-                runners[name], runners[name + " prepare"] = rpt_runners(
-                    params, mcfg, scfg, prompts, mesh)
-            except Exception as err:  # keep the other variants of a long device run
-                print(f"FAILED {name}: {err!r}", flush=True)
-                continue
-            floor = step_bytes(mcfg, args.batch, contexts if shared else args.batch,
-                               args.prompt_len, args.new_tokens, cache_dtype) / bw
-            info[name] = (g, floor, name + " prepare")
-            print(f"built {name}", flush=True)
+            for label, prompts, prefix_rows, prompt_len in variants:
+                scfg = sampling.SamplingConfig(
+                    num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
+                    cache_dtype=cache_dtype, cache_layout=layout,
+                    prefill_chunks=args.prefill_chunks)
+                d, L, b, _ = prompts.check()
+                shared = scfg.shared_prompt(L, b // d)
+                name = (f"rpt_jax sampler {label + ' ' if label else ''}("
+                        f"{'shared' if shared else 'per-sample'} prompt cache), G={g}")
+                try:
+                    runners[name], runners[name + " prepare"] = rpt_runners(
+                        params, mcfg, scfg, prompts, mesh)
+                except Exception as err:  # keep the other variants of a long device run
+                    print(f"FAILED {name}: {err!r}", flush=True)
+                    continue
+                floor = step_bytes(mcfg, args.batch, prefix_rows if shared else args.batch,
+                                   prompt_len, args.new_tokens, cache_dtype) / bw
+                info[name] = (g, floor, name + " prepare")
+                print(f"built {name}", flush=True)
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
                                      mcfg.vocab_size, jnp.int32)
@@ -295,22 +347,24 @@ def main(argv=None):
         t = times[name]
         ms = roof = ""
         if prep:
-            step = (t - times[prep]) / (args.new_tokens - 1)
+            step = (t - times[prep]) / args.new_tokens
             ms, roof = f"{step * 1e3:.2f}", f"{floor / step:.0%}"
+            prep = f"{times[prep] * 1e3:.0f}"
         rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
                     f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
-                    f"| {new / t:,.0f} | {ms} | {roof} | `{command}` |")
-        print(f"{name}: {new / t:,.0f} new tokens/s, {ms} ms/step, roofline {roof}", flush=True)
+                    f"| {new / t:,.0f} | {prep or ''} | {ms} | {roof} | `{command}` |")
+        print(f"{name}: {new / t:,.0f} new tokens/s, prepare {prep or '-'} ms, {ms} ms/step, "
+              f"roofline {roof}", flush=True)
     if args.profile and info:
         first = next(iter(info))
         trace(runners[first], args.profile)
         try:
-            print("\n".join([first] + kernel_table(args.profile, args.new_tokens - 1)))
+            print("\n".join([first] + kernel_table(args.profile, args.new_tokens)))
         except Exception as err:  # a trace without device events
             print(f"no kernel table: {err!r}")
     print(f"\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
-          f"| new tok/s | ms/step | roofline | command |")
-    print("|" + "---|" * 13)
+          f"| new tok/s | prepare ms | ms/step | roofline | command |")
+    print("|" + "---|" * 14)
     print("\n".join(rows))
     return rows
 

@@ -397,7 +397,9 @@ def test_grouped_config_errors(builtin, caplog):
     for m in (0, 3):
         with pytest.raises(ValueError, match=f"data.contexts_per_doc={m} must be >= 1"):
             validate(arith_config(contexts_per_doc=m), 8)
-    validate(arith_config(contexts_per_doc=4), 8)
+    with pytest.raises(ValueError, match=r"divisible by the mesh's data axes \(data\*fsdp=8\)"):
+        validate(arith_config(contexts_per_doc=4), 8)  # 2 documents for 8 devices
+    validate(arith_config(contexts_per_doc=4), 2)
 
 
 def np_topk_entropy(logits, k):

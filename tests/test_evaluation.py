@@ -241,8 +241,8 @@ def test_evaluate_reasoning_metric_equals_reference_reward(setup, eval_set):
 
     refs = {}
 
-    def scripted(p, prompt_tokens, prompt_mask, rng):
-        prompts = np.asarray(prompt_tokens)
+    def scripted(p, prompts, rng):
+        prompts = np.asarray(prompts.tokens)
         rows = []
         for b, pr in enumerate(prompts):
             target = answers[pr.tobytes()]

@@ -77,24 +77,28 @@ def test_forward_matches_numpy_reference(params):
 
 
 def _decode_cached(params, prompt, seg, pos, tokens, positions, shared):
-    """Prefill `prompt` [b, t], then decode tokens [b, n] one at a time; logits [b, 1 + n, v].
+    """Prefill all but the last token of `prompt` [b, t], then decode that token and tokens [b, n]
+    one at a time; logits [b, 1 + n, v].
 
     shared: the prompt cache stays separate (read next to the response cache); else it is copied
     into the per-sample cache.
     """
     b, n = tokens.shape
-    last, prompt_cache = model.prefill_prompt(params, prompt, CFG, pos, seg, "float32")
+    prompt_cache = model.prefill_prompt(params, prompt[:, :-1], CFG, pos[:, :-1], seg[:, :-1],
+                                        "float32")
+    tokens = jnp.concatenate([prompt[:, -1:], tokens], axis=1)
+    positions = jnp.concatenate([pos[:, -1:], positions], axis=1)
     weights = model.decoding_weights(params, CFG)
     if shared:
-        cache = model.init_response_cache(CFG, b, n, "float32")
+        cache = model.init_response_cache(CFG, b, n + 1, "float32")
         offset = 0
     else:
         cache = model.init_response_cache(CFG, b, prompt.shape[1] + n, "float32",
                                           prefix=prompt_cache)
-        prompt_cache, offset = None, prompt.shape[1]
+        prompt_cache, offset = None, prompt.shape[1] - 1
     step = jax.jit(model.decode_shared, static_argnums=6)
-    out = [last]
-    for i in range(n):
+    out = []
+    for i in range(n + 1):
         logits, cache = step(weights, tokens[:, i], positions[:, i], prompt_cache, cache,
                              jnp.asarray(offset + i, jnp.int32), CFG)
         out.append(logits)
@@ -130,6 +134,24 @@ def test_left_padding_with_positions_and_segments(params, shared):
     ref2 = model.forward(params, jnp.concatenate([row, nxt], 1), CFG)[:, -2:]
     got2 = _decode_cached(params, padded, seg, pos, nxt, jnp.asarray([[7]], jnp.int32), shared)
     np.testing.assert_allclose(got2, ref2, atol=1e-5)
+
+
+def test_rows_read_a_shared_prompt_up_to_their_own_limit(params):
+    """One prompt row read by 3 rows, each up to its own slot limit (a document's contexts):
+    row i continues doc[:visible[i]] with its own token and equals the full forward of that."""
+    rng = np.random.default_rng(6)
+    doc = jnp.asarray(rng.integers(1, CFG.vocab_size, (1, 10)), jnp.int32)
+    visible = np.array([4, 7, 10], np.int32)
+    nxt = jnp.asarray(rng.integers(1, CFG.vocab_size, 3), jnp.int32)
+    seg = jnp.ones((1, 10), jnp.int32)
+    prompt_cache = model.prefill_prompt(params, doc, CFG, jnp.arange(10)[None], seg, "float32")
+    prompt_cache["visible"] = jnp.asarray(visible)[None]  # [1 row, 3 readers]
+    cache = model.init_response_cache(CFG, 3, 2, "float32")
+    logits, _ = model.decode_shared(model.decoding_weights(params, CFG), nxt,
+                                    jnp.asarray(visible), prompt_cache, cache, 0, CFG)
+    for i, n in enumerate(visible):
+        seq = jnp.concatenate([doc[:, :n], nxt[None, i:i + 1]], axis=1)
+        np.testing.assert_allclose(logits[i], model.forward(params, seq, CFG)[0, -1], atol=1e-5)
 
 
 def test_segments_do_not_attend_across(params):

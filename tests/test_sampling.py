@@ -28,19 +28,28 @@ def params():
     return make(jax.random.key(0))
 
 
-def _ragged_prompts(lengths, width, seed=0):
-    """Left-padded prompts [b, width] (pad id 0) and mask, plus the unpadded rows."""
-    rng = np.random.default_rng(seed)
-    rows = [rng.integers(1, CFG.vocab_size, n) for n in lengths]
+def _left_pad(rows, width):
+    """Left-padded prompts [b, width] (pad id 0) and mask."""
     tokens = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, row in enumerate(rows):
         tokens[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
-    return jnp.asarray(tokens), jnp.asarray(mask), rows
+    return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-_sample = jax.jit(sampling.sample, static_argnums=(4, 5, 6))
+def _ragged_prompts(lengths, width, seed=0):
+    """Left-padded prompts [b, width] and mask, plus the unpadded rows."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(1, CFG.vocab_size, n) for n in lengths]
+    return (*_left_pad(rows, width), rows)
+
+
+_jit_sample = jax.jit(sampling.sample, static_argnums=(3, 4, 5))
+
+
+def _sample(params, tokens, mask, rng, cfg, sampling_cfg, pad_id):
+    return _jit_sample(params, sampling.Prompts(tokens, mask), rng, cfg, sampling_cfg, pad_id)
 
 
 WIDTH = 32  # the reference forward runs on one fixed length (causal: later tokens do not matter)
@@ -140,11 +149,75 @@ def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled, 
     shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
     sharded_params = jax.device_put(params, shards)
     got = sampling.make_sampler(mesh, CFG, SAMPLED, shards)(
-        sharded_params, tokens, mask, jax.random.key(4))
+        sharded_params, sampling.Prompts(tokens, mask), jax.random.key(4))
     assert got.tokens.sharding.spec[0] == sharding.BATCH and len(got.tokens.devices()) == 8
     np.testing.assert_array_equal(got.tokens, sampled.tokens)
     np.testing.assert_allclose(got.logprobs, sampled.logprobs, atol=1e-5)
     np.testing.assert_array_equal(got.lengths, sampled.lengths)
+
+
+PREFIX, SUFFIX = [3, 5], [7, 11]  # template ids before and after the context
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    """4 documents x 2 contexts each as (grouped Prompts, the same prompts left padded, rows)."""
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(1, CFG.vocab_size, n) for n in (9, 6, 12, 3)]
+    positions = [(3, 9), (1, 5), (12, 7), (2, 3)]  # t: the context is doc[:t]
+    width, m = 16, 2
+    doc_tokens = np.zeros((4, width), np.int32)
+    doc_mask = np.zeros((4, width), np.int32)
+    visible, tail, rows = [], [], []
+    for d, (doc, ts) in enumerate(zip(docs, positions)):
+        row = PREFIX + list(doc[:max(ts) - 1])
+        doc_tokens[d, :len(row)], doc_mask[d, :len(row)] = row, 1
+        for t in ts:
+            visible.append(len(PREFIX) + t - 1)
+            tail.append([doc[t - 1]] + SUFFIX)
+            rows.append(np.asarray(PREFIX + list(doc[:t]) + SUFFIX))
+    tokens, mask = _left_pad(rows, 18)
+    prompts = sampling.Prompts(jnp.asarray(doc_tokens), jnp.asarray(doc_mask),
+                               jnp.asarray(visible, jnp.int32), jnp.asarray(tail, jnp.int32))
+    assert prompts.check() == (4, width, 4 * m, 3)
+    return prompts, sampling.Prompts(tokens, mask), rows
+
+
+def test_document_grouped_prompts_sample_like_plain_prompts(params, grouped):
+    """Each document prefilled once for both of its contexts: same tokens as the plain prompts
+    with the same rng (float32 cache), logprobs within 1e-4 of the full-forward rescoring."""
+    prompts, plain, rows = grouped
+    want = _jit_sample(params, plain, jax.random.key(6), CFG, SAMPLED, 0)
+    got = _jit_sample(params, prompts, jax.random.key(6), CFG, SAMPLED, 0)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    g = SAMPLED.num_samples
+    for r in range(got.tokens.shape[0]):
+        np.testing.assert_allclose(got.logprobs[r], _rescore(params, rows[r // g],
+                                                             np.asarray(got.tokens[r]),
+                                                             SAMPLED.temperature), atol=1e-4)
+    # copied per sample instead of shared: the same tokens
+    per_sample = dataclasses.replace(SAMPLED, cache_layout="per_sample")
+    again = _jit_sample(params, prompts, jax.random.key(6), CFG, per_sample, 0)
+    np.testing.assert_array_equal(again.tokens, want.tokens)
+
+
+def test_document_grouped_prompts_on_eight_devices(params, grouped):
+    prompts, _, _ = grouped
+    want = _jit_sample(params, prompts, jax.random.key(6), CFG, SAMPLED, 0)
+    mesh = jax.make_mesh((2, 2, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    run = sampling.make_sampler(mesh, CFG, SAMPLED, shards)
+    got = run(jax.device_put(params, shards), prompts, jax.random.key(6))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)  # other reduction order
+    three = sampling.Prompts(prompts.tokens[:3], prompts.mask[:3], prompts.visible[:6],
+                             prompts.tail[:6])
+    with pytest.raises(ValueError, match="3 prompt rows are not divisible"):
+        run(params, three, jax.random.key(6))
+    with pytest.raises(ValueError, match="multiple of the 4 prefix rows"):
+        run(params, prompts._replace(visible=prompts.visible[:6], tail=prompts.tail[:6]),
+            jax.random.key(6))
 
 
 def test_stop_ids_lengths_finished_and_padding(params, ragged, greedy_out):

@@ -240,3 +240,32 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
                         "--config.model.mlp_dim=128")
     with pytest.raises(ValueError, match="model.mlp_dim=128 but the checkpoint has 64"):
         trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
+
+
+def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
+    """data.contexts_per_doc=2: the sampler gets one prefix row per document (8 for 16
+    contexts), the run trains, and nothing recompiles."""
+    seen = []
+    make = trainer.sampling.make_sampler
+
+    def spy(*args, **kwargs):
+        run = make(*args, **kwargs)
+
+        def wrapped(params, prompts, rng):
+            seen.append((prompts.check(), prompts.visible is not None))
+            return run(params, prompts, rng)
+        wrapped.jitted = run.jitted
+        return wrapped
+
+    monkeypatch.setattr(trainer.sampling, "make_sampler", spy)
+    grouped = load_config(data_dir, "--config.data.contexts_per_doc=2",
+                          "--config.data.batch_size=16", "--config.num_steps=2",
+                          "--config.warmup.steps=0", "--config.eval.every=0")
+    workdir = str(tmp_path / "grouped")
+    result = trainer.train_and_evaluate(grouped, workdir, progress=False)
+    assert result.status == "done" and result.step == 2
+    assert len(seen) == 2 and all(is_grouped for _, is_grouped in seen)
+    assert {(d, b) for (d, _, b, _), _ in seen} == {(8, 16)}
+    train = metrics_writer.read_metrics(workdir, "train")
+    assert {r["compiles"] for r in train} == {3}
+    assert all(np.isfinite(r["loss"]) and 0 < r["response_len"] <= 12 for r in train)
