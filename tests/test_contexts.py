@@ -47,6 +47,21 @@ def drain(it, steps):
     return [next(it) for _ in range(steps)]
 
 
+def assert_resumes(it, config, builtin, docs, steps):
+    """Drain `steps` batches of host 1 of 2, save its state through JSON; a fresh iterator
+    restored from it yields the same next 2 batches. Returns the state."""
+    drain(it, steps)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = drain(it, 2)
+    fresh = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
+    fresh.set_state(state)
+    for want, got in zip(expected, drain(fresh, 2)):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    return state
+
+
 def test_examples_match_transformers_bytes_on_real_text(smol):
     ref, tok = smol
     docs = real_docs()
@@ -169,16 +184,8 @@ def test_restore_continues_with_the_next_example(builtin):
     per_epoch = -(-it.num_examples // 8)
     for steps in (0, 5, per_epoch):  # also across an epoch boundary
         it.set_state({"step": 0, "num_examples": it.num_examples, "seed": it.seed})
-        drain(it, steps)
-        state = json.loads(json.dumps(it.get_state()))
+        state = assert_resumes(it, config, builtin, docs, steps)
         assert all(isinstance(v, int) for v in state.values())
-        expected = drain(it, 2)
-        fresh = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
-        fresh.set_state(state)
-        for want, got in zip(expected, drain(fresh, 2)):
-            assert want.keys() == got.keys()
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key])
     other = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs[:50])
     with pytest.raises(ValueError, match="other data"):
         other.set_state(state)
@@ -360,16 +367,8 @@ def test_grouped_hosts_and_restore(builtin):
     it = hosts[1]
     for steps in (3, per_epoch):
         it.set_state(dict(it.get_state(), step=0))
-        drain(it, steps)
-        state = json.loads(json.dumps(it.get_state()))
+        state = assert_resumes(it, config, builtin, docs, steps)
         assert state["contexts_per_doc"] == 2 and state["num_examples"] == it.num_examples
-        expected = drain(it, 2)
-        fresh = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
-        fresh.set_state(state)
-        for want, got in zip(expected, drain(fresh, 2)):
-            assert want.keys() == got.keys()
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key])
     ungrouped = contexts.ContextIterator(arith_config(), "train", builtin, 1, 2, documents=docs)
     with pytest.raises(ValueError, match="data.contexts_per_doc=1"):
         ungrouped.set_state(dict(state, num_examples=ungrouped.num_examples))

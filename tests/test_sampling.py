@@ -352,6 +352,14 @@ def test_check_memory():
                                 fsdp=4)
     key = "decoding weights (compute-dtype copy)"
     assert split[key] == 4 * one[key] == 4 * model.num_params(big) * 2
+    # 256 contexts from 32 documents of 4096 tokens: one prompt cache per document, and the
+    # per-sample caches hold only the 4-token tail and the response (shared layout)
+    per_slot = 24 * 2 * 2 * 64 * 2
+    plain = sampling.memory_bytes(big, short, 256, 4096)
+    grouped = sampling.memory_bytes(big, short, 256, 4096, prefix_rows=32, tail_len=4)
+    assert plain["prompt KV cache"] == 8 * grouped["prompt KV cache"] == 256 * 4096 * per_slot
+    assert grouped["per-sample KV cache"] == 256 * 8 * (3 + 256) * per_slot
+    assert plain["per-sample KV cache"] == 256 * 8 * 256 * per_slot  # shared (>= 512 tokens)
 
 
 def test_config_validation_and_from_config():
