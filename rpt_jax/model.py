@@ -193,8 +193,11 @@ def _remat(fn, mode):
 
 
 def embed(params, tokens, cfg):
-    x = params["embed_tokens"].astype(cfg.dtype)[tokens]
-    return sharding.constrain(x, ("batch", "length", "act_embed"))
+    """tokens [b, t] -> [b, t, d]. The table's hidden dim is gathered (FSDP) before the lookup:
+    a lookup in a hidden-split table gives hidden-split rows, which the partitioner can only
+    turn into batch-split rows by replicating them in full."""
+    table = sharding.constrain(params["embed_tokens"].astype(cfg.dtype), ("vocab", "act_embed"))
+    return sharding.constrain(table[tokens], ("batch", "length", "act_embed"))
 
 
 def logits_from_hidden(params, h, cfg):
