@@ -327,8 +327,8 @@ def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16"
                         prefix=None) -> dict:
     """A per-sample cache {"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s] bool}.
 
-    Empty, or with a prompt cache (`prefill_prompt`, b = r rows, t <= s slots) copied to slots
-    0..t-1: for short prompts one cache per sample is cheaper than a shared one.
+    Empty, or with a cache of r rows and t <= s slots (a prompt cache copied per sample) in
+    slots 0..t-1: for short prompts one part per sample costs fewer kernels than two.
     """
     shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
     cache = {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -342,29 +342,50 @@ def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16"
     return cache
 
 
+def _part_valid(cache, rows):
+    """Which slots each reading row may see: [b, g, s] bool (or [b, 1, s] when all g rows of a
+    cache row see the same), g = rows / b; `visible` [b, g] int32 limits a row to slots below."""
+    valid = cache["valid"][:, None, :]
+    if "visible" in cache:
+        slots = jnp.arange(valid.shape[-1], dtype=jnp.int32)
+        valid = valid & (slots < cache["visible"][:, :, None])
+    return valid
+
+
 def _decode_attend(q, parts):
     """Decode attention with one softmax over several key/value parts.
 
-    q [b, g, k, q, e] (q query heads per kv head, g samples per context). Each part is
-    (keys, values, valid): keys/values [b, k, s, e] shared by the g samples of a context, or
-    [b, g, k, s, e] per sample; valid broadcastable to [b, g, 1, 1, s].
-    Returns float32 [b, g, k, q, e].
+    q [r, k, q, e] (q query heads per kv head). Each part is (keys, values [b, k, s, e], valid
+    [b, g or 1, s]) with b * g = r: query row i*g + j reads row i of the part, so g rows share
+    it (a context's samples, or a document's contexts); g = 1 for a per-sample cache.
+    Returns float32 [r, k, q, e].
     """
-    e = q.shape[-1]
+    r, kv, nq, e = q.shape
     neg = jnp.finfo(jnp.float32).min
+
+    def grouped(x, b):  # [r, ...] -> [b, g, ...]; per-sample parts keep [r, ...]
+        return x if b == r else x.reshape((b, r // b) + x.shape[1:])
+
+    def spec(b, out):  # einsum of grouped q / probs with the part's [b, k, s, e]
+        g = "" if b == r else "g"
+        return {"s": f"b{g}kqe,bkse->b{g}kqs", "e": f"b{g}kqs,bkse->b{g}kqe"}[out]
+
     scores = []
     for keys, _, valid in parts:
-        spec = "bgkqe,bkse->bgkqs" if keys.ndim == 4 else "bgkqe,bgkse->bgkqs"
-        s = jnp.einsum(spec, q.astype(keys.dtype), keys, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(valid, s * e ** -0.5, neg))
+        b = keys.shape[0]
+        s = jnp.einsum(spec(b, "s"), grouped(q, b).astype(keys.dtype), keys,
+                       preferred_element_type=jnp.float32)
+        mask = valid[:, 0, None, None, :] if b == r else valid[:, :, None, None, :]
+        scores.append(jnp.where(mask, s * e ** -0.5, neg).reshape(r, kv, nq, -1))
     m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     probs = [jnp.exp(s - m) for s in scores]
     denom = sum(p.sum(-1, keepdims=True) for p in probs)
     out = 0.0
     for (_, values, _), p in zip(parts, probs):
-        spec = "bgkqs,bkse->bgkqe" if values.ndim == 4 else "bgkqs,bgkse->bgkqe"
-        out = out + jnp.einsum(spec, p.astype(values.dtype), values,
-                               preferred_element_type=jnp.float32)
+        b = values.shape[0]
+        o = jnp.einsum(spec(b, "e"), grouped(p, b).astype(values.dtype), values,
+                       preferred_element_type=jnp.float32)
+        out = out + o.reshape(r, kv, nq, e)
     return out / denom
 
 
@@ -374,29 +395,22 @@ def _rope_rows(x, positions, theta):
     return rope(flat, positions[:, None], theta).reshape(x.shape)
 
 
-def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: ModelConfig):
-    """One decode step of every sample. weights from `decoding_weights`.
+def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConfig):
+    """One decode step of r rows. weights from `decoding_weights`; tokens, positions [r] int.
 
-    tokens, positions [r] int with r = b * g: row i*g + j is the j-th of the g rows that read
-    row i of `prompt_cache` (b rows; the g samples of a context, or of all a document's
-    contexts). Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
-    and attends over its valid slots plus, if `prompt_cache` is not None, the valid prompt slots
-    below the row's limit `prompt_cache["visible"]` [b, g] int32 (absent: all valid slots).
+    Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
+    ({"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s]}) and attends over its valid
+    slots plus those of every read-only cache in `frozen`: a `prefill_prompt` cache of b rows,
+    read by g = r / b rows each (row i*g + j reads row i; optional "visible" [b, g] int32 limits
+    each reader to the slots below it), or earlier per-sample blocks (b = r).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
-    b = r if prompt_cache is None else prompt_cache["valid"].shape[0]
-    g = r // b
     kv, e = cfg.num_kv_heads, cfg.head_dim
     nq = cfg.num_heads // kv
     dtype = jnp.dtype(cfg.dtype)
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
-    resp_valid = valid.reshape(b, g, 1, 1, -1)
-    if prompt_cache is not None:
-        prompt_valid = prompt_cache["valid"][:, None, None, None]  # [b, 1, 1, 1, s]
-        if "visible" in prompt_cache:
-            slots = jnp.arange(prompt_valid.shape[-1], dtype=jnp.int32)
-            prompt_valid = prompt_valid & (slots < prompt_cache["visible"][:, :, None, None, None])
+    masks = [_part_valid(c, r) for c in frozen] + [valid[:, None, :]]
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
@@ -414,11 +428,8 @@ def decode_shared(weights, tokens, positions, prompt_cache, cache, index, cfg: M
                                           (0, 0, index, 0))
         new_k.append(ck)
         new_v.append(cv)
-        n = ck.shape[2]
-        parts = [(ck.reshape(b, g, kv, n, e), cv.reshape(b, g, kv, n, e), resp_valid)]
-        if prompt_cache is not None:
-            parts.insert(0, (prompt_cache["k"][i], prompt_cache["v"][i], prompt_valid))
-        attn = _decode_attend(q.reshape(b, g, kv, nq, e), parts)
+        parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, masks)] + [(ck, cv, masks[-1])]
+        attn = _decode_attend(q, parts)
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)

@@ -1,9 +1,10 @@
 """Jitted sampling of G continuations per prompt under a device mesh.
 
-One prefill per context, then a `lax.while_loop` of KV-cached decode steps over all b * g samples
-that exits as soon as every sample has stopped. The g samples of a context either read that
-context's one prompt cache (long prompts) or get a copy of it in their own cache (short prompts,
-fewer kernels per step); see model.decode_shared and `SamplingConfig.cache_layout`.
+One prefill per prefix row (a context, or a whole document for all of its contexts: `Prompts`),
+then `lax.while_loop`s of KV-cached decode steps over all b * g samples that exit as soon as
+every sample has stopped. The rows of a prefix row either read its one prompt cache (long
+prompts, documents) or get a copy of it in their own cache (short prompts, fewer kernels per
+step); see model.decode_step, `SamplingConfig.cache_layout` and `cache_blocks`.
 
 Shapes: b contexts, g samples per context, r = b * g sample rows (row i * g + j is sample j of
 context i), p prompt tokens (left padded), n max_new_tokens, v vocab.
@@ -51,6 +52,10 @@ class SamplingConfig:
     # all-gather the (compute-dtype) decoding weights over the fsdp axis once per call instead
     # of once per decode step; costs one copy of the weights per fsdp shard (see memory_bytes)
     gather_weights: bool = True
+    # the per-sample cache in this many blocks, one decode loop each: the steps of block i read
+    # blocks 0..i only, so long responses read about (k + 1) / 2k of the cache a step instead
+    # of all of it, for a few more kernels per step and k loops to compile
+    cache_blocks: int = 1
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -62,8 +67,9 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if self.prefill_chunks < 1:
-            raise ValueError(f"prefill_chunks={self.prefill_chunks} must be >= 1")
+        if self.prefill_chunks < 1 or self.cache_blocks < 1:
+            raise ValueError(f"prefill_chunks={self.prefill_chunks} and cache_blocks="
+                             f"{self.cache_blocks} must be >= 1")
         if self.cache_layout not in ("auto", "shared", "per_sample"):
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
 
@@ -78,7 +84,8 @@ class SamplingConfig:
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
-        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks") if k in c}  # optional keys
+        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks")
+                  if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
                    max_new_tokens=int(c.max_new_tokens),
@@ -253,7 +260,12 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
 
     Prefills the prefix rows, lays out the caches, then feeds all but the last tail token (one
     decode step each). context holds what the loop only reads (decoding weights, prompt cache,
-    positions); state what it updates (per-sample cache, output buffers, done flags, step t).
+    positions, block layout); state what it updates (the per-sample cache blocks, output
+    buffers, done flags, step t).
+
+    Slots: fed token u (u < T - 1: tail token u; u = T - 1 + t: the token fed at decode step t)
+    has position row_pos + u and goes to block u // c at index u % c (plus the prompt copy's
+    length in block 0 with the per-sample layout), c = ceil((T - 1 + n) / cache_blocks).
     """
     cfg = sampling_cfg
     d, L, b, T = prompts.check()
@@ -269,40 +281,49 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     # position of a row's first tail token: the real prefix tokens it reads
     row_pos = jnp.sum(row_mask * (jnp.arange(L) < visible[:, None]), axis=1)
     tail = jnp.repeat(prompts.tail.astype(jnp.int32), g, axis=0)  # [r, T]
-    slots = T - 1 + n  # the per-sample cache holds every fed token: all but the last sampled one
+    c = -(-(T - 1 + n) // cfg.cache_blocks)  # fed tokens: all but the last sampled one
     if cfg.shared_prompt(L, b // d):
-        prompt_cache = dict(prompt_cache, visible=visible.reshape(d, fan))
-        cache = model.init_response_cache(model_cfg, r, slots, cfg.cache_dtype)
-        offset = 0
-    else:
+        frozen, prefix = [dict(prompt_cache, visible=visible.reshape(d, fan))], None
+    else:  # the prompt copied into each sample's block 0
+        frozen = []
         prefix = jax.tree.map(lambda x: jnp.repeat(x, fan, axis=0), prompt_cache)
         prefix["valid"] = prefix["valid"] & (jnp.arange(L) < visible[:, None])
-        cache = model.init_response_cache(model_cfg, r, L + slots, cfg.cache_dtype, prefix)
-        prompt_cache, offset = None, L
-    cache = {"k": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["k"]),
-             "v": tuple(sharding.constrain(c, CACHE_AXES) for c in cache["v"]),
-             "valid": cache["valid"]}
-    context = dict(weights=_decoding_weights(params, model_cfg, cfg), prompt_cache=prompt_cache,
-                   slot_offset=offset, rng=rng, row_pos=row_pos)
-
-    def feed(j, cache):  # tail token j, no sampling
-        return _step(context, tail[:, j], j, cache, model_cfg)[1]
-
-    cache = jax.lax.fori_loop(0, T - 1, feed, cache)
-    context["row_pos"] = row_pos + T - 1  # position of the last tail token: fed at step 0
-    context["slot_offset"] = offset + T - 1
+    offset = 0 if prefix is None else L
+    blocks = tuple(_constrain_cache(model.init_response_cache(
+        model_cfg, r, c + (offset if i == 0 else 0), cfg.cache_dtype, prefix if i == 0 else None))
+        for i in range(cfg.cache_blocks))
+    context = dict(weights=_decoding_weights(params, model_cfg, cfg), frozen=frozen, rng=rng,
+                   row_pos=row_pos, block_size=c, offset=offset, tail_len=T)
+    for i, lo, hi in _segments(c, 0, T - 1):  # the tail but its last token, no sampling
+        blocks = jax.lax.fori_loop(
+            lo, hi, lambda u, bl, i=i: _feed(context, bl, tail[:, u], u, i, model_cfg)[1], blocks)
     state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
                  lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
                  stopped=jnp.zeros((r,), bool), last=tail[:, -1],
-                 t=jnp.zeros((), jnp.int32), cache=cache)
+                 t=jnp.zeros((), jnp.int32), blocks=blocks)
     return context, state
 
 
-def _step(context, tokens, t, cache, model_cfg):
-    """Feed tokens [r] as step t (slot slot_offset + t); returns (logits [r, v], cache)."""
-    return model.decode_shared(context["weights"], tokens, context["row_pos"] + t,
-                               context["prompt_cache"], cache, context["slot_offset"] + t,
-                               model_cfg)
+def _constrain_cache(cache):
+    return {"k": tuple(sharding.constrain(x, CACHE_AXES) for x in cache["k"]),
+            "v": tuple(sharding.constrain(x, CACHE_AXES) for x in cache["v"]),
+            "valid": cache["valid"]}
+
+
+def _segments(c: int, lo: int, hi: int):
+    """(block i, lo_i, hi_i) for the fed-token range [lo, hi) cut at multiples of c."""
+    return [(u // c, u, min(hi, (u // c + 1) * c)) for u in range(lo, hi)
+            if u == lo or u % c == 0]
+
+
+def _feed(context, blocks, tokens, u, i: int, model_cfg):
+    """Feed tokens [r] as fed token u into block i (static), reading the prompt cache and
+    blocks 0..i-1. Returns (logits [r, v], blocks)."""
+    index = u - i * context["block_size"] + (context["offset"] if i == 0 else 0)
+    logits, block = model.decode_step(context["weights"], tokens, context["row_pos"] + u,
+                                      context["frozen"] + list(blocks[:i]), blocks[i], index,
+                                      model_cfg)
+    return logits, blocks[:i] + (block,) + blocks[i + 1:]
 
 
 def _decoding_weights(params, model_cfg, cfg: SamplingConfig):
@@ -353,18 +374,22 @@ def _record(state, logits, rng, cfg: SamplingConfig, pad_id):
 
 def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
                 pad_id: int = 0) -> SampleOutput:
-    """The `lax.while_loop` of decode steps; exits when every row is done or n tokens exist.
-    Step t feeds token t - 1 (the last tail token at t = 0) and chooses token t."""
-    cfg = sampling_cfg
+    """`lax.while_loop`s of decode steps, one per cache block (its steps read only the blocks
+    written so far); each exits when every row is done or n tokens exist. Step t feeds token
+    t - 1 (the last tail token at t = 0) and chooses token t."""
+    cfg, n = sampling_cfg, sampling_cfg.max_new_tokens
+    first = context["tail_len"] - 1  # fed-token index of step 0
+    for i, lo, hi in _segments(context["block_size"], first, first + n):
 
-    def cond(state):
-        return (state["t"] < cfg.max_new_tokens) & ~jnp.all(state["done"])
+        def cond(state, hi=hi):
+            return (state["t"] < hi - first) & ~jnp.all(state["done"])
 
-    def body(state):
-        logits, cache = _step(context, state["last"], state["t"], state["cache"], model_cfg)
-        return _record(dict(state, cache=cache), logits, context["rng"], cfg, pad_id)
+        def body(state, i=i):
+            logits, blocks = _feed(context, state["blocks"], state["last"], first + state["t"],
+                                   i, model_cfg)
+            return _record(dict(state, blocks=blocks), logits, context["rng"], cfg, pad_id)
 
-    state = jax.lax.while_loop(cond, body, state)
+        state = jax.lax.while_loop(cond, body, state)
     return SampleOutput(state["tokens"], state["logprobs"], state["lengths"], state["stopped"])
 
 
@@ -436,7 +461,8 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     prefix_rows = batch if prefix_rows is None else prefix_rows
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
     shared = s.shared_prompt(prompt_len, batch // prefix_rows)
-    sample_slots = tail_len - 1 + s.max_new_tokens + (0 if shared else prompt_len)
+    fed = tail_len - 1 + s.max_new_tokens
+    sample_slots = -(-fed // s.cache_blocks) * s.cache_blocks + (0 if shared else prompt_len)
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b * (

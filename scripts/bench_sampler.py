@@ -21,6 +21,7 @@ Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -260,6 +261,7 @@ def main(argv=None):
     ap.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                     help="model.attention of the prefill (cudnn: GPU, bf16)")
     ap.add_argument("--prefill-chunks", type=int, default=1)
+    ap.add_argument("--cache-blocks", default="1", help="comma list of SamplingConfig.cache_blocks")
     ap.add_argument("--contexts-per-doc", type=int, default=0,
                     help="RPT prompts from documents of --prompt-len tokens, m contexts each: "
                          "plain vs document-grouped (see above)")
@@ -308,26 +310,27 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout in args.cache_layout.split(","):
-            for label, prompts, prefix_rows, prompt_len in variants:
-                scfg = sampling.SamplingConfig(
-                    num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
-                    cache_dtype=cache_dtype, cache_layout=layout,
-                    prefill_chunks=args.prefill_chunks)
-                d, L, b, _ = prompts.check()
-                shared = scfg.shared_prompt(L, b // d)
-                name = (f"rpt_jax sampler {label + ' ' if label else ''}("
-                        f"{'shared' if shared else 'per-sample'} prompt cache), G={g}")
-                try:
-                    runners[name], runners[name + " prepare"] = rpt_runners(
-                        params, mcfg, scfg, prompts, mesh)
-                except Exception as err:  # keep the other variants of a long device run
-                    print(f"FAILED {name}: {err!r}", flush=True)
-                    continue
-                floor = step_bytes(mcfg, args.batch, prefix_rows if shared else args.batch,
-                                   prompt_len, args.new_tokens, cache_dtype) / bw
-                info[name] = (g, floor, name + " prepare")
-                print(f"built {name}", flush=True)
+        for layout, blocks, (label, prompts, prefix_rows, prompt_len) in itertools.product(
+                args.cache_layout.split(","), map(int, args.cache_blocks.split(",")), variants):
+            scfg = sampling.SamplingConfig(
+                num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
+                cache_dtype=cache_dtype, cache_layout=layout,
+                prefill_chunks=args.prefill_chunks, cache_blocks=blocks)
+            d, L, b, _ = prompts.check()
+            shared = scfg.shared_prompt(L, b // d)
+            name = (f"rpt_jax sampler {label + ' ' if label else ''}("
+                    f"{'shared' if shared else 'per-sample'} prompt cache"
+                    f"{f', {blocks} cache blocks' if blocks > 1 else ''}), G={g}")
+            try:
+                runners[name], runners[name + " prepare"] = rpt_runners(
+                    params, mcfg, scfg, prompts, mesh)
+            except Exception as err:  # keep the other variants of a long device run
+                print(f"FAILED {name}: {err!r}", flush=True)
+                continue
+            floor = step_bytes(mcfg, args.batch, prefix_rows if shared else args.batch,
+                               prompt_len, args.new_tokens, cache_dtype) / bw
+            info[name] = (g, floor, name + " prepare")
+            print(f"built {name}", flush=True)
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
                                      mcfg.vocab_size, jnp.int32)

@@ -76,12 +76,13 @@ def test_forward_matches_numpy_reference(params):
     np.testing.assert_allclose(got, _np_forward(params, tokens, CFG), atol=2e-4, rtol=2e-4)
 
 
-def _decode_cached(params, prompt, seg, pos, tokens, positions, shared):
+def _decode_cached(params, prompt, seg, pos, tokens, positions, layout):
     """Prefill all but the last token of `prompt` [b, t], then decode that token and tokens [b, n]
     one at a time; logits [b, 1 + n, v].
 
-    shared: the prompt cache stays separate (read next to the response cache); else it is copied
-    into the per-sample cache.
+    layout "shared": the prompt cache is read next to the response cache; "copied": it is copied
+    into the per-sample cache; "blocks": read-only prompt, then the response in two blocks (the
+    first read-only once full).
     """
     b, n = tokens.shape
     prompt_cache = model.prefill_prompt(params, prompt[:, :-1], CFG, pos[:, :-1], seg[:, :-1],
@@ -89,36 +90,42 @@ def _decode_cached(params, prompt, seg, pos, tokens, positions, shared):
     tokens = jnp.concatenate([prompt[:, -1:], tokens], axis=1)
     positions = jnp.concatenate([pos[:, -1:], positions], axis=1)
     weights = model.decoding_weights(params, CFG)
-    if shared:
-        cache = model.init_response_cache(CFG, b, n + 1, "float32")
-        offset = 0
+    half = (n + 2) // 2
+    if layout == "copied":
+        frozen, offset = [], prompt.shape[1] - 1
+        blocks = [model.init_response_cache(CFG, b, offset + n + 1, "float32", prompt_cache)]
     else:
-        cache = model.init_response_cache(CFG, b, prompt.shape[1] + n, "float32",
-                                          prefix=prompt_cache)
-        prompt_cache, offset = None, prompt.shape[1] - 1
-    step = jax.jit(model.decode_shared, static_argnums=6)
+        frozen, offset = [prompt_cache], 0
+        sizes = [half, n + 1 - half] if layout == "blocks" else [n + 1]
+        blocks = [model.init_response_cache(CFG, b, size, "float32") for size in sizes]
+    step = jax.jit(model.decode_step, static_argnums=6)
     out = []
     for i in range(n + 1):
-        logits, cache = step(weights, tokens[:, i], positions[:, i], prompt_cache, cache,
-                             jnp.asarray(offset + i, jnp.int32), CFG)
+        if len(blocks) == 2 and i == half:  # first block full: read-only from now on
+            frozen, blocks, offset = frozen + blocks[:1], blocks[1:], -half
+        logits, blocks[0] = step(weights, tokens[:, i], positions[:, i], frozen, blocks[0],
+                                 jnp.asarray(offset + i, jnp.int32), CFG)
         out.append(logits)
     return jnp.stack(out, axis=1)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_cached_decoding_reproduces_full_forward(params, shared):
+LAYOUTS = ["shared", "copied", "blocks"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_decoding_reproduces_full_forward(params, layout):
     rng = np.random.default_rng(1)
     b, t, n_new = 3, 10, 6
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (b, t + n_new)), jnp.int32)
     full = model.forward(params, tokens, CFG)
     pos = jnp.broadcast_to(jnp.arange(t + n_new, dtype=jnp.int32), (b, t + n_new))
     got = _decode_cached(params, tokens[:, :t], jnp.ones((b, t), jnp.int32), pos[:, :t],
-                         tokens[:, t:], pos[:, t:], shared)
+                         tokens[:, t:], pos[:, t:], layout)
     np.testing.assert_allclose(got, full[:, t - 1:], atol=1e-5)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_left_padding_with_positions_and_segments(params, shared):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_left_padding_with_positions_and_segments(params, layout):
     """A left-padded row, with positions counted from its first real token, equals the unpadded row."""
     rng = np.random.default_rng(2)
     row = jnp.asarray(rng.integers(1, CFG.vocab_size, (1, 7)), jnp.int32)
@@ -132,7 +139,7 @@ def test_left_padding_with_positions_and_segments(params, shared):
     # and through the cache: decode one more token after a padded prefill
     nxt = jnp.asarray([[5]], jnp.int32)
     ref2 = model.forward(params, jnp.concatenate([row, nxt], 1), CFG)[:, -2:]
-    got2 = _decode_cached(params, padded, seg, pos, nxt, jnp.asarray([[7]], jnp.int32), shared)
+    got2 = _decode_cached(params, padded, seg, pos, nxt, jnp.asarray([[7]], jnp.int32), layout)
     np.testing.assert_allclose(got2, ref2, atol=1e-5)
 
 
@@ -147,8 +154,8 @@ def test_rows_read_a_shared_prompt_up_to_their_own_limit(params):
     prompt_cache = model.prefill_prompt(params, doc, CFG, jnp.arange(10)[None], seg, "float32")
     prompt_cache["visible"] = jnp.asarray(visible)[None]  # [1 row, 3 readers]
     cache = model.init_response_cache(CFG, 3, 2, "float32")
-    logits, _ = model.decode_shared(model.decoding_weights(params, CFG), nxt,
-                                    jnp.asarray(visible), prompt_cache, cache, 0, CFG)
+    logits, _ = model.decode_step(model.decoding_weights(params, CFG), nxt,
+                                  jnp.asarray(visible), [prompt_cache], cache, 0, CFG)
     for i, n in enumerate(visible):
         seq = jnp.concatenate([doc[:, :n], nxt[None, i:i + 1]], axis=1)
         np.testing.assert_allclose(logits[i], model.forward(params, seq, CFG)[0, -1], atol=1e-5)

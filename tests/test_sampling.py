@@ -108,9 +108,12 @@ def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_ou
     assert not greedy_out.finished.any()
 
 
-@pytest.mark.parametrize("change", [dict(num_samples=1), dict(cache_layout="shared")])
+@pytest.mark.parametrize("change", [
+    dict(num_samples=1), dict(cache_layout="shared"), dict(cache_blocks=3),
+    dict(cache_blocks=3, cache_layout="shared"), dict(cache_blocks=9)])
 def test_cache_layouts_agree(params, ragged, greedy_out, change):
-    """greedy_out used the per-sample layout (auto, short prompts); the shared one and G=1."""
+    """greedy_out used the per-sample layout (auto, short prompts) in one block; the shared
+    layout, G=1, and the cache in blocks (9: more blocks than the 7 fed tokens) agree."""
     tokens, mask, _ = ragged
     cfg = dataclasses.replace(GREEDY, **change)
     out = _sample(params, tokens, mask, jax.random.key(3), CFG, cfg, 0)
@@ -196,10 +199,12 @@ def test_document_grouped_prompts_sample_like_plain_prompts(params, grouped):
         np.testing.assert_allclose(got.logprobs[r], _rescore(params, rows[r // g],
                                                              np.asarray(got.tokens[r]),
                                                              SAMPLED.temperature), atol=1e-4)
-    # copied per sample instead of shared: the same tokens
-    per_sample = dataclasses.replace(SAMPLED, cache_layout="per_sample")
-    again = _jit_sample(params, prompts, jax.random.key(6), CFG, per_sample, 0)
-    np.testing.assert_array_equal(again.tokens, want.tokens)
+    # copied per sample instead of shared, and the cache in blocks (the 2 tail tokens fed
+    # before sampling fill most of block 0): the same tokens
+    for change in (dict(cache_layout="per_sample"), dict(cache_blocks=4)):
+        again = _jit_sample(params, prompts, jax.random.key(6), CFG,
+                            dataclasses.replace(SAMPLED, **change), 0)
+        np.testing.assert_array_equal(again.tokens, want.tokens)
 
 
 def test_document_grouped_prompts_on_eight_devices(params, grouped):
