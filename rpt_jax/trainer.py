@@ -67,15 +67,18 @@ def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     if config.data.tokenizer or config.model.hf_checkpoint:
         return tokenizer_lib.load_tokenizer(config)
     folder = os.path.join(workdir, "tokenizer")
-    if os.path.isfile(os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)):
-        tok = tokenizer_lib.Tokenizer.from_dir(folder)
-        if tok.vocab_size > config.model.vocab_size:
-            raise ValueError(f"{folder} has {tok.vocab_size} ids but model.vocab_size="
-                             f"{config.model.vocab_size}; use a fresh --workdir")
-        return tok
-    tok = tokenizer_lib.load_tokenizer(config)
-    if jax.process_index() == 0:
-        tok.save(folder)
+    saved = os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)
+    if jax.process_index() == 0 and not os.path.isfile(saved):
+        tokenizer_lib.load_tokenizer(config).save(folder)
+    if jax.process_count() > 1:  # the others wait: never read a half-written file
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("rpt_jax tokenizer")
+    if not os.path.isfile(saved):  # a host-local workdir: train the same one here
+        return tokenizer_lib.load_tokenizer(config)
+    tok = tokenizer_lib.Tokenizer.from_dir(folder)
+    if tok.vocab_size > config.model.vocab_size:
+        raise ValueError(f"{folder} has {tok.vocab_size} ids but model.vocab_size="
+                         f"{config.model.vocab_size}; use a fresh --workdir")
     return tok
 
 

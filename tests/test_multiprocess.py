@@ -1,0 +1,236 @@
+"""The multi-process path for real: scripts/train.py run as two processes (jax.distributed on
+localhost, gloo CPU collectives, 4 devices each, every process feeding its half of each batch)
+trains like one process with 8 devices: the same metrics, corpus, checkpoints and parameters;
+then the pair resumes from its last checkpoint."""
+import filecmp
+import glob
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from rpt_jax import checkpoint, corpora, evaluation, metrics_writer, sharding, train_step, trainer
+from rpt_jax import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS, RESUMED_STEPS = 4, 6
+# configs/tiny.py shrunk (as tests/test_trainer.py): 1 layer of width 32, 8 contexts x 4 samples
+# of up to 12 tokens, checkpoints every 2 steps, evals at steps 0 and 4. 60 warm-up steps make a
+# few samples right, so some RL steps apply an update (with 20 none does: all rewards are 0).
+OVERRIDES = [
+    "--config.model.num_layers=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1", "--config.model.head_dim=16", "--config.model.mlp_dim=64",
+    "--config.data.batch_size=8", "--config.data.max_prompt_len=64",
+    "--config.sampling.prompt_buckets=(64,)", "--config.sampling.num_samples=4",
+    "--config.sampling.max_new_tokens=12", "--config.warmup.steps=60", "--config.warmup.lr=0.01",
+    "--config.checkpoint.every=2", "--config.checkpoint.keep=3", "--config.eval.every=4",
+    "--config.eval.num_examples=8", "--config.eval.num_samples=4",
+]
+TIMEOUT = 240.0  # seconds for one two-process run
+# Sampled tokens, rewards and counts must match exactly. Float results need not: gloo all-reduces
+# the two processes' partial sums where one process reduces its 8 devices in another order, so
+# gradients differ in their last bits, and Adam, which divides each gradient element by its own
+# scale, turns that into weight differences: observed 1.2e-5 after the warm-up (60 steps at
+# lr 0.01), a relative 3e-6 in warm-up losses and up to 1.4e-3 in RL grad norms after an update.
+EXACT = ("reward", "accuracy", "pass_at_g", "boxed", "think_end", "response_len", "truncated",
+         "kept_frac", "sampled_tokens", "finite", "applied", "bad_steps", "lr")
+RTOL = {"warmup": 1e-4, "train": 1e-2}  # of loss and grad_norm
+WEIGHTS_ATOL = 1e-4  # after the warm-up (weights of size 0.01-1.5)
+
+
+def load_config(*extra):
+    argv = ["prog", f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES, *extra]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(workdir, num_steps, log_dir, jax_cache) -> list[str]:
+    """scripts/train.py as processes 0 and 1 of one run; returns their logs. Both must exit 0;
+    when one fails (or time runs out) the other is killed: blocked in a collective with the
+    failed one, it would wait for the coordination service's heartbeat timeout (100 s).
+    jax_cache: a persistent compilation cache folder (the resumed run compiles nothing)."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_DEFAULT_MATMUL_PRECISION="highest",  # as conftest sets it in this process
+               JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
+           f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+           f"--config.num_steps={num_steps}", f"--workdir={workdir}", "--distributed",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2",
+           "--cpu_collectives=gloo"]
+    logs = [pathlib.Path(log_dir) / f"process{i}.log" for i in (0, 1)]
+    procs = []
+    for i, path in enumerate(logs):
+        with open(path, "w") as f:  # a file, not a pipe: a full pipe would block the child
+            procs.append(subprocess.Popen(cmd + [f"--process_id={i}"], env=env, stdout=f,
+                                          stderr=subprocess.STDOUT))
+    deadline = time.time() + TIMEOUT
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                deadline = min(deadline, time.time() + 5)  # time to log what it was doing
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    out = [path.read_text() for path in logs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], f"exit codes {codes} (negative: killed)\n" + "\n".join(
+        f"--- process {i} ---\n{_tail(text)}" for i, text in enumerate(out))
+    return out
+
+
+def _tail(log: str, lines: int = 25) -> str:
+    """The end of a log without its progress bars."""
+    keep = [x for x in log.replace("\r", "\n").splitlines() if x.strip() and "%|" not in x]
+    return "\n".join(keep[-lines:])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(two-process workdir, its two logs, one-process workdir, the pair's compilation cache):
+    the same config, the one-process run trained in this test process (conftest's 8 CPU
+    devices) while the pair runs."""
+    two = tmp_path_factory.mktemp("two_processes")
+    one = str(tmp_path_factory.mktemp("one_process"))
+    logs = {}
+    pair = threading.Thread(target=lambda: logs.update(
+        out=_catch(run_two_processes, str(two / "work"), NUM_STEPS, two, two / "jax_cache")),
+        daemon=True)
+    pair.start()
+    result = trainer.train_and_evaluate(load_config(f"--config.num_steps={NUM_STEPS}"), one,
+                                        progress=False)
+    pair.join()
+    if isinstance(logs["out"], BaseException):
+        raise logs["out"]
+    assert result.status == "done" and result.step == NUM_STEPS
+    return str(two / "work"), logs["out"], one, two / "jax_cache"
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except BaseException as e:  # re-raised in the fixture's thread
+        return e
+
+
+def _model(num_steps):
+    """(config, mesh, ModelConfig, param shardings) on this process's 8-device mesh."""
+    config = load_config(f"--config.num_steps={num_steps}")
+    mesh = sharding.make_mesh(config)
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    shapes = model_lib.param_shapes(cfg)
+    return config, mesh, cfg, sharding.param_shardings(mesh, model_lib.logical_axes(cfg), shapes)
+
+
+def restore(workdir, num_steps):
+    """(saved steps, the newest checkpoint of a workdir restored onto this process's mesh)."""
+    config, mesh, cfg, p_sh = _model(num_steps)
+    shapes = model_lib.param_shapes(cfg)
+    tx = train_step.make_optimizer(config.optim, config.num_steps)
+    abstract = trainer.abstract_state(cfg, tx, train_step.state_shardings(mesh, tx, shapes, p_sh))
+    ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ck.all_steps(), ck.restore(abstract)
+    finally:
+        ck.close()
+
+
+def test_two_processes_train_like_one(runs):
+    two, (log0, log1), one, _ = runs
+    # metrics: the same steps, samples and rewards; losses equal up to float reduction order
+    for kind in ("warmup", "train", "eval"):
+        a, b = metrics_writer.read_metrics(two, kind), metrics_writer.read_metrics(one, kind)
+        assert [r["step"] for r in a] == [r["step"] for r in b], kind
+        for ra, rb in zip(a, b):
+            if kind == "eval":  # the same eval set (counts by difficulty) and, before any RL
+                # update, the same samples; after one the weights differ by about lr (below),
+                # enough to flip a sampled token now and then (observed: 1 of 32 at step 4)
+                exact = [k for k in rb if k.startswith("eval/count/" if ra["step"] else "eval/")
+                         and "seconds" not in k]
+            else:
+                exact = [k for k in EXACT if k in rb]
+            assert {k: ra[k] for k in exact} == {k: rb[k] for k in exact}, (kind, ra["step"])
+            for k in ("loss", "grad_norm"):
+                if k in rb:
+                    np.testing.assert_allclose(ra[k], rb[k], rtol=RTOL[kind], atol=1e-5,
+                                               err_msg=f"{kind} step {ra['step']} {k}")
+    train = metrics_writer.read_metrics(one, "train")
+    assert [r["step"] for r in train] == list(range(1, NUM_STEPS + 1))
+    assert any(r["applied"] for r in train)  # some update ran, so the params comparison means it
+    assert [r["step"] for r in metrics_writer.read_metrics(one, "eval")] == [0, NUM_STEPS]
+
+    # the corpus: built once, by process 0 (the builder logs its split sizes only when it
+    # generates), in the shared workdir, with the one-process build's documents (the files
+    # themselves differ in a header field)
+    built = re.compile(r"rpt_synthetic_arithmetic: \{.*\} documents")
+    assert len(built.findall(log0)) == 1 and not built.findall(log1)
+    versions = glob.glob(os.path.join(two, "tfds", "rpt_synthetic_arithmetic", "*", "*"))
+    assert [os.path.basename(d) for d in versions] == ["1.0.0"]  # no half-built folder left
+    config = load_config()
+    for split in corpora.SPLITS:
+        docs = [list(corpora.load_corpus(config, split, os.path.join(w, "tfds")))
+                for w in (two, one)]
+        assert docs[0] == docs[1] and docs[0], split
+    assert filecmp.cmp(os.path.join(two, "tokenizer", "tokenizer.json"),
+                       os.path.join(one, "tokenizer", "tokenizer.json"), shallow=False)
+
+    # checkpoints: the same steps and data-iterator states; the weights after the warm-up
+    # (step 0) within WEIGHTS_ATOL, and at the end also within the RL updates' reach: an Adam
+    # step moves a weight by at most about lr (|m_hat / sqrt(v_hat)| <= 1 in its first steps), and
+    # a gradient element near zero may take either sign in the two runs
+    steps_two, got = restore(two, NUM_STEPS)
+    steps_one, want = restore(one, NUM_STEPS)
+    assert steps_two == steps_one == [0, 2, 4]
+    assert got.step == want.step == NUM_STEPS and got.meta == want.meta
+    assert int(got.state.step) == int(want.state.step) == sum(r["applied"] for r in train)
+    rl_reach = 2 * sum(r["lr"] for r in train if r["applied"])
+    warmed = [evaluation.load_workdir_params(w, 0, *_model(NUM_STEPS)[2:]) for w in (two, one)]
+    for name, a, b, atol in [("step 0", *warmed, WEIGHTS_ATOL),
+                             ("final", got.state.params, want.state.params,
+                              WEIGHTS_ATOL + rl_reach)]:
+        for (path, x), y in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol,
+                                       err_msg=f"{name} {jax.tree_util.keystr(path)}")
+
+
+def test_two_processes_resume(runs, tmp_path):
+    """The pair, rerun with num_steps=6 on a copy of its workdir, resumes from step 4."""
+    workdir = str(tmp_path / "work")
+    shutil.copytree(runs[0], workdir)
+    out = run_two_processes(workdir, RESUMED_STEPS, tmp_path, runs[3])
+    for log in out:
+        assert "resumed from step 4" in log and f"done at step {RESUMED_STEPS}" in log
+    before = metrics_writer.read_metrics(runs[0], kind=None)
+    after = metrics_writer.read_metrics(workdir, kind=None)
+    assert after[:len(before)] == before  # the first run's records kept, the new ones appended
+    assert [(r["kind"], r["step"]) for r in after[len(before):]] == \
+        [("train", 5), ("train", 6), ("eval", 6)]
+    steps, restored = restore(workdir, RESUMED_STEPS)
+    assert steps == [2, 4, 6] and restored.step == RESUMED_STEPS
+    assert restored.meta["data"]["step"] == RESUMED_STEPS
