@@ -16,5 +16,6 @@ def get_config():
     c.data.chat_template = True
     c.sampling.prompt_buckets = (256, 512, 1024)
     c.sampling.max_new_tokens = 2048
+    c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
     c.num_steps = 1000
     return c

@@ -25,6 +25,7 @@ def get_config():
     c.sampling.num_samples = 8
     c.sampling.temperature = 0.8
     c.sampling.max_new_tokens = 8192
+    c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
     c.rl.micro_batches = 16
     c.rl.dynamic_sampling_start = 500
     c.num_steps = 1000

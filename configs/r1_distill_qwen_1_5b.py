@@ -15,4 +15,5 @@ def get_config():
     c.data.batch_size = 64
     c.data.chat_template = True
     c.sampling.max_new_tokens = 4096
+    c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
     return c

@@ -93,6 +93,10 @@ def base_config(model: str = "tiny"):
         stop_strings=("</s>",),  # decoded stop markers besides the tokenizer's EOS
         prompt_buckets=(256, 1024, 4096),  # prompt lengths are padded up to one of these
         cache_dtype="bfloat16",
+        # speed / memory knobs of rpt_jax.sampling.SamplingConfig (see its comments)
+        cache_layout="auto",  # auto / shared / per_sample prompt cache
+        prefill_chunks=1,  # prefill the prompt rows in this many sequential slices
+        cache_blocks=1,  # response cache blocks; > 1 for long responses (reads fewer slots)
     ))
 
     c.reward = ml_collections.ConfigDict(dict(
