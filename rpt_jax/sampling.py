@@ -504,11 +504,13 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
 
 
 def device_bytes(mesh) -> int | None:
-    """Memory of the mesh's devices together, or None where the backend does not report it."""
+    """Memory of the mesh's devices together, or None where the backend does not report it.
+    Only this process's devices can be asked; the other processes' are taken to be alike."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     total = 0
-    for d in mesh.devices.flat:
+    for d in local:
         stats = d.memory_stats()
         if not stats or "bytes_limit" not in stats:
             return None
         total += stats["bytes_limit"]
-    return total
+    return total * mesh.devices.size // len(local)
