@@ -342,9 +342,9 @@ def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16"
     return cache
 
 
-def _part_valid(cache, rows):
-    """Which slots each reading row may see: [b, g, s] bool (or [b, 1, s] when all g rows of a
-    cache row see the same), g = rows / b; `visible` [b, g] int32 limits a row to slots below."""
+def _part_valid(cache):
+    """Which slots the g readers of each cache row may see: [b, g, s] bool ([b, 1, s] when all
+    see the same); `visible` [b, g] int32 limits each reader to the slots below it."""
     valid = cache["valid"][:, None, :]
     if "visible" in cache:
         slots = jnp.arange(valid.shape[-1], dtype=jnp.int32)
@@ -410,7 +410,7 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     nq = cfg.num_heads // kv
     dtype = jnp.dtype(cfg.dtype)
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
-    masks = [_part_valid(c, r) for c in frozen] + [valid[:, None, :]]
+    masks = [_part_valid(c) for c in frozen] + [valid[:, None, :]]
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
