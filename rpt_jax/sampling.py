@@ -276,10 +276,11 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     mask = prompts.mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     prompt_cache = _prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
-    visible = jnp.repeat(prompts.visible.astype(jnp.int32), g)  # [r]
-    row_mask = jnp.repeat(mask, fan, axis=0)  # [r, L]
-    # position of a row's first tail token: the real prefix tokens it reads
-    row_pos = jnp.sum(row_mask * (jnp.arange(L) < visible[:, None]), axis=1)
+    visible = prompts.visible.astype(jnp.int32)  # [b]
+    # position of a context's first tail token: the real prefix tokens it reads
+    row_pos = jnp.repeat(jnp.sum(jnp.repeat(mask, b // d, axis=0)
+                                 * (jnp.arange(L) < visible[:, None]), axis=1), g)  # [r]
+    visible = jnp.repeat(visible, g)  # [r]
     tail = jnp.repeat(prompts.tail.astype(jnp.int32), g, axis=0)  # [r, T]
     c = -(-(T - 1 + n) // cfg.cache_blocks)  # fed tokens: all but the last sampled one
     if cfg.shared_prompt(L, b // d):

@@ -28,6 +28,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import model, sampling, sharding  # noqa: E402
@@ -92,7 +93,6 @@ def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
 def document_prompts(contexts, per_doc, doc_len, vocab, rng):
     """RPT-shaped prompts: (document-grouped Prompts, the same prompts left padded, mean prompt
     tokens). prefix (16) + doc[:t] + suffix (4) for per_doc positions t per document."""
-    import numpy as np
     gen = np.random.default_rng(rng)
     prefix, suffix = list(gen.integers(0, vocab, 16)), list(gen.integers(0, vocab, 4))
     ts = np.linspace(doc_len // 2, doc_len, per_doc).astype(int)
@@ -348,15 +348,15 @@ def main(argv=None):
     rows = []
     for name, (g, floor, prep) in info.items():
         t = times[name]
-        ms = roof = ""
+        ms = roof = prep_ms = ""
         if prep:
             step = (t - times[prep]) / args.new_tokens
             ms, roof = f"{step * 1e3:.2f}", f"{floor / step:.0%}"
-            prep = f"{times[prep] * 1e3:.0f}"
+            prep_ms = f"{times[prep] * 1e3:.0f}"
         rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
                     f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
-                    f"| {new / t:,.0f} | {prep or ''} | {ms} | {roof} | `{command}` |")
-        print(f"{name}: {new / t:,.0f} new tokens/s, prepare {prep or '-'} ms, {ms} ms/step, "
+                    f"| {new / t:,.0f} | {prep_ms} | {ms} | {roof} | `{command}` |")
+        print(f"{name}: {new / t:,.0f} new tokens/s, prepare {prep_ms or '-'} ms, {ms} ms/step, "
               f"roofline {roof}", flush=True)
     if args.profile and info:
         first = next(iter(info))
