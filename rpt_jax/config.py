@@ -34,6 +34,8 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn"),
+    "sampling.attention": ("xla", "pallas"),
+    "sampling.cache_layout": ("auto", "shared", "per_sample"),
     "reward.kind": ("prefix_match", "first_token", "dense", "conditional_dense"),
     "rl.advantage": ("grpo", "dr_grpo"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
@@ -97,6 +99,7 @@ def base_config(model: str = "tiny"):
         cache_layout="auto",  # auto / shared / per_sample prompt cache
         prefill_chunks=1,  # prefill the prompt rows in this many sequential slices
         cache_blocks=1,  # response cache blocks; > 1 for long responses (reads fewer slots)
+        attention="xla",  # decode attention: "pallas" = fused GPU kernel (Triton)
     ))
 
     c.reward = ml_collections.ConfigDict(dict(

@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rpt_jax import sharding
+from rpt_jax import decode_attention, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +352,18 @@ def _part_valid(cache):
     return valid
 
 
+def _part_limits(cache, rows: int, nq: int, written=None):
+    """The pallas kernel's (valid [b, s], limit [b, g * nq]) of a cache part read by `rows`
+    query rows of nq heads each: readers stop at `visible`, at the slot after `written` (the
+    index a step writes), or at the end."""
+    b, s = cache["valid"].shape
+    if "visible" in cache:
+        limit = jnp.repeat(cache["visible"].astype(jnp.int32), nq, axis=1)
+    else:
+        limit = jnp.full((b, rows // b * nq), s if written is None else written + 1, jnp.int32)
+    return cache["valid"], limit
+
+
 def _decode_attend(q, parts):
     """Decode attention with one softmax over several key/value parts.
 
@@ -395,7 +407,25 @@ def _rope_rows(x, positions, theta):
     return rope(flat, positions[:, None], theta).reshape(x.shape)
 
 
-def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConfig):
+def _decode_attend_pallas(q, parts):
+    """`_decode_attend` with the fused kernel (decode_attention): parts are (keys, values,
+    (valid [b, s], limit [b, g * nq])). Returns float32 [r, k, q, e]."""
+    r, kv, nq, e = q.shape
+    outs = []
+    for keys, values, (valid, limit) in parts:
+        b = keys.shape[0]
+        g = r // b
+        grouped = jnp.swapaxes(q.reshape(b, g, kv, nq, e), 1, 2).reshape(b, kv, g * nq, e)
+        out, lse = decode_attention.sharded_part_attention(
+            grouped.astype(keys.dtype), keys, values, valid, limit)
+        back = lambda x: jnp.swapaxes(  # noqa: E731
+            x.reshape((b, kv, g, nq) + x.shape[3:]), 1, 2).reshape((r, kv, nq) + x.shape[3:])
+        outs.append((back(out), back(lse)))
+    return decode_attention.merge(outs)
+
+
+def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConfig,
+                attention: str = "xla"):
     """One decode step of r rows. weights from `decoding_weights`; tokens, positions [r] int.
 
     Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
@@ -403,6 +433,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     slots plus those of every read-only cache in `frozen`: a `prefill_prompt` cache of b rows,
     read by g = r / b rows each (row i*g + j reads row i; optional "visible" [b, g] int32 limits
     each reader to the slots below it), or earlier per-sample blocks (b = r).
+    attention: "xla" (einsums and a softmax) or "pallas" (decode_attention's fused kernel,
+    which also skips the slots past `index`; every cache's slots a multiple of 16).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
@@ -410,7 +442,13 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     nq = cfg.num_heads // kv
     dtype = jnp.dtype(cfg.dtype)
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
-    masks = [_part_valid(c) for c in frozen] + [valid[:, None, :]]
+    if attention == "pallas":
+        attend = _decode_attend_pallas
+        reads = [_part_limits(c, r, nq) for c in frozen] + [
+            _part_limits({"valid": valid}, r, nq, index)]
+    else:
+        attend = _decode_attend
+        reads = [_part_valid(c) for c in frozen] + [valid[:, None, :]]
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
@@ -428,8 +466,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
                                           (0, 0, index, 0))
         new_k.append(ck)
         new_v.append(cv)
-        parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, masks)] + [(ck, cv, masks[-1])]
-        attn = _decode_attend(q, parts)
+        parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)] + [(ck, cv, reads[-1])]
+        attn = attend(q, parts)
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)

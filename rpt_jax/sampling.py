@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rpt_jax import model, sharding
+from rpt_jax import decode_attention, model, sharding
 
 
 # On an H200 (Qwen2.5-0.5B shape, bf16, 256 rows, prompt 128, G=8) the shared layout's extra
@@ -56,6 +56,10 @@ class SamplingConfig:
     # blocks 0..i only, so long responses read about (k + 1) / 2k of the cache a step instead
     # of all of it, for a few more kernels per step and k loops to compile
     cache_blocks: int = 1
+    # decode attention: "xla" (einsums and a softmax, any backend) or "pallas" (one fused
+    # kernel per cache part and layer that reads only the slots written so far; GPU, and
+    # Pallas' interpreter on CPU for tests)
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -72,6 +76,13 @@ class SamplingConfig:
                              f"{self.cache_blocks} must be >= 1")
         if self.cache_layout not in ("auto", "shared", "per_sample"):
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
+        if self.attention not in ("xla", "pallas"):
+            raise ValueError(f"attention={self.attention!r} is not xla/pallas")
+
+    @property
+    def slot_multiple(self) -> int:
+        """Every cache's slots are a multiple of this (the pallas kernel's block of slots)."""
+        return decode_attention.BLOCK_K if self.attention == "pallas" else 1
 
     def shared_prompt(self, prompt_len: int, contexts_per_row: int = 1) -> bool:
         """Whether the rows of a prefix row read one prompt cache (see cache_layout)."""
@@ -84,7 +95,7 @@ class SamplingConfig:
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
-        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks")
+        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks", "attention")
                   if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
@@ -284,25 +295,45 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     tail = jnp.repeat(prompts.tail.astype(jnp.int32), g, axis=0)  # [r, T]
     c = -(-(T - 1 + n) // cfg.cache_blocks)  # fed tokens: all but the last sampled one
     if cfg.shared_prompt(L, b // d):
-        frozen, prefix = [dict(prompt_cache, visible=visible.reshape(d, fan))], None
+        frozen = [dict(_pad_slots(prompt_cache, cfg.slot_multiple),
+                       visible=visible.reshape(d, fan))]
+        prefix = None
     else:  # the prompt copied into each sample's block 0
         frozen = []
         prefix = jax.tree.map(lambda x: jnp.repeat(x, fan, axis=0), prompt_cache)
         prefix["valid"] = prefix["valid"] & (jnp.arange(L) < visible[:, None])
     offset = 0 if prefix is None else L
+    size = lambda i: _round_up(c + (offset if i == 0 else 0), cfg.slot_multiple)  # noqa: E731
     blocks = tuple(_constrain_cache(model.init_response_cache(
-        model_cfg, r, c + (offset if i == 0 else 0), cfg.cache_dtype, prefix if i == 0 else None))
+        model_cfg, r, size(i), cfg.cache_dtype, prefix if i == 0 else None))
         for i in range(cfg.cache_blocks))
     context = dict(weights=_decoding_weights(params, model_cfg, cfg), frozen=frozen, rng=rng,
                    row_pos=row_pos, block_size=c, offset=offset, tail_len=T)
     for i, lo, hi in _segments(c, 0, T - 1):  # the tail but its last token, no sampling
         blocks = jax.lax.fori_loop(
-            lo, hi, lambda u, bl, i=i: _feed(context, bl, tail[:, u], u, i, model_cfg)[1], blocks)
+            lo, hi, lambda u, bl, i=i: _feed(context, bl, tail[:, u], u, i, model_cfg, cfg)[1],
+            blocks)
     state = dict(tokens=jnp.full((r, n), pad_id, jnp.int32), logprobs=jnp.zeros((r, n)),
                  lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool),
                  stopped=jnp.zeros((r,), bool), last=tail[:, -1],
                  t=jnp.zeros((), jnp.int32), blocks=blocks)
     return context, state
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _pad_slots(cache, multiple: int):
+    """A prompt cache with its slots padded (invalid) to a multiple of `multiple`."""
+    s = cache["valid"].shape[1]
+    extra = _round_up(s, multiple) - s
+    if not extra:
+        return cache
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0)  # noqa: E731
+                                      for a in range(x.ndim)])
+    return {"k": tuple(pad(x, 2) for x in cache["k"]), "v": tuple(pad(x, 2) for x in cache["v"]),
+            "valid": pad(cache["valid"], 1)}
 
 
 def _constrain_cache(cache):
@@ -317,13 +348,13 @@ def _segments(c: int, lo: int, hi: int):
             if u == lo or u % c == 0]
 
 
-def _feed(context, blocks, tokens, u, i: int, model_cfg):
+def _feed(context, blocks, tokens, u, i: int, model_cfg, cfg: SamplingConfig):
     """Feed tokens [r] as fed token u into block i (static), reading the prompt cache and
     blocks 0..i-1. Returns (logits [r, v], blocks)."""
     index = u - i * context["block_size"] + (context["offset"] if i == 0 else 0)
     logits, block = model.decode_step(context["weights"], tokens, context["row_pos"] + u,
                                       context["frozen"] + list(blocks[:i]), blocks[i], index,
-                                      model_cfg)
+                                      model_cfg, cfg.attention)
     return logits, blocks[:i] + (block,) + blocks[i + 1:]
 
 
@@ -387,7 +418,7 @@ def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: Samp
 
         def body(state, i=i):
             logits, blocks = _feed(context, state["blocks"], state["last"], first + state["t"],
-                                   i, model_cfg)
+                                   i, model_cfg, cfg)
             return _record(dict(state, blocks=blocks), logits, context["rng"], cfg, pad_id)
 
         state = jax.lax.while_loop(cond, body, state)

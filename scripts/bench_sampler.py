@@ -260,6 +260,8 @@ def main(argv=None):
     ap.add_argument("--cache-layout", default="auto", help="comma list of auto/shared/per_sample")
     ap.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                     help="model.attention of the prefill (cudnn: GPU, bf16)")
+    ap.add_argument("--decode-attention", default="xla",
+                    help="comma list of SamplingConfig.attention (xla, pallas: GPU kernel)")
     ap.add_argument("--prefill-chunks", type=int, default=1)
     ap.add_argument("--cache-blocks", default="1", help="comma list of SamplingConfig.cache_blocks")
     ap.add_argument("--contexts-per-doc", type=int, default=0,
@@ -310,17 +312,19 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout, blocks, (label, prompts, prefix_rows, prompt_len) in itertools.product(
-                args.cache_layout.split(","), map(int, args.cache_blocks.split(",")), variants):
+        for layout, blocks, attn, (label, prompts, prefix_rows, prompt_len) in itertools.product(
+                args.cache_layout.split(","), map(int, args.cache_blocks.split(",")),
+                args.decode_attention.split(","), variants):
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
-                prefill_chunks=args.prefill_chunks, cache_blocks=blocks)
+                prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn)
             d, L, b, _ = prompts.check()
             shared = scfg.shared_prompt(L, b // d)
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
                     f"{'shared' if shared else 'per-sample'} prompt cache"
-                    f"{f', {blocks} cache blocks' if blocks > 1 else ''}), G={g}")
+                    f"{f', {blocks} cache blocks' if blocks > 1 else ''}"
+                    f"{', pallas attention' if attn == 'pallas' else ''}), G={g}")
             try:
                 runners[name], runners[name + " prepare"] = rpt_runners(
                     params, mcfg, scfg, prompts, mesh)

@@ -1,0 +1,148 @@
+"""A fused decode-attention kernel (Pallas, Triton backend) for the sampler's KV caches.
+
+One kernel per cache part and layer replaces XLA's chain of score / mask / softmax / value
+kernels: each program reads one cache row's keys and values for one kv head once, in blocks of
+`block_k` slots, with an online softmax (flash decoding), and serves every query row that reads
+that cache row (the q heads of its kv head, times the g samples or contexts sharing the row).
+Parts are merged with their log-sum-exp, so several caches (a shared prompt cache, response
+blocks) give one softmax.
+
+GPU only (Triton). On CPU it runs in Pallas' interpreter, slowly, for tests; TPU would need a
+Mosaic kernel and is refused.
+
+Shapes: b cache rows, k kv heads, h query rows per (cache row, kv head), s slots, e head_dim.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from rpt_jax import sharding
+
+NEG = -1e30  # finite: a block with every slot masked must not turn the running max into NaN
+BLOCK_K = 64  # slots per loop iteration; caches for this kernel are sized in multiples of it
+
+
+def _pow2_at_least(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << (x - 1).bit_length())
+
+
+def block_size(s: int, block_k: int = BLOCK_K) -> int:
+    """The largest power of two <= block_k (and >= 16) dividing s, or 0 if there is none."""
+    while block_k >= 16:
+        if s % block_k == 0:
+            return block_k
+        block_k //= 2
+    return 0
+
+
+def _kernel(q_ref, k_ref, v_ref, valid_ref, limit_ref, o_ref, lse_ref, *, block_k, scale):
+    """One (cache row, kv head): q [h, e], keys / values [s, e], valid [s], limit [h]."""
+    q = q_ref[...]
+    limit = limit_ref[...]
+    h, e = q.shape
+    idx = jnp.arange(block_k, dtype=jnp.int32)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = j * block_k
+        keys = k_ref[pl.ds(start, block_k), :]
+        values = v_ref[pl.ds(start, block_k), :]
+        ok = (valid_ref[pl.ds(start, block_k)] != 0)[None, :] & (
+            (start + idx)[None, :] < limit[:, None])  # [h, block_k]
+        scores = jnp.dot(q, keys.T, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(ok, scores, NEG)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        p = jnp.where(ok, jnp.exp(scores - m_new[:, None]), 0.0)
+        shrink = jnp.exp(m - m_new)
+        acc = acc * shrink[:, None] + jnp.dot(p.astype(values.dtype), values,
+                                              preferred_element_type=jnp.float32)
+        return acc, m_new, l * shrink + p.sum(axis=1)
+
+    # slots at or past the largest limit are never read
+    n_blocks = jnp.minimum(pl.cdiv(jnp.max(limit), block_k), k_ref.shape[0] // block_k)
+    acc, m, l = jax.lax.fori_loop(
+        0, n_blocks, body, (jnp.zeros((h, e), jnp.float32), jnp.full((h,), NEG, jnp.float32),
+                            jnp.zeros((h,), jnp.float32)))
+    seen = l > 0
+    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
+                   interpret: bool | None = None):
+    """Attention of query rows over one cache part, normalised within the part.
+
+    q [b, k, h, e]; keys, values [b, k, s, e]; valid [b, s] bool (slots that hold a token);
+    limit [b, h] int32 (query row i reads slots < limit[:, i] only). s must be a multiple of a
+    power of two >= 16 (`block_size`). Returns (out [b, k, h, e] float32, lse [b, k, h] float32:
+    the log of the softmax denominator, -inf for a row that sees no slot).
+    interpret: None = Pallas' interpreter when lowered for CPU, the Triton kernel for GPUs.
+    """
+    b, kv, h, e = q.shape
+    s = keys.shape[2]
+    bk = block_size(s, block_k)
+    if not bk:
+        raise ValueError(f"cache of {s} slots: the pallas decode kernel needs a multiple of 16")
+    if interpret is None:
+        if jax.default_backend() == "tpu":
+            raise ValueError("sampling.attention='pallas' is a GPU (Triton) kernel; use 'xla' "
+                             "on TPU")
+        call = functools.partial(part_attention, block_k=block_k)
+        return jax.lax.platform_dependent(
+            q, keys, values, valid, limit, cpu=functools.partial(call, interpret=True),
+            default=functools.partial(call, interpret=False))
+    hp = _pow2_at_least(h)  # Triton dots need >= 16 rows, in powers of two
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
+    limit = jnp.pad(limit.astype(jnp.int32), ((0, 0), (0, hp - h)))
+    kernel = functools.partial(_kernel, block_k=bk, scale=e ** -0.5)
+    row = lambda i, j: (i, j, 0, 0)  # noqa: E731
+    extra = {} if interpret else {"compiler_params": _triton_params()}
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(b, kv),
+        in_specs=[pl.BlockSpec((None, None, hp, e), row),
+                  pl.BlockSpec((None, None, s, e), row),
+                  pl.BlockSpec((None, None, s, e), row),
+                  pl.BlockSpec((None, s), lambda i, j: (i, 0)),
+                  pl.BlockSpec((None, hp), lambda i, j: (i, 0))],
+        out_specs=[pl.BlockSpec((None, None, hp, e), row),
+                   pl.BlockSpec((None, None, hp), lambda i, j: (i, j, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kv, hp, e), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kv, hp), jnp.float32)],
+        interpret=interpret, name="rpt_decode_attention", **extra,
+    )(q, keys, values, valid.astype(jnp.int32), limit)
+    return out[:, :, :h], lse[:, :, :h]
+
+
+def sharded_part_attention(q, keys, values, valid, limit, **kwargs):
+    """`part_attention` on each device's rows and kv heads (shard_map under the mesh set by
+    `jax.set_mesh`; a custom call left to the partitioner would gather every cache)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    fn = functools.partial(part_attention, **kwargs)
+    if mesh.empty or set(mesh.axis_names) != set(sharding.AXES):
+        return fn(q, keys, values, valid, limit)
+    rows = sharding.spec(("batch", "kv_heads", "length", "head_dim"), keys.shape, mesh)
+    flat = sharding.spec(("batch", "length"), valid.shape, mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(rows, rows, rows, flat, flat),
+                         out_specs=(rows, jax.sharding.PartitionSpec(*rows[:3])),
+                         check_vma=False)(q, keys, values, valid, limit)
+
+
+def merge(parts):
+    """One softmax over several parts: [(out [..., e], lse [...])] -> out [..., e] float32."""
+    if len(parts) == 1:
+        return parts[0][0]
+    top = functools.reduce(jnp.maximum, [lse for _, lse in parts])
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = [jnp.exp(lse - top) for _, lse in parts]
+    total = sum(weights)
+    return sum(o * (w / total)[..., None] for (o, _), w in zip(parts, weights))
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)

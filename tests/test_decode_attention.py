@@ -1,0 +1,149 @@
+"""The fused decode-attention kernel (Pallas, run by its interpreter on CPU) against numpy, and
+the sampler with attention="pallas" against attention="xla"."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rpt_jax import decode_attention, model, sampling, sharding
+from test_sampling import CFG, SAMPLED, _jit_sample, grouped, params  # noqa: F401  (fixtures)
+
+
+def _reference(q, keys, values, ok):
+    """numpy: softmax over the slots each query row sees (ok [b, h, s]) @ values, and the log
+    of the softmax denominator (-inf where a row sees nothing)."""
+    scores = np.einsum("bkhe,bkse->bkhs", q, keys) / np.sqrt(q.shape[-1])
+    ok = ok[:, None]
+    top = np.where(ok, scores, -np.inf).max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    p = np.where(ok, np.exp(scores - top), 0.0)
+    total = p.sum(-1)
+    out = np.einsum("bkhs,bkse->bkhe", p, values) / np.where(total > 0, total, 1)[..., None]
+    lse = np.where(total > 0, np.log(np.where(total > 0, total, 1)) + top[..., 0], -np.inf)
+    return out, lse
+
+
+def _sees(valid, limit):
+    """[b, h, s]: slot held a token and lies below the query row's limit."""
+    return valid[:, None, :] & (np.arange(valid.shape[1]) < limit[:, :, None])
+
+
+def _random_part(rng, b, k, h, s, e):
+    q, keys, values = (rng.standard_normal(shape).astype(np.float32)
+                       for shape in ((b, k, h, e), (b, k, s, e), (b, k, s, e)))
+    valid = rng.random((b, s)) < 0.7
+    limit = rng.integers(0, s + 1, (b, h)).astype(np.int32)
+    return q, keys, values, valid, limit
+
+
+def test_part_attention_against_numpy():
+    """Several blocks of slots, holes in valid, per-query-row limits (one row sees nothing)."""
+    rng = np.random.default_rng(0)
+    q, keys, values, valid, limit = _random_part(rng, 3, 2, 5, 48, 8)
+    limit[0, 0] = 0
+    limit[1, 2] = 48
+    out, lse = decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)),
+                                               block_k=16)
+    want_out, want_lse = _reference(q, keys, values, _sees(valid, limit))
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
+    seen = np.isfinite(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[seen], want_lse[seen], atol=1e-5)
+    with pytest.raises(ValueError, match="cache of 40 slots"):
+        decode_attention.part_attention(*map(jnp.asarray, (q, keys[:, :, :40], values[:, :, :40],
+                                                           valid[:, :40], limit)))
+
+
+def test_merged_parts_equal_one_softmax_over_both():
+    """Two parts (limited prompt rows, a fully visible block) merged by their log-sum-exp equal
+    one softmax over the concatenated slots."""
+    rng = np.random.default_rng(1)
+    q, k1, v1, valid1, limit1 = _random_part(rng, 2, 2, 3, 32, 8)
+    _, k2, v2, valid2, _ = _random_part(rng, 2, 2, 3, 16, 8)
+    valid2[:, 0] = True  # every row sees at least one slot
+    limit2 = np.full_like(limit1, 16)
+    merged = decode_attention.merge([
+        decode_attention.part_attention(*map(jnp.asarray, (q, k, v, valid, limit)))
+        for k, v, valid, limit in ((k1, v1, valid1, limit1), (k2, v2, valid2, limit2))])
+    ok = np.concatenate([_sees(valid1, limit1), _sees(valid2, limit2)], axis=-1)
+    want, _ = _reference(q, np.concatenate([k1, k2], 2), np.concatenate([v1, v2], 2), ok)
+    np.testing.assert_allclose(merged, want, atol=1e-5)
+
+
+PALLAS = dataclasses.replace(SAMPLED, attention="pallas")
+
+
+@pytest.mark.parametrize("change", [
+    dict(), dict(cache_layout="per_sample"), dict(cache_blocks=3), dict(num_samples=1)])
+def test_sampler_with_pallas_attention_equals_xla(params, change):  # noqa: F811
+    """Same tokens as the einsum attention (float32 cache), logprobs within 1e-5: shared and
+    per-sample layouts, the cache in blocks, G = 1; prompt lengths that are not multiples of 16."""
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, (4, 13)), jnp.int32)
+    mask = jnp.asarray(np.arange(13)[None, :] >= np.array([[0], [5], [9], [12]]), jnp.int32)
+    prompts = sampling.Prompts(tokens, mask)
+    want = _jit_sample(params, prompts, jax.random.key(8), CFG,
+                       dataclasses.replace(SAMPLED, **change), 0)
+    got = _jit_sample(params, prompts, jax.random.key(8), CFG,
+                      dataclasses.replace(PALLAS, **change), 0)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_grouped_prompts_with_pallas_attention_on_eight_devices(params, grouped):  # noqa: F811
+    """Document rows read up to each context's limit, rows and kv heads split over a (2, 2, 2)
+    mesh (the kernel runs per device under shard_map): the tokens of the einsum attention."""
+    prompts, _, _ = grouped
+    want = _jit_sample(params, prompts, jax.random.key(6), CFG, SAMPLED, 0)
+    mesh = jax.make_mesh((2, 2, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    run = sampling.make_sampler(mesh, CFG, PALLAS, shards)
+    got = run(jax.device_put(params, shards), prompts, jax.random.key(6))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+    with jax.set_mesh(mesh):
+        hlo = run.jitted.lower(jax.device_put(params, shards), prompts,
+                               jax.random.key(6)).as_text()
+    assert "sdy.manual_computation" in hlo or "shard_map" in hlo  # not left to the partitioner
+
+
+def test_decode_step_reads_only_the_blocks_written_so_far(params):  # noqa: F811
+    """NaN keys and values in the slots a step has not reached (past the first 16-slot block)
+    would poison any kernel that reads them; the pallas step's logits equal the einsum step's
+    on a clean cache."""
+    rng = np.random.default_rng(3)
+    r, written = 4, 5
+    weights = model.decoding_weights(params, CFG)
+    cache = model.init_response_cache(CFG, r, 48, "float32")
+    filled = lambda x: x.at[:, :, :written].set(  # noqa: E731
+        jnp.asarray(rng.standard_normal(x[:, :, :written].shape), x.dtype))
+    cache = {"k": tuple(map(filled, cache["k"])), "v": tuple(map(filled, cache["v"])),
+             "valid": cache["valid"].at[:, :written].set(True)}
+    poisoned = dict(cache, **{kv: tuple(x.at[:, :, 16:].set(jnp.nan) for x in cache[kv])
+                              for kv in ("k", "v")})
+    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, r), jnp.int32)
+    positions = jnp.full((r,), written, jnp.int32)
+    want, _ = model.decode_step(weights, tokens, positions, [], cache, written, CFG)
+    got, _ = model.decode_step(weights, tokens, positions, [], poisoned, written, CFG, "pallas")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,g", [("qwen2_5_0_5b", 1), ("qwen2_5_0_5b", 8),
+                                      ("r1_distill_qwen_14b", 8)])
+def test_kernel_lowers_to_triton_for_gpus(preset, g):
+    """What the Triton lowering checks (power-of-two loads, supported ops) at real head shapes,
+    on this CPU-only machine: lowered for CUDA, the kernel is one Triton custom call."""
+    from rpt_jax.config import MODEL_SHAPES
+    shape = MODEL_SHAPES[preset]
+    kv, e = shape["num_kv_heads"], shape["head_dim"]
+    h = g * shape["num_heads"] // kv
+    b, s = 8, 384
+    args = [jax.ShapeDtypeStruct(x, t) for x, t in (((b, kv, h, e), jnp.bfloat16),
+                                                    ((b, kv, s, e), jnp.bfloat16),
+                                                    ((b, kv, s, e), jnp.bfloat16),
+                                                    ((b, s), jnp.bool_), ((b, h), jnp.int32))]
+    lowered = jax.jit(decode_attention.part_attention).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
