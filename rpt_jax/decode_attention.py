@@ -67,7 +67,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, limit_ref, o_ref, lse_ref, *, block_
     acc, m, l = jax.lax.fori_loop(
         0, n_blocks, body, (jnp.zeros((h, e), jnp.float32), jnp.full((h,), NEG, jnp.float32),
                             jnp.zeros((h,), jnp.float32)))
-    seen = l > 0
+    seen = l != 0  # not `> 0`: a NaN read from the cache must come out as NaN, not as 0
     o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
@@ -133,13 +133,15 @@ def sharded_part_attention(q, keys, values, valid, limit, **kwargs):
 
 
 def merge(parts):
-    """One softmax over several parts: [(out [..., e], lse [...])] -> out [..., e] float32."""
+    """One softmax over several parts: [(out [..., e], lse [...])] -> out [..., e] float32
+    (0 for a row that sees no slot in any part)."""
     if len(parts) == 1:
         return parts[0][0]
     top = functools.reduce(jnp.maximum, [lse for _, lse in parts])
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     weights = [jnp.exp(lse - top) for _, lse in parts]
     total = sum(weights)
+    total = jnp.where(total != 0, total, 1.0)  # a row that sees no slot at all: out 0
     return sum(o * (w / total)[..., None] for (o, _), w in zip(parts, weights))
 
 

@@ -352,16 +352,18 @@ def _part_valid(cache):
     return valid
 
 
-def _part_limits(cache, rows: int, nq: int, written=None):
+def _part_limits(cache, rows: int, nq: int, written=None, active=None):
     """The pallas kernel's (valid [b, s], limit [b, g * nq]) of a cache part read by `rows`
     query rows of nq heads each: readers stop at `visible`, at the slot after `written` (the
-    index a step writes), or at the end."""
+    index a step writes), or at the end; rows not `active` ([rows] bool) read nothing."""
     b, s = cache["valid"].shape
     if "visible" in cache:
-        limit = jnp.repeat(cache["visible"].astype(jnp.int32), nq, axis=1)
+        limit = cache["visible"].astype(jnp.int32)
     else:
-        limit = jnp.full((b, rows // b * nq), s if written is None else written + 1, jnp.int32)
-    return cache["valid"], limit
+        limit = jnp.full((b, rows // b), s if written is None else written + 1, jnp.int32)
+    if active is not None:
+        limit = jnp.where(active.reshape(limit.shape), limit, 0)
+    return cache["valid"], jnp.repeat(limit, nq, axis=1)
 
 
 def _decode_attend(q, parts):
@@ -425,7 +427,7 @@ def _decode_attend_pallas(q, parts):
 
 
 def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConfig,
-                attention: str = "xla"):
+                attention: str = "xla", active=None):
     """One decode step of r rows. weights from `decoding_weights`; tokens, positions [r] int.
 
     Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
@@ -434,7 +436,9 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     read by g = r / b rows each (row i*g + j reads row i; optional "visible" [b, g] int32 limits
     each reader to the slots below it), or earlier per-sample blocks (b = r).
     attention: "xla" (einsums and a softmax) or "pallas" (decode_attention's fused kernel,
-    which also skips the slots past `index`; every cache's slots a multiple of 16).
+    which also skips the slots past `index`, and every slot of the rows that are not
+    `active` ([r] bool, optional: finished samples, whose logits are then meaningless);
+    every cache's slots a multiple of 16).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
@@ -444,8 +448,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
     if attention == "pallas":
         attend = _decode_attend_pallas
-        reads = [_part_limits(c, r, nq) for c in frozen] + [
-            _part_limits({"valid": valid}, r, nq, index)]
+        reads = [_part_limits(c, r, nq, active=active) for c in frozen] + [
+            _part_limits({"valid": valid}, r, nq, index, active)]
     else:
         attend = _decode_attend
         reads = [_part_valid(c) for c in frozen] + [valid[:, None, :]]

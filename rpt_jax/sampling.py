@@ -348,13 +348,14 @@ def _segments(c: int, lo: int, hi: int):
             if u == lo or u % c == 0]
 
 
-def _feed(context, blocks, tokens, u, i: int, model_cfg, cfg: SamplingConfig):
+def _feed(context, blocks, tokens, u, i: int, model_cfg, cfg: SamplingConfig, active=None):
     """Feed tokens [r] as fed token u into block i (static), reading the prompt cache and
-    blocks 0..i-1. Returns (logits [r, v], blocks)."""
+    blocks 0..i-1 (the pallas attention skips the caches of rows not `active`).
+    Returns (logits [r, v], blocks)."""
     index = u - i * context["block_size"] + (context["offset"] if i == 0 else 0)
     logits, block = model.decode_step(context["weights"], tokens, context["row_pos"] + u,
                                       context["frozen"] + list(blocks[:i]), blocks[i], index,
-                                      model_cfg, cfg.attention)
+                                      model_cfg, cfg.attention, active)
     return logits, blocks[:i] + (block,) + blocks[i + 1:]
 
 
@@ -418,7 +419,7 @@ def decode_loop(context, state, model_cfg: model.ModelConfig, sampling_cfg: Samp
 
         def body(state, i=i):
             logits, blocks = _feed(context, state["blocks"], state["last"], first + state["t"],
-                                   i, model_cfg, cfg)
+                                   i, model_cfg, cfg, ~state["done"])
             return _record(dict(state, blocks=blocks), logits, context["rng"], cfg, pad_id)
 
         state = jax.lax.while_loop(cond, body, state)

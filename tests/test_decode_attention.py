@@ -147,3 +147,58 @@ def test_kernel_lowers_to_triton_for_gpus(preset, g):
     lowered = jax.jit(decode_attention.part_attention).trace(*args).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+def test_rows_not_active_read_nothing(params):  # noqa: F811
+    """A step's finished rows (active False) skip their caches: their logits do not depend on
+    what their caches hold, and the active rows equal the einsum step's."""
+    rng = np.random.default_rng(4)
+    r, written = 4, 5
+    weights = model.decoding_weights(params, CFG)
+    cache = model.init_response_cache(CFG, r, 64, "float32")
+    filled = lambda x: x.at[:, :, :written].set(  # noqa: E731
+        jnp.asarray(rng.standard_normal(x[:, :, :written].shape), x.dtype))
+    cache = {"k": tuple(map(filled, cache["k"])), "v": tuple(map(filled, cache["v"])),
+             "valid": cache["valid"].at[:, :written].set(True)}
+    active = np.array([True, False, True, False])
+    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, r), jnp.int32)
+    positions = jnp.full((r,), written, jnp.int32)
+    want, _ = model.decode_step(weights, tokens, positions, [], cache, written, CFG)
+    got = []
+    for fill in (3.0, -3.0):  # the finished rows' values: read, they would change the logits
+        other = dict(cache, v=tuple(x.at[~active].set(fill) for x in cache["v"]))
+        got.append(model.decode_step(weights, tokens, positions, [], other, written, CFG,
+                                     "pallas", jnp.asarray(active))[0])
+    np.testing.assert_array_equal(got[0][~active], got[1][~active])
+    np.testing.assert_allclose(got[0][active], want[active], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_sample"])
+def test_stopped_rows_with_pallas_attention(params, layout):  # noqa: F811
+    """Rows stop at different steps (half the vocabulary stops), so later steps skip the
+    finished rows' caches (and, shared, some readers of a prompt row): outputs equal xla's."""
+    rng = np.random.default_rng(5)
+    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, (4, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [3], [6], [8]]), jnp.int32)
+    cfg = dataclasses.replace(SAMPLED, cache_layout=layout, max_new_tokens=12,
+                              stop_ids=tuple(range(0, CFG.vocab_size, 9)))
+    want = _jit_sample(params, sampling.Prompts(tokens, mask), jax.random.key(9), CFG, cfg, 0)
+    got = _jit_sample(params, sampling.Prompts(tokens, mask), jax.random.key(9), CFG,
+                      dataclasses.replace(cfg, attention="pallas"), 0)
+    lengths = np.asarray(want.lengths)
+    assert lengths.min() < lengths.max() and want.finished.any()  # rows finish apart
+    for field in ("tokens", "lengths", "finished"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_nan_in_a_read_slot_comes_out_as_nan():
+    """The kernel must not hide a broken cache: a NaN key in a slot a row reads gives NaN."""
+    rng = np.random.default_rng(6)
+    q, keys, values, valid, limit = _random_part(rng, 2, 1, 2, 16, 8)
+    valid[:] = True
+    limit[:] = 16
+    keys[0, 0, 3] = np.nan
+    out, lse = decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)))
+    assert np.isnan(out[0]).all() and np.isnan(lse[0]).all()
+    assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all()
