@@ -24,6 +24,8 @@ from rpt_jax import sharding
 
 NEG = -1e30  # finite: a block with every slot masked must not turn the running max into NaN
 BLOCK_K = 64  # slots per loop iteration; caches for this kernel are sized in multiples of it
+BLOCK_H = 64  # query rows per program: a document row read by m contexts x G samples x q heads
+# would otherwise need hundreds of accumulator rows in one program
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -40,7 +42,8 @@ def block_size(s: int, block_k: int = BLOCK_K) -> int:
 
 
 def _kernel(q_ref, k_ref, v_ref, valid_ref, limit_ref, o_ref, lse_ref, *, block_k, scale):
-    """One (cache row, kv head): q [h, e], keys / values [s, e], valid [s], limit [h]."""
+    """One (cache row, kv head, block of query rows): q [h, e], keys / values [s, e],
+    valid [s], limit [h]."""
     q = q_ref[...]
     limit = limit_ref[...]
     h, e = q.shape
@@ -73,7 +76,7 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, limit_ref, o_ref, lse_ref, *, block_
 
 
 def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
-                   interpret: bool | None = None):
+                   block_h: int = BLOCK_H, interpret: bool | None = None):
     """Attention of query rows over one cache part, normalised within the part.
 
     q [b, k, h, e]; keys, values [b, k, s, e]; valid [b, s] bool (slots that hold a token);
@@ -91,26 +94,33 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
         if jax.default_backend() == "tpu":
             raise ValueError("sampling.attention='pallas' is a GPU (Triton) kernel; use 'xla' "
                              "on TPU")
-        call = functools.partial(part_attention, block_k=block_k)
-        return jax.lax.platform_dependent(
-            q, keys, values, valid, limit, cpu=functools.partial(call, interpret=True),
-            default=functools.partial(call, interpret=False))
+        call = functools.partial(part_attention, block_k=block_k, block_h=block_h)
+
+        def on_cpu(q, keys, values, valid, limit):  # XLA:CPU has no bf16 x bf16 -> f32 dot
+            up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
+            return call(up(q), up(keys), up(values), valid, limit, interpret=True)
+
+        return jax.lax.platform_dependent(q, keys, values, valid, limit, cpu=on_cpu,
+                                          default=functools.partial(call, interpret=False))
     hp = _pow2_at_least(h)  # Triton dots need >= 16 rows, in powers of two
+    bh = min(hp, _pow2_at_least(block_h))
     q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
     limit = jnp.pad(limit.astype(jnp.int32), ((0, 0), (0, hp - h)))
     kernel = functools.partial(_kernel, block_k=bk, scale=e ** -0.5)
-    row = lambda i, j: (i, j, 0, 0)  # noqa: E731
+    rows = lambda i, j, t: (i, j, t, 0)  # noqa: E731  (query-row block t)
+    cache = lambda i, j, t: (i, j, 0, 0)  # noqa: E731
+    sq = pl.Squeezed()  # a grid-indexed dimension the kernel does not see
     extra = {} if interpret else {"compiler_params": _triton_params()}
     out, lse = pl.pallas_call(
         kernel,
-        grid=(b, kv),
-        in_specs=[pl.BlockSpec((None, None, hp, e), row),
-                  pl.BlockSpec((None, None, s, e), row),
-                  pl.BlockSpec((None, None, s, e), row),
-                  pl.BlockSpec((None, s), lambda i, j: (i, 0)),
-                  pl.BlockSpec((None, hp), lambda i, j: (i, 0))],
-        out_specs=[pl.BlockSpec((None, None, hp, e), row),
-                   pl.BlockSpec((None, None, hp), lambda i, j: (i, j, 0))],
+        grid=(b, kv, hp // bh),
+        in_specs=[pl.BlockSpec((sq, sq, bh, e), rows),
+                  pl.BlockSpec((sq, sq, s, e), cache),
+                  pl.BlockSpec((sq, sq, s, e), cache),
+                  pl.BlockSpec((sq, s), lambda i, j, t: (i, 0)),
+                  pl.BlockSpec((sq, bh), lambda i, j, t: (i, t))],
+        out_specs=[pl.BlockSpec((sq, sq, bh, e), rows),
+                   pl.BlockSpec((sq, sq, bh), lambda i, j, t: (i, j, t))],
         out_shape=[jax.ShapeDtypeStruct((b, kv, hp, e), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv, hp), jnp.float32)],
         interpret=interpret, name="rpt_decode_attention", **extra,

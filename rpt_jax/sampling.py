@@ -494,13 +494,14 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     prefix_rows = batch if prefix_rows is None else prefix_rows
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
     shared = s.shared_prompt(prompt_len, batch // prefix_rows)
-    fed = tail_len - 1 + s.max_new_tokens
-    sample_slots = -(-fed // s.cache_blocks) * s.cache_blocks + (0 if shared else prompt_len)
+    c = -(-(tail_len - 1 + s.max_new_tokens) // s.cache_blocks)  # as in `prepare`
+    sample_slots = (_round_up(c + (0 if shared else prompt_len), s.slot_multiple)
+                    + (s.cache_blocks - 1) * _round_up(c, s.slot_multiple))
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b * (
             fsdp if s.gather_weights else 1),
-        "prompt KV cache": prefix_rows * prompt_len * per_slot,
+        "prompt KV cache": prefix_rows * _round_up(prompt_len, s.slot_multiple) * per_slot,
         "per-sample KV cache": rows * sample_slots * per_slot,
         # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
         # one layer's activations and, without a fused attention kernel, its scores

@@ -54,6 +54,15 @@ def test_part_attention_against_numpy():
     with pytest.raises(ValueError, match="cache of 40 slots"):
         decode_attention.part_attention(*map(jnp.asarray, (q, keys[:, :, :40], values[:, :, :40],
                                                            valid[:, :40], limit)))
+    # many query rows (a document row read by several contexts x samples x heads): 40 rows
+    # padded to 64, in blocks of 16 rows
+    q, keys, values, valid, limit = _random_part(rng, 2, 2, 40, 32, 8)
+    out, lse = decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)),
+                                               block_k=16, block_h=16)
+    want_out, want_lse = _reference(q, keys, values, _sees(valid, limit))
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_allclose(np.where(np.isfinite(want_lse), lse, 0),
+                               np.where(np.isfinite(want_lse), want_lse, 0), atol=1e-5)
 
 
 def test_merged_parts_equal_one_softmax_over_both():
@@ -130,11 +139,12 @@ def test_decode_step_reads_only_the_blocks_written_so_far(params):  # noqa: F811
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset,g", [("qwen2_5_0_5b", 1), ("qwen2_5_0_5b", 8),
+@pytest.mark.parametrize("preset,g", [("qwen2_5_0_5b", 1), ("qwen2_5_0_5b", 64),
                                       ("r1_distill_qwen_14b", 8)])
 def test_kernel_lowers_to_triton_for_gpus(preset, g):
     """What the Triton lowering checks (power-of-two loads, supported ops) at real head shapes,
-    on this CPU-only machine: lowered for CUDA, the kernel is one Triton custom call."""
+    on this CPU-only machine: lowered for CUDA, the kernel is one Triton custom call.
+    g = 64: a document row read by 8 contexts x 8 samples (448 query rows, in blocks)."""
     from rpt_jax.config import MODEL_SHAPES
     shape = MODEL_SHAPES[preset]
     kv, e = shape["num_kv_heads"], shape["head_dim"]
@@ -202,3 +212,14 @@ def test_nan_in_a_read_slot_comes_out_as_nan():
     out, lse = decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)))
     assert np.isnan(out[0]).all() and np.isnan(lse[0]).all()
     assert np.isfinite(out[1]).all() and np.isfinite(lse[1]).all()
+
+
+def test_sampler_lowers_with_triton_kernels_for_gpus(params):  # noqa: F811
+    """The whole jitted sampler lowered for CUDA from this CPU machine: the pallas attention
+    becomes Triton kernels (one per layer in the decode step), no interpreter left."""
+    cfg = dataclasses.replace(PALLAS, cache_layout="per_sample", num_samples=1)
+    prompts = sampling.Prompts(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32))
+    text = _jit_sample.trace(params, prompts, jax.random.key(0), CFG, cfg, 0).lower(
+        lowering_platforms=("cuda",)).as_text()
+    # plain prompts: a one-token tail, so no steps before the loop; one loop, one part
+    assert text.count("__gpu$xla.gpu.triton") == CFG.num_layers

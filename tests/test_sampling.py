@@ -365,6 +365,10 @@ def test_check_memory():
     assert plain["prompt KV cache"] == 8 * grouped["prompt KV cache"] == 256 * 4096 * per_slot
     assert grouped["per-sample KV cache"] == 256 * 8 * (3 + 256) * per_slot
     assert plain["per-sample KV cache"] == 256 * 8 * 256 * per_slot  # shared (>= 512 tokens)
+    # the pallas kernel's caches come in blocks of 64 slots: 3 + 256 fed tokens take 320
+    pallas = sampling.memory_bytes(big, dataclasses.replace(short, attention="pallas"), 256, 4096,
+                                   prefix_rows=32, tail_len=4)
+    assert pallas["per-sample KV cache"] == 256 * 8 * 320 * per_slot
 
 
 def test_config_validation_and_from_config():

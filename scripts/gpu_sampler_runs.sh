@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` (each part fits in about
+# 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
+# /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/rpt_gpu_runs}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
+python -c "import jax; print(jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+run() {  # name, seconds, script args...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: python $*"
+  timeout "$limit" python "$@" > "$out/$name.txt" 2>&1
+  echo "   exit $? after $SECONDS s total"
+  grep -E "^\| |^FAILED|^#|Error" "$out/$name.txt" | tail -25
+}
+
+qwen="scripts/bench_sampler.py --preset qwen2_5_0_5b --batch 256 --dtype bfloat16"
+case "${1:-1}" in
+  1)
+    run kernel 120 scripts/bench_decode_attention.py --rows 256 --slots 384,2048,8192
+    run issue_shape 330 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+      --decode-attention xla,pallas --compare-plain
+    ;;
+  2)
+    run long_responses 270 $qwen --prompt-len 128 --new-tokens 2048 --num-samples 1 \
+      --cache-blocks 1,4 --decode-attention xla,pallas --repeats 2
+    run documents 200 $qwen --prompt-len 1024 --new-tokens 256 --num-samples 8 \
+      --contexts-per-doc 8 --decode-attention xla,pallas
+    ;;
+esac
