@@ -38,22 +38,33 @@ def _random_part(rng, b, k, h, s, e):
     return q, keys, values, valid, limit
 
 
-def test_part_attention_against_numpy():
-    """Several blocks of slots, holes in valid, per-query-row limits (one row sees nothing)."""
+@pytest.mark.parametrize("splits", [1, 3])
+def test_part_attention_against_numpy(splits):
+    """Several blocks of slots, holes in valid, per-query-row limits (one row sees nothing, one
+    only the first range), in one slot range or three run apart and combined."""
     rng = np.random.default_rng(0)
     q, keys, values, valid, limit = _random_part(rng, 3, 2, 5, 48, 8)
     limit[0, 0] = 0
+    limit[0, 1] = 7
     limit[1, 2] = 48
     out, lse = decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)),
-                                               block_k=16)
+                                               block_k=16, splits=splits)
     want_out, want_lse = _reference(q, keys, values, _sees(valid, limit))
     np.testing.assert_allclose(out, want_out, atol=1e-5)
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
     seen = np.isfinite(want_lse)
     np.testing.assert_allclose(np.asarray(lse)[seen], want_lse[seen], atol=1e-5)
+    if splits > 1:
+        return
     with pytest.raises(ValueError, match="cache of 40 slots"):
         decode_attention.part_attention(*map(jnp.asarray, (q, keys[:, :, :40], values[:, :, :40],
                                                            valid[:, :40], limit)))
+    with pytest.raises(ValueError, match="does not split into 2 ranges"):
+        decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)),
+                                        block_k=16, splits=2)
+    # few programs, long cache: the automatic choice splits it
+    assert decode_attention.splits_for(8, 8192, 64) == 64
+    assert decode_attention.splits_for(1024, 8192, 64) == 1
     # many query rows (a document row read by several contexts x samples x heads): 40 rows
     # padded to 64, in blocks of 16 rows
     q, keys, values, valid, limit = _random_part(rng, 2, 2, 40, 32, 8)
