@@ -42,6 +42,8 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "warmup.think": ("none", "last_line"),
 }
+# sampler tuning keys a hand-written config may leave out (SamplingConfig's defaults apply)
+OPTIONAL = {"sampling.attention", "sampling.cache_layout"}
 
 
 def model_shape(name: str) -> dict:
@@ -168,6 +170,9 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     Raises ValueError naming the offending key. Cheap: call it before any compilation.
     """
     for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if key in OPTIONAL and name not in config[section]:
+            continue
         if _get(config, key) not in allowed:
             raise ValueError(f"{key}={_get(config, key)!r} is not one of {allowed}")
     m = config.model

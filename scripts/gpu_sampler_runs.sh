@@ -24,8 +24,11 @@ qwen="scripts/bench_sampler.py --preset qwen2_5_0_5b --batch 256 --dtype bfloat1
 case "${1:-1}" in
   1)
     run kernel 120 scripts/bench_decode_attention.py --rows 256 --slots 384,2048,8192
-    run issue_shape 330 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+    run issue_shape 300 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
       --decode-attention xla,pallas --compare-plain
+    # kernels per decode step and where the time goes, with the fused attention
+    run profile_pallas 90 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1 \
+      --decode-attention pallas --repeats 1 --profile "$out/trace"
     ;;
   2)
     run long_responses 270 $qwen --prompt-len 128 --new-tokens 2048 --num-samples 1 \

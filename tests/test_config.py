@@ -62,6 +62,8 @@ def test_paper_recipe_in_14b_preset():
     ({"data.max_prompt_len": 4096}, 1, "sampling.prompt_buckets"),
     ({"rl.micro_batches": 3}, 1, "rl.micro_batches=3"),
     ({"model.attention": "cudnn"}, 1, "model.attention='cudnn' needs model.dtype bfloat16"),
+    ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
+    ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")
@@ -76,3 +78,14 @@ def test_bad_config_names_the_key(change, devices, message):
 def test_unknown_model_shape():
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         rc.base_config("nope")
+
+
+def test_sampler_tuning_keys_are_optional():
+    """A hand-written config without the sampler's tuning keys still validates (defaults)."""
+    c = load("tiny")
+    with c.unlocked():
+        del c.sampling["attention"]
+        del c.sampling["cache_layout"]
+    rc.validate(c, 1)
+    from rpt_jax.sampling import SamplingConfig
+    assert SamplingConfig.from_config(c.sampling).attention == "xla"

@@ -380,6 +380,10 @@ def test_config_validation_and_from_config():
     with section.unlocked():
         section.prefill_chunks = 4
     assert sampling.SamplingConfig.from_config(section).prefill_chunks == 4
+    section.attention = "pallas"
+    assert sampling.SamplingConfig.from_config(section).attention == "pallas"
+    with pytest.raises(ValueError, match="attention='triton' is not xla/pallas"):
+        sampling.SamplingConfig(attention="triton")
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
