@@ -118,6 +118,9 @@ def base_config(model: str = "tiny"):
         loss_agg="token_mean",
         micro_batches=1,  # gradient accumulation over this many slices of the batch
         logits_chunk=256,  # positions per LM-head chunk in the loss (memory vs speed)
+        # compute each context's prompt once for its G samples in the update's forward and
+        # backward (G / micro_batches samples per micro-batch) instead of once per sample
+        share_prompt=True,
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -170,11 +170,14 @@ def _mlp(p, x):
     return jnp.einsum("btf,fd->btd", hidden, p["down_proj"]["kernel"].astype(dtype))
 
 
-def _layer(x, p, positions, allowed, cfg):
-    """One decoder layer over a full sequence; returns (x, (k, v)) for cache filling."""
+def _layer(x, p, positions, allowed, cfg, attend=None):
+    """One decoder layer over a full sequence; returns (x, (k, v)) for cache filling.
+    attend(q, k, v) -> [b, t, h, e] replaces self-attention under `allowed` when given."""
     h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     q, k, v = _qkv(p, h, positions, cfg)
-    if cfg.attention == "cudnn":  # fused kernel: no [b, h, t, t] scores in memory
+    if attend is not None:
+        attn = attend(q, k, v)
+    elif cfg.attention == "cudnn":  # fused kernel: no [b, h, t, t] scores in memory
         attn = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
     else:
         attn = _attend(q, k, v, allowed)
@@ -239,6 +242,75 @@ def hidden_states(params, tokens, cfg: ModelConfig, positions=None, segment_ids=
 
     x, kv = jax.lax.scan(_remat(body, cfg.remat), x, params["layers"])
     return x, kv
+
+
+def _attend_after_prompt(q, k, v, prompt_k, prompt_v, to_prompt, allowed, g, fused=None):
+    """Attention of g rows per prompt over their prompt's keys and their own, one softmax.
+
+    q [n, t, h, e]; k, v [n, t, k, e]; prompt_k, prompt_v [n / g, p, k, e]; to_prompt [n, t, p]
+    and allowed [n, t, t] bool. Row i * g + j reads prompt row i. Returns [n, t, h, e].
+    fused: a jax.nn.dot_product_attention implementation ("cudnn") over the prompt's keys
+    copied per row (g copies of [p, k, e] per layer, far less than the prompt compute saved),
+    instead of einsums that read them once but materialise the float32 scores.
+    """
+    if fused:
+        keys = jnp.concatenate([jnp.repeat(prompt_k, g, axis=0), k], axis=1)
+        values = jnp.concatenate([jnp.repeat(prompt_v, g, axis=0), v], axis=1)
+        mask = jnp.concatenate([to_prompt, allowed], axis=-1)[:, None]  # [n, 1, t, p + t]
+        return jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation=fused)
+    n, t, h, e = q.shape
+    kv, b, p = k.shape[2], n // g, prompt_k.shape[1]
+    q = q.reshape(b, g, t, kv, h // kv, e)
+    neg = jnp.finfo(jnp.float32).min
+    to_prompt = to_prompt.reshape(b, g, 1, 1, t, p)
+    allowed = allowed.reshape(b, g, 1, 1, t, t)
+    s_p = jnp.einsum("bjtkqe,bpke->bjkqtp", q, prompt_k, preferred_element_type=jnp.float32)
+    s_r = jnp.einsum("bjtkqe,bjske->bjkqts", q, k.reshape(b, g, t, kv, e),
+                     preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([jnp.where(to_prompt, s_p * e ** -0.5, neg),
+                              jnp.where(allowed, s_r * e ** -0.5, neg)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bjkqtp,bpke->bjtkqe", probs[..., :p], prompt_v)
+           + jnp.einsum("bjkqts,bjske->bjtkqe", probs[..., p:], v.reshape(b, g, t, kv, e)))
+    return out.reshape(n, t, h, e)
+
+
+def hidden_states_shared_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
+                                g: int, prompt_len: int):
+    """`hidden_states` of rows whose first prompt_len tokens repeat in groups of g (a context's
+    G samples), with each prompt computed once instead of g times.
+
+    tokens, positions, segment_ids [n, s] (n = b * g; rows i * g .. i * g + g - 1 carry the
+    same prompt columns). Equal to hidden_states(...)[0] at every real token up to float
+    reordering (padding positions, which no real token reads, differ); the prompt columns of
+    all g rows are their one computation repeated (the backward sums the g gradients).
+    Returns [n, s, d].
+    """
+    n, s = tokens.shape
+    if n % g or not 0 < prompt_len < s:
+        raise ValueError(f"rows [{n}, {s}] do not split into groups of g={g} with a prompt of "
+                         f"{prompt_len} columns")
+    p = prompt_len
+    first = lambda x: x[::g, :p]  # noqa: E731  (one prompt per group)
+    seg_p, seg_r = first(segment_ids), segment_ids[:, p:]
+    allowed_p = causal_mask(seg_p)
+    same_prompt = jnp.repeat(seg_p, g, axis=0)  # [n, p]
+    to_prompt = (seg_r[:, :, None] == same_prompt[:, None, :]) & (same_prompt[:, None, :] != 0)
+    allowed_r = causal_mask(seg_r)
+    pos_p, pos_r = first(positions), positions[:, p:]
+
+    def body(xs, layer):
+        x_p, x_r = xs
+        x_p, (k_p, v_p) = _layer(x_p, layer, pos_p, allowed_p, cfg)
+        attend = functools.partial(_attend_after_prompt, prompt_k=k_p, prompt_v=v_p,
+                                   to_prompt=to_prompt, allowed=allowed_r, g=g,
+                                   fused="cudnn" if cfg.attention == "cudnn" else None)
+        x_r, _ = _layer(x_r, layer, pos_r, None, cfg, attend)
+        return (x_p, x_r), None
+
+    xs = (embed(params, first(tokens), cfg), embed(params, tokens[:, p:], cfg))
+    (x_p, x_r), _ = jax.lax.scan(_remat(body, cfg.remat), xs, params["layers"])
+    return jnp.concatenate([jnp.repeat(x_p, g, axis=0), x_r], axis=1)
 
 
 def forward(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):

@@ -113,7 +113,9 @@ def _check_batch(batch, kl_coef, micro_batches, G):
 
 def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: TrainState, tx,
                     logits_chunk: int = 256):
-    """The update fn(state, batch) -> (state, metrics), jitted on `mesh`; the state is donated.
+    """The update fn(state, batch, prompt_len=0) -> (state, metrics), jitted on `mesh`; the
+    state is donated. With rl.share_prompt and prompt_len = P of the batch, each context's
+    prompt columns are computed once for its samples (`model.hidden_states_shared_prompt`).
 
     batch: objective.make_train_batch's dict, rows sharded over the mesh's data axes (plus
     ref_logprobs [N, S] when rl.kl_coef > 0). logits_chunk: positions per LM-head chunk, the
@@ -129,21 +131,28 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
                    max_len=int(config.sampling.max_new_tokens), kl_coef=float(rl.kl_coef),
                    entropy_coef=float(rl.entropy_coef))
     rows = P(sharding.BATCH)
+    # a micro-batch (rows m, m + M, ...) holds G / M consecutive samples of each context
+    share = bool(getattr(rl, "share_prompt", False)) and G % M == 0 and G // M > 1
 
-    def loss_terms(params, mb):
-        h, _ = model.hidden_states(params, mb["tokens"], model_cfg, mb["positions"],
-                                   mb["segment_ids"])
+    def loss_terms(params, mb, prompt_len):
+        if share and prompt_len:
+            h = model.hidden_states_shared_prompt(params, mb["tokens"], model_cfg,
+                                                  mb["positions"], mb["segment_ids"], G // M,
+                                                  prompt_len)
+        else:
+            h, _ = model.hidden_states(params, mb["tokens"], model_cfg, mb["positions"],
+                                       mb["segment_ids"])
         loss_sum, count, stats = objective.fused_policy_loss(
             params, h, mb, model_cfg, temperature, chunk=logits_chunk, **loss_kw)
         return loss_sum, (count, stats)
 
     grad_fn = jax.grad(loss_terms, has_aux=True)
 
-    def micro(params, mb):
-        grads, (count, stats) = grad_fn(params, mb)
-        return jax.lax.with_sharding_constraint(grads, shardings.params), count, stats
+    def step(state: TrainState, batch, prompt_len):
+        def micro(params, mb):
+            grads, (count, stats) = grad_fn(params, mb, prompt_len)
+            return jax.lax.with_sharding_constraint(grads, shardings.params), count, stats
 
-    def step(state: TrainState, batch):
         _check_batch(batch, rl.kl_coef, M, G)
         batch = jax.lax.with_sharding_constraint(
             batch, jax.tree.map(lambda _: NamedSharding(mesh, rows), batch))
@@ -188,11 +197,14 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
         return new, metrics
 
     jitted = jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, rows)),
-                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,),
+                     static_argnums=(2,))
 
-    def run(state, batch):
+    def run(state, batch, prompt_len: int = 0):
+        """prompt_len: P of make_train_batch's rows; with rl.share_prompt the prompt columns
+        are then computed once per context (0: every row whole)."""
         with jax.set_mesh(mesh):  # activates the model's activation sharding constraints
-            return jitted(state, batch)
+            return jitted(state, batch, int(prompt_len))
 
     run.jitted = jitted
     return run

@@ -351,7 +351,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             batch = {k: batch[k] for k in ROLLOUT_KEYS}
             train_batch, roll = rollout(state.params, samples, batch, table,
                                         jnp.asarray(use_keep))
-            state, upd = update(state, train_batch)
+            state, upd = update(state, train_batch, batch["prompt_tokens"].shape[1])
             roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
             done = step + 1
 

@@ -10,6 +10,9 @@ the tied embedding, i.e. the LM head; attention's own FLOPs are not counted, as 
 MFU). MFU is given against the nominal dense bf16 peak of the device kind (--peak-tflops
 overrides) and against a bf16 matmul measured in the same run.
 
+`--share-prompt 0,1` compares rl.share_prompt off and on (each context's prompt computed once for
+its G samples; tok/s and MFU still count every row's prompt tokens, so they show the saving).
+
 `--attention cudnn` sets model.attention="cudnn": jax.nn.dot_product_attention's fused cuDNN
 kernel for the full-sequence pass (NVIDIA GPUs, bf16); "xla" is the portable einsum attention.
 
@@ -18,6 +21,7 @@ Needs no ml-collections (the config is a plain namespace), so it runs on the GPU
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -48,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batches", default="1", help="comma list")
     p.add_argument("--attention", default="xla", help="comma list of xla|cudnn")
     p.add_argument("--logits-chunk", default="256", help="comma list: positions per LM-head chunk")
+    p.add_argument("--share-prompt", default="0",
+                   help="comma list of 0|1: rl.share_prompt (each prompt computed once per G)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the decoder body, the LM head and the optimizer apart")
     p.add_argument("--steps", type=int, default=8)
@@ -139,7 +145,7 @@ def breakdown(args, cfg, state, tx, batch, chunk):
                 adamw_s=_median_time(adam, params, state.opt_state))
 
 
-def run_variant(args, remat, micro, attention, chunk, peak, mm):
+def run_variant(args, remat, micro, attention, chunk, peak, mm, share=False):
     base = dict(MODEL_SHAPES[args.preset])
     cfg = model.ModelConfig(**base, dtype=args.dtype, param_dtype="float32", remat=remat,
                             attention=attention)
@@ -148,7 +154,7 @@ def run_variant(args, remat, micro, attention, chunk, peak, mm):
         sampling=SimpleNamespace(temperature=0.8, num_samples=args.group,
                                  max_new_tokens=args.seq_len - args.prompt_len),
         rl=SimpleNamespace(loss_agg="token_mean", clip_low=0.2, clip_high=0.2, kl_coef=0.0,
-                           entropy_coef=0.0, micro_batches=micro),
+                           entropy_coef=0.0, micro_batches=micro, share_prompt=share),
         optim=SimpleNamespace(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                               grad_clip=1.0, warmup_steps=0, schedule="constant"))
     mesh = sharding.make_mesh(config)
@@ -163,16 +169,16 @@ def run_variant(args, remat, micro, attention, chunk, peak, mm):
                                       logits_chunk=chunk)
     batch = random_batch(args, cfg.vocab_size, jax.random.key(1))
     t = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, args.prompt_len)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t
     for _ in range(args.warmup - 1):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, args.prompt_len)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, args.prompt_len)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     parts = breakdown(args, cfg, state, tx, batch, chunk) if args.breakdown else {}
@@ -182,7 +188,7 @@ def run_variant(args, remat, micro, attention, chunk, peak, mm):
     stats = jax.devices()[0].memory_stats() or {}  # the process's peak so far, all variants
     return dict(preset=args.preset, device=jax.devices()[0].device_kind, batch=args.batch,
                 seq_len=args.seq_len, dtype=args.dtype, remat=remat, micro_batches=micro,
-                attention=attention, logits_chunk=chunk, compile_s=compile_s,
+                attention=attention, logits_chunk=chunk, share_prompt=share, compile_s=compile_s,
                 step_s=step_s, step_s_min=min(times), tokens_per_s=tokens / step_s,
                 model_tflops=flops / 1e12, mfu_nominal=flops / peak if peak else None,
                 mfu_measured_matmul=flops / mm, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
@@ -202,21 +208,26 @@ def main(argv=None):
     for attention in args.attention.split(","):
         for remat in args.remat.split(","):
             for micro in [int(m) for m in args.micro_batches.split(",")]:
-                for chunk in [int(c) for c in args.logits_chunk.split(",")]:
+                for chunk, share in itertools.product(
+                        [int(c) for c in args.logits_chunk.split(",")],
+                        [bool(int(x)) for x in args.share_prompt.split(",")]):
                     try:
-                        r = run_variant(args, remat, micro, attention, chunk, peak, mm)
+                        r = run_variant(args, remat, micro, attention, chunk, peak, mm, share)
                     except Exception as e:  # report and go on to the next variant
                         r = dict(remat=remat, micro_batches=micro, attention=attention,
-                                 logits_chunk=chunk, error=f"{type(e).__name__}: {str(e)[:300]}")
+                                 logits_chunk=chunk, share_prompt=share,
+                                 error=f"{type(e).__name__}: {str(e)[:300]}")
                     rows.append(r)
                     print(json.dumps(r), flush=True)
                     if args.out:
                         with open(args.out, "a") as f:
                             f.write(json.dumps(r) + "\n")
-    print(f"\n{'attention':9} {'remat':5} {'micro':5} {'chunk':5} {'step s':>8} {'tok/s':>9} "
+    print(f"\n{'attention':9} {'remat':5} {'micro':5} {'chunk':5} {'share':5} {'step s':>8} "
+          f"{'tok/s':>9} "
           f"{'TFLOP/s':>8} {'MFU nom':>7} {'MFU mm':>7} {'peak GiB':>8} {'compile s':>9}")
     for r in rows:
-        head = f"{r['attention']:9} {r['remat']:5} {r['micro_batches']:5} {r['logits_chunk']:5}"
+        head = (f"{r['attention']:9} {r['remat']:5} {r['micro_batches']:5} "
+                f"{r['logits_chunk']:5} {str(r['share_prompt'])[0]:5}")
         if "error" in r:
             print(f"{head} {r['error']}")
             continue

@@ -193,3 +193,41 @@ def test_bf16_compute_close_to_f32(params):
     b = model.forward(params, tokens, cfg16)
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, atol=0.15)  # bf16 keeps ~3 significant digits
+
+
+def test_shared_prompt_hidden_states_equal_the_full_forward(params):
+    """Rows in groups of g sharing their (left-padded) prompt columns: each prompt computed once
+    gives the hidden states of every row computed whole, at every real token."""
+    rng = np.random.default_rng(7)
+    b, g, p, r = 3, 4, 7, 5
+    prompt = rng.integers(1, CFG.vocab_size, (b, p))
+    pmask = np.ones((b, p), np.int32)
+    pmask[0, :3] = pmask[2, :1] = 0
+    lengths = rng.integers(1, r + 1, b * g)
+    seg = np.concatenate([np.repeat(pmask, g, 0),
+                          (np.arange(r)[None] < lengths[:, None]).astype(np.int32)], 1)
+    tokens = np.concatenate([np.repeat(prompt, g, 0),
+                             rng.integers(1, CFG.vocab_size, (b * g, r))], 1) * seg
+    pos = np.maximum(np.cumsum(seg, 1) - 1, 0)
+    args = [jnp.asarray(x, jnp.int32) for x in (tokens, pos, seg)]
+    want, _ = model.hidden_states(params, args[0], CFG, *args[1:])
+    got = model.hidden_states_shared_prompt(params, args[0], CFG, *args[1:], g, p)
+    real = seg.astype(bool)
+    # hidden states reach ~25 here: float32 sums in another order differ by ~1e-6 of that
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
+                               atol=5e-5)
+    with pytest.raises(ValueError, match="groups of g=5"):
+        model.hidden_states_shared_prompt(params, args[0], CFG, *args[1:], 5, p)
+
+
+def test_shared_prompt_attention_fused_branch_equals_einsums():
+    """The branch model.attention="cudnn" takes (prompt keys copied per row, one fused call),
+    run with jax's "xla" implementation here, equals the einsum branch."""
+    rng = np.random.default_rng(8)
+    b, g, t, p, kv, h, e = 2, 3, 5, 4, 2, 4, 8
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    args = (normal(b * g, t, h, e), normal(b * g, t, kv, e), normal(b * g, t, kv, e),
+            normal(b, p, kv, e), normal(b, p, kv, e), jnp.asarray(rng.random((b * g, t, p)) < .8),
+            jnp.asarray(np.broadcast_to(np.tril(np.ones((t, t), bool)), (b * g, t, t))), g)
+    np.testing.assert_allclose(model._attend_after_prompt(*args, fused="xla"),
+                               model._attend_after_prompt(*args), atol=1e-5)

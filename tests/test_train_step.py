@@ -138,6 +138,30 @@ def test_on_policy_gradient_is_reinforce_with_group_baseline(sgd_step):
     assert metrics["loss_tokens"] == lengths.sum()
 
 
+@pytest.mark.parametrize("mesh,micro", [((1, 1, 1), 1), ((1, 1, 1), 2), ((2, 2, 2), 2)])
+def test_shared_prompt_forward_gives_the_reinforce_gradient(mesh, micro, monkeypatch):
+    """rl.share_prompt: each context's prompt is computed once for its G samples (G / micro in
+    a micro-batch of rows m, m + micro, ...), and the update is still the plain reference's."""
+    calls = []
+    shared = model.hidden_states_shared_prompt
+    monkeypatch.setattr(model, "hidden_states_shared_prompt",
+                        lambda *a: calls.append(a[-2:]) or shared(*a))
+    config = make_config(mesh=mesh, micro_batches=micro)
+    config.rl.share_prompt = True
+    step, init, _ = build(config, tx=optax.sgd(1.0))
+    params = random_params(0)
+    prompt, pmask, samples, lengths, rewards, _ = sampled(0)
+    adv = np.asarray(objective.group_advantages(jnp.asarray(rewards), G))
+    want_grad, logp = reference_plain_grad(params, prompt, pmask, samples, lengths, adv)
+    before = host(params)
+    state, metrics = step(init(params), to_batch(prompt, pmask, samples, lengths, adv, logp),
+                          prompt_len=P)
+    assert calls and calls[0] == (G // micro, P)  # traced with the shared prompt
+    got_grad = jax.tree.map(lambda old, new: old - new, before, host(state.params))
+    assert_trees_close(got_grad, host(want_grad), rtol=1e-4, atol=1e-7)
+    assert metrics["logp_gap_max"] < 1e-5 and metrics["applied"]
+
+
 def test_prompt_positions_and_tail_do_not_change_the_update(sgd_step):
     step, init, _ = sgd_step
     params = random_params(1)

@@ -258,6 +258,10 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
         return wrapped
 
     monkeypatch.setattr(trainer.sampling, "make_sampler", spy)
+    shared = []  # the update's forward: each context's prompt once for its G samples
+    real = trainer.train_step.model.hidden_states_shared_prompt
+    monkeypatch.setattr(trainer.train_step.model, "hidden_states_shared_prompt",
+                        lambda *a: shared.append(a[-2:]) or real(*a))
     grouped = load_config(data_dir, "--config.data.contexts_per_doc=2",
                           "--config.data.batch_size=16", "--config.num_steps=2",
                           "--config.warmup.steps=0", "--config.eval.every=0")
@@ -266,6 +270,7 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
     assert result.status == "done" and result.step == 2
     assert len(seen) == 2 and all(is_grouped for _, is_grouped in seen)
     assert {(d, b) for (d, _, b, _), _ in seen} == {(8, 16)}
+    assert shared and shared[0][0] == grouped.sampling.num_samples
     train = metrics_writer.read_metrics(workdir, "train")
     assert {r["compiles"] for r in train} == {3}
     assert all(np.isfinite(r["loss"]) and 0 < r["response_len"] <= 12 for r in train)
