@@ -281,10 +281,11 @@ def hidden_states_shared_prompt(params, tokens, cfg: ModelConfig, positions, seg
     G samples), with each prompt computed once instead of g times.
 
     tokens, positions, segment_ids [n, s] (n = b * g; rows i * g .. i * g + g - 1 carry the
-    same prompt columns). Equal to hidden_states(...)[0] at every real token up to float
-    reordering (padding positions, which no real token reads, differ); the prompt columns of
-    all g rows are their one computation repeated (the backward sums the g gradients).
-    Returns [n, s, d].
+    same prompt columns). Returns [n, s - p + 1, d]: columns p - 1 .. s - 1 (the last prompt
+    token, which predicts the first response token, then the responses), the only ones a loss
+    on the responses reads; the last prompt column is its one computation repeated g times (the
+    backward sums the g gradients). Equal to hidden_states(...)[0][:, p - 1:] at every real
+    token up to float reordering (padding positions, which no real token reads, differ).
     """
     n, s = tokens.shape
     if n % g or not 0 < prompt_len < s:
@@ -310,7 +311,7 @@ def hidden_states_shared_prompt(params, tokens, cfg: ModelConfig, positions, seg
 
     xs = (embed(params, first(tokens), cfg), embed(params, tokens[:, p:], cfg))
     (x_p, x_r), _ = jax.lax.scan(_remat(body, cfg.remat), xs, params["layers"])
-    return jnp.concatenate([jnp.repeat(x_p, g, axis=0), x_r], axis=1)
+    return jnp.concatenate([jnp.repeat(x_p[:, -1:], g, axis=0), x_r], axis=1)
 
 
 def forward(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):

@@ -139,6 +139,8 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
             h = model.hidden_states_shared_prompt(params, mb["tokens"], model_cfg,
                                                   mb["positions"], mb["segment_ids"], G // M,
                                                   prompt_len)
+            # the columns h covers: every loss token and all that the loss reads of a row
+            mb = {k: v[:, prompt_len - 1:] if v.ndim == 2 else v for k, v in mb.items()}
         else:
             h, _ = model.hidden_states(params, mb["tokens"], model_cfg, mb["positions"],
                                        mb["segment_ids"])

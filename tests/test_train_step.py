@@ -273,6 +273,28 @@ def test_kl_to_an_identical_reference_is_zero_and_changes_nothing(sgd_step):
     assert_trees_close(host(s_kl.params), host(s_plain.params), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("agg", objective.AGGREGATIONS)
+def test_shared_prompt_update_equals_whole_rows_with_kl_and_every_aggregation(agg):
+    """The shared-prompt update reads only the columns from the last prompt token on; with a KL
+    term (its reference log-probs sliced alike) and each aggregation it equals the whole rows'."""
+    prompt, pmask, samples, lengths, rewards, logp = sampled(6)
+    adv = objective.group_advantages(jnp.asarray(rewards), G)
+    rng = np.random.default_rng(6)
+    batch = to_batch(prompt, pmask, samples, lengths, adv, logp)
+    batch["ref_logprobs"] = batch["old_logprobs"] + jnp.asarray(
+        rng.normal(0, 0.1, batch["old_logprobs"].shape), jnp.float32) * batch["loss_mask"]
+    params = random_params(6)
+    config = make_config(agg=agg, kl_coef=0.3)
+    step, init, _ = build(config, tx=optax.sgd(1.0))
+    (s_whole, m_whole), (s_shared, m_shared) = [step(init(params), batch, prompt_len=n)
+                                                for n in (0, P)]
+    # float32 sums in another order: ~3e-6 on updates of ~0.1
+    assert_trees_close(host(s_shared.params), host(s_whole.params), rtol=1e-4, atol=1e-5)
+    assert m_whole["kl_ref"] > 1e-4
+    for k in m_whole:
+        np.testing.assert_allclose(m_shared[k], m_whole[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def test_schedule_and_weight_decay_mask():
