@@ -16,6 +16,11 @@ averaged over the steps) over the copy bandwidth measured with jax in the same r
 around contexts cut from documents of --prompt-len tokens at m positions each (evenly spaced in
 the document's second half); timed as plain prompts (one prefill per context) and
 document-grouped (`sampling.Prompts` with one prefix row per document) side by side.
+--mean-len L: RPT's uneven response lengths instead of full-length rows: every L-th token id
+stops a row (about one step in L with near-uniform random-weight sampling), so rows
+finish at different steps and the loop runs until the longest is done; new tokens/s counts the
+tokens generated and ms/step divides by the longest row's steps. The finished rows' share of
+every later step is what the pallas attention skips (`--decode-attention xla,pallas`).
 Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
 """
 from __future__ import annotations
@@ -86,8 +91,11 @@ def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
             return prepare(params, prompts, rng)
 
     out = full(params, prompts, rng)
-    assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
-    return block(lambda: full(params, prompts, rng)), block(run_prepare)
+    if not scfg.stop_ids:
+        assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
+    # the same rng every call: the same rows stop at the same steps
+    lengths = (int(out.lengths.sum()), int(out.lengths.max()))
+    return block(lambda: full(params, prompts, rng)), block(run_prepare), lengths
 
 
 def document_prompts(contexts, per_doc, doc_len, vocab, rng):
@@ -267,6 +275,9 @@ def main(argv=None):
     ap.add_argument("--contexts-per-doc", type=int, default=0,
                     help="RPT prompts from documents of --prompt-len tokens, m contexts each: "
                          "plain vs document-grouped (see above)")
+    ap.add_argument("--mean-len", type=int, default=0,
+                    help="stop rows after about this many tokens (uneven lengths, as RPT's); "
+                         "new tok/s then counts the tokens generated")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
@@ -294,8 +305,13 @@ def main(argv=None):
           f"read {read_bw / 1e9:.0f} GB/s; {model.num_params(mcfg) / 1e6:.0f}M params", flush=True)
 
     params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.key(0))
-    new = args.batch * args.new_tokens
+    if args.mean_len and (args.compare_plain or args.compare_hf):
+        ap.error("--mean-len stops rows early; the baselines always run --new-tokens")
+    # near-uniform sampling from random weights: each step stops a row with p ~ 1 / mean_len
+    stop_ids = tuple(range(0, mcfg.vocab_size, args.mean_len)) if args.mean_len else ()
     runners, info = {}, {}  # name -> callable; name -> (G, decode-step floor s, prepare name)
+    lengths = {}  # name -> (tokens generated, decode steps): every row runs all steps unless
+    # --mean-len
     m = args.contexts_per_doc
     for g in samples:
         contexts = args.batch // g
@@ -318,7 +334,8 @@ def main(argv=None):
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
-                prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn)
+                prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn,
+                stop_ids=stop_ids)
             d, L, b, _ = prompts.check()
             shared = scfg.shared_prompt(L, b // d)
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
@@ -326,7 +343,7 @@ def main(argv=None):
                     f"{f', {blocks} cache blocks' if blocks > 1 else ''}"
                     f"{', pallas attention' if attn == 'pallas' else ''}), G={g}")
             try:
-                runners[name], runners[name + " prepare"] = rpt_runners(
+                runners[name], runners[name + " prepare"], lengths[name] = rpt_runners(
                     params, mcfg, scfg, prompts, mesh)
             except Exception as err:  # keep the other variants of a long device run
                 print(f"FAILED {name}: {err!r}", flush=True)
@@ -352,14 +369,18 @@ def main(argv=None):
     rows = []
     for name, (g, floor, prep) in info.items():
         t = times[name]
+        new, steps = lengths.get(name, (args.batch * args.new_tokens, args.new_tokens))
         ms = roof = prep_ms = ""
         if prep:
-            step = (t - times[prep]) / args.new_tokens
-            ms, roof = f"{step * 1e3:.2f}", f"{floor / step:.0%}"
+            step = (t - times[prep]) / steps
+            ms = f"{step * 1e3:.2f}"
+            roof = "" if args.mean_len else f"{floor / step:.0%}"
             prep_ms = f"{times[prep] * 1e3:.0f}"
         rows.append(f"| {name} | {device} | {jax.__version__} | {args.preset} | {args.batch} "
                     f"| {g} | {args.prompt_len} | {args.new_tokens} | {args.dtype} "
                     f"| {new / t:,.0f} | {prep_ms} | {ms} | {roof} | `{command}` |")
+        if args.mean_len:
+            print(f"{name}: {new / args.batch:.1f} tokens per row on average, {steps} steps")
         print(f"{name}: {new / t:,.0f} new tokens/s, prepare {prep_ms or '-'} ms, {ms} ms/step, "
               f"roofline {roof}", flush=True)
     if args.profile and info:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` (each part fits in about
-# 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2`, then `... 3` (each part fits
+# in about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
 # /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,5 +35,10 @@ case "${1:-1}" in
       --cache-blocks 1,4 --decode-attention xla,pallas --repeats 2
     run documents 200 $qwen --prompt-len 1024 --new-tokens 256 --num-samples 8 \
       --contexts-per-doc 8 --decode-attention xla,pallas
+    ;;
+  3)
+    # RPT's uneven lengths: rows stop after ~256 of up to 1024 tokens; pallas skips finished rows
+    run uneven_lengths 300 $qwen --prompt-len 128 --new-tokens 1024 --num-samples 8 \
+      --mean-len 256 --decode-attention xla,pallas --repeats 2
     ;;
 esac
