@@ -119,7 +119,8 @@ def base_config(model: str = "tiny"):
         micro_batches=1,  # gradient accumulation over this many slices of the batch
         logits_chunk=256,  # positions per LM-head chunk in the loss (memory vs speed)
         # compute each context's prompt once for its G samples in the update's forward and
-        # backward (G / micro_batches samples per micro-batch) instead of once per sample
+        # backward instead of once per sample (G / micro_batches per micro-batch; whole rows
+        # when micro_batches does not divide G or leaves one sample per context)
         share_prompt=True,
     ))
 
