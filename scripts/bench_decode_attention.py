@@ -17,7 +17,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import model  # noqa: E402

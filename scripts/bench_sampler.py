@@ -390,8 +390,8 @@ def main(argv=None):
             print("\n".join([first] + kernel_table(args.profile, args.new_tokens)))
         except Exception as err:  # a trace without device events
             print(f"no kernel table: {err!r}")
-    print(f"\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
-          f"| new tok/s | prepare ms | ms/step | roofline | command |")
+    print("\n| implementation | device | jax | preset | batch | G | prompt | new | dtype "
+          "| new tok/s | prepare ms | ms/step | roofline | command |")
     print("|" + "---|" * 14)
     print("\n".join(rows))
     return rows

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpt_jax import decode_attention, model, sampling, sharding
-from test_sampling import CFG, SAMPLED, _jit_sample, grouped, params  # noqa: F401  (fixtures)
+from rpt_jax import decode_attention, model, sampling
+from test_sampling import (CFG, SAMPLED, _jit_sample, grouped, on_mesh,  # noqa: F401
+                           params)  # (fixtures)
 
 
 def _reference(q, keys, values, ok):
@@ -117,34 +118,36 @@ def test_grouped_prompts_with_pallas_attention_on_eight_devices(params, grouped)
     mesh (the kernel runs per device under shard_map): the tokens of the einsum attention."""
     prompts, _, _ = grouped
     want = _jit_sample(params, prompts, jax.random.key(6), CFG, SAMPLED, 0)
-    mesh = jax.make_mesh((2, 2, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
-    run = sampling.make_sampler(mesh, CFG, PALLAS, shards)
-    got = run(jax.device_put(params, shards), prompts, jax.random.key(6))
+    run, sharded_params, mesh = on_mesh(params, (2, 2, 2), PALLAS)
+    got = run(sharded_params, prompts, jax.random.key(6))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
     with jax.set_mesh(mesh):
-        hlo = run.jitted.lower(jax.device_put(params, shards), prompts,
-                               jax.random.key(6)).as_text()
+        hlo = run.jitted.lower(sharded_params, prompts, jax.random.key(6)).as_text()
     assert "sdy.manual_computation" in hlo or "shard_map" in hlo  # not left to the partitioner
+
+
+def _step_inputs(params, slots, seed, rows=4, written=5):  # noqa: F811
+    """(decoding weights, a per-sample cache of `slots` slots with `written` random ones,
+    tokens, positions, written) for one decode step of `rows` rows."""
+    rng = np.random.default_rng(seed)
+    cache = model.init_response_cache(CFG, rows, slots, "float32")
+    filled = lambda x: x.at[:, :, :written].set(  # noqa: E731
+        jnp.asarray(rng.standard_normal(x[:, :, :written].shape), x.dtype))
+    cache = {"k": tuple(map(filled, cache["k"])), "v": tuple(map(filled, cache["v"])),
+             "valid": cache["valid"].at[:, :written].set(True)}
+    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, rows), jnp.int32)
+    return (model.decoding_weights(params, CFG), cache, tokens,
+            jnp.full((rows,), written, jnp.int32), written)
 
 
 def test_decode_step_reads_only_the_blocks_written_so_far(params):  # noqa: F811
     """NaN keys and values in the slots a step has not reached (past the first 16-slot block)
     would poison any kernel that reads them; the pallas step's logits equal the einsum step's
     on a clean cache."""
-    rng = np.random.default_rng(3)
-    r, written = 4, 5
-    weights = model.decoding_weights(params, CFG)
-    cache = model.init_response_cache(CFG, r, 48, "float32")
-    filled = lambda x: x.at[:, :, :written].set(  # noqa: E731
-        jnp.asarray(rng.standard_normal(x[:, :, :written].shape), x.dtype))
-    cache = {"k": tuple(map(filled, cache["k"])), "v": tuple(map(filled, cache["v"])),
-             "valid": cache["valid"].at[:, :written].set(True)}
+    weights, cache, tokens, positions, written = _step_inputs(params, 48, seed=3)
     poisoned = dict(cache, **{kv: tuple(x.at[:, :, 16:].set(jnp.nan) for x in cache[kv])
                               for kv in ("k", "v")})
-    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, r), jnp.int32)
-    positions = jnp.full((r,), written, jnp.int32)
     want, _ = model.decode_step(weights, tokens, positions, [], cache, written, CFG)
     got, _ = model.decode_step(weights, tokens, positions, [], poisoned, written, CFG, "pallas")
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -173,17 +176,8 @@ def test_kernel_lowers_to_triton_for_gpus(preset, g):
 def test_rows_not_active_read_nothing(params):  # noqa: F811
     """A step's finished rows (active False) skip their caches: their logits do not depend on
     what their caches hold, and the active rows equal the einsum step's."""
-    rng = np.random.default_rng(4)
-    r, written = 4, 5
-    weights = model.decoding_weights(params, CFG)
-    cache = model.init_response_cache(CFG, r, 64, "float32")
-    filled = lambda x: x.at[:, :, :written].set(  # noqa: E731
-        jnp.asarray(rng.standard_normal(x[:, :, :written].shape), x.dtype))
-    cache = {"k": tuple(map(filled, cache["k"])), "v": tuple(map(filled, cache["v"])),
-             "valid": cache["valid"].at[:, :written].set(True)}
+    weights, cache, tokens, positions, written = _step_inputs(params, 64, seed=4)
     active = np.array([True, False, True, False])
-    tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, r), jnp.int32)
-    positions = jnp.full((r,), written, jnp.int32)
     want, _ = model.decode_step(weights, tokens, positions, [], cache, written, CFG)
     got = []
     for fill in (3.0, -3.0):  # the finished rows' values: read, they would change the logits

@@ -143,16 +143,21 @@ def test_logprobs_equal_full_forward_rescoring(params, ragged, sampled):
     assert len({tuple(np.asarray(sampled.tokens[r])) for r in range(3)}) > 1
 
 
+def on_mesh(params, shape, sampling_cfg):
+    """(sampler jitted on a (data, fsdp, tensor) mesh of this shape, params placed there, mesh)."""
+    mesh = jax.make_mesh(shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    return (sampling.make_sampler(mesh, CFG, sampling_cfg, shards),
+            jax.device_put(params, shards), mesh)
+
+
 @pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
 def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled, shape):
     """`sampled` ran on one device; the same rng on a (data, fsdp, tensor) mesh of 8."""
     tokens, mask, _ = ragged
     assert len(jax.devices()) == 8 and len(sampled.tokens.devices()) == 1
-    mesh = jax.make_mesh(shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
-    sharded_params = jax.device_put(params, shards)
-    got = sampling.make_sampler(mesh, CFG, SAMPLED, shards)(
-        sharded_params, sampling.Prompts(tokens, mask), jax.random.key(4))
+    run, sharded_params, _ = on_mesh(params, shape, SAMPLED)
+    got = run(sharded_params, sampling.Prompts(tokens, mask), jax.random.key(4))
     assert got.tokens.sharding.spec[0] == sharding.BATCH and len(got.tokens.devices()) == 8
     np.testing.assert_array_equal(got.tokens, sampled.tokens)
     np.testing.assert_allclose(got.logprobs, sampled.logprobs, atol=1e-5)
@@ -210,10 +215,8 @@ def test_document_grouped_prompts_sample_like_plain_prompts(params, grouped):
 def test_document_grouped_prompts_on_eight_devices(params, grouped):
     prompts, _, _ = grouped
     want = _jit_sample(params, prompts, jax.random.key(6), CFG, SAMPLED, 0)
-    mesh = jax.make_mesh((2, 2, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
-    run = sampling.make_sampler(mesh, CFG, SAMPLED, shards)
-    got = run(jax.device_put(params, shards), prompts, jax.random.key(6))
+    run, sharded_params, _ = on_mesh(params, (2, 2, 2), SAMPLED)
+    got = run(sharded_params, prompts, jax.random.key(6))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)  # other reduction order
     three = sampling.Prompts(prompts.tokens[:3], prompts.mask[:3], prompts.visible[:6],
