@@ -133,13 +133,23 @@ def _chunk_logprobs(params, h, targets, temperature, cfg, entropy_grad):
 
 
 def token_logprobs(params, batch, cfg: model.ModelConfig, temperature: float, chunk: int = 256,
-                   entropy_grad: bool = False):
+                   entropy_grad: bool = False, g: int = 1, prompt_len: int = 0):
     """Log-prob of each next token and the entropy of its distribution, softmax(logits / T).
 
     batch: tokens, positions, segment_ids, loss_mask [N, S]. Returns (logp, entropy) float32
     [N, S], aligned like loss_mask (index i scores token i + 1; the last index is 0). The
     entropy carries a gradient only with entropy_grad=True (for an entropy bonus).
+    g > 1 and prompt_len = P (make_train_batch's rows, G = g): each prompt computed once
+    (model.hidden_states_shared_prompt); the positions before P - 1, which score prompt
+    tokens, are then 0.
     """
+    if g > 1 and prompt_len:
+        h = model.hidden_states_shared_prompt(params, batch["tokens"], cfg, batch["positions"],
+                                              batch["segment_ids"], g, prompt_len)
+        tail = lambda x: x[:, prompt_len - 1:]  # noqa: E731
+        out = logprobs_from_hidden(params, h, tail(batch["tokens"]), tail(batch["loss_mask"]),
+                                   cfg, temperature, chunk, entropy_grad)
+        return tuple(jnp.pad(x, ((0, 0), (prompt_len - 1, 0))) for x in out)
     h, _ = model.hidden_states(params, batch["tokens"], cfg, batch["positions"],
                                batch["segment_ids"])
     return logprobs_from_hidden(params, h, batch["tokens"], batch["loss_mask"], cfg, temperature,

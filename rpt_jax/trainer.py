@@ -125,18 +125,51 @@ def _true_token_prob(params, batch, cfg):
     return jnp.take_along_axis(probs, true[:, None], axis=1)[:, 0]
 
 
+def reference_params(config, workdir, model_cfg, p_shardings, params=None):
+    """The KL reference policy (rl.kl_coef > 0): the policy RL starts from (after the warm-up),
+    in the compute dtype, saved once in <workdir>/reference and restored from there on resume.
+
+    params: the fresh run's starting params (None when resuming). Raises ValueError when a
+    resumed run has no saved reference (it was started with rl.kl_coef = 0).
+    """
+    directory = os.path.join(workdir, "reference")
+    ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    dtype = jnp.dtype(model_cfg.dtype)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                            model_lib.param_shapes(model_cfg), p_shardings)
+    try:
+        restored = ckpt.restore(abstract)
+        if restored is not None:
+            return restored.state
+        if params is None:
+            raise ValueError(f"rl.kl_coef > 0 but {directory} holds no reference policy: the "
+                             f"run was started with rl.kl_coef = 0; start it again in a new "
+                             f"workdir")
+        # a copy even where the dtype matches: the train step donates the policy's buffers
+        reference = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x).astype(dtype), p),
+                            out_shardings=p_shardings)(params)
+        ckpt.save(0, reference)
+        return reference
+    finally:
+        ckpt.close()
+
+
 def make_rollout(config, model_cfg, mesh):
-    """Jitted fn(params, samples, batch, table, use_keep) -> (train batch, metrics).
+    """Jitted fn(params, samples, batch, table, use_keep, reference=None) -> (train batch,
+    metrics).
 
     samples: sampling.SampleOutput of B*G rows; batch: the ROLLOUT_KEYS of a global batch;
     table: the padded reward.ByteTable; use_keep: bool scalar, DAPO dynamic sampling on (a traced
-    value, so switching it on at rl.dynamic_sampling_start compiles nothing new). Scores with
+    value, so switching it on at rl.dynamic_sampling_start compiles nothing new); reference:
+    the KL reference's params (`reference_params`), whose log-probs of the samples become the
+    train batch's ref_logprobs (each prompt once per context with rl.share_prompt). Scores with
     the reward, forms group advantages and lays out objective.make_train_batch's rows.
     """
     G, kind = int(config.sampling.num_samples), config.reward.kind
     think_end = str(config.reward.think_end).encode()
+    shared = G if config.rl.get("share_prompt", False) and G > 1 else 1
 
-    def fn(params, samples, batch, table, use_keep):
+    def fn(params, samples, batch, table, use_keep, reference=None):
         rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731 (row b*G+g <- context b)
         target_prob = None
         if kind in ("dense", "conditional_dense"):
@@ -151,6 +184,10 @@ def make_rollout(config, model_cfg, mesh):
         tb = objective.make_train_batch(batch["prompt_tokens"], batch["prompt_mask"],
                                         samples.tokens, samples.logprobs, samples.lengths, adv, G,
                                         keep)
+        if reference is not None:
+            tb["ref_logprobs"], _ = objective.token_logprobs(
+                reference, tb, model_cfg, float(config.sampling.temperature),
+                int(config.rl.logits_chunk), g=shared, prompt_len=batch["prompt_tokens"].shape[1])
         correct = diag["correct"].reshape(-1, G)
         f32 = lambda x: jnp.mean(x.astype(jnp.float32))  # noqa: E731
         metrics = dict(reward=f32(reward), accuracy=f32(correct),
@@ -163,7 +200,7 @@ def make_rollout(config, model_cfg, mesh):
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
     batch_out = {k: mat for k in ("tokens", "positions", "segment_ids", "loss_mask",
-                                  "old_logprobs")}
+                                  "old_logprobs") + (("ref_logprobs",) if config.rl.kl_coef else ())}
     batch_out["advantages"] = rows
     jitted = jax.jit(fn, out_shardings=(batch_out, sharding.replicated(mesh)))
 
@@ -284,16 +321,21 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     writer = metrics_writer.MetricsWriter(
         workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
         resume_step=None if restored is None else restored.step)
+    reference = None
     if restored is not None:
         state, start = restored.state, restored.step
         train_iter.set_state(restored.meta["data"])
         log.info("resumed from step %d", start)
+        if config.rl.kl_coef:
+            reference = reference_params(config, workdir, model_cfg, p_shardings)
     else:
         start = 0
         params = initial_params(config, model_cfg, p_shardings)
         if config.warmup.steps > 0:
             params = _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir,
                               writer, progress)
+        if config.rl.kl_coef:  # saved before step 0, so every checkpoint has its reference
+            reference = reference_params(config, workdir, model_cfg, p_shardings, params)
         state = train_step.init_train_state(params, tx, mesh, p_shardings)
         ckpt.save(0, state, {"data": train_iter.get_state()})
     log.info("model: %s, %.2fM params", config.model.preset, model_lib.num_params(model_cfg) / 1e6)
@@ -350,7 +392,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                               step_key(config.seed, step))
             batch = {k: batch[k] for k in ROLLOUT_KEYS}
             train_batch, roll = rollout(state.params, samples, batch, table,
-                                        jnp.asarray(use_keep))
+                                        jnp.asarray(use_keep), reference)
             state, upd = update(state, train_batch, batch["prompt_tokens"].shape[1])
             roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
             done = step + 1

@@ -258,6 +258,26 @@ def test_token_logprobs_match_plain_forward(tiny):
     assert np.all(np.asarray(logp)[:, :4] == 0) and np.all(np.asarray(ent)[:, :4] == 0)
 
 
+def test_token_logprobs_with_each_prompt_once_match_whole_rows(tiny):
+    """g > 1, prompt_len = P (the KL reference's forward): equal to whole rows at every loss
+    position, 0 before P - 1."""
+    params, _ = tiny
+    rng = np.random.default_rng(3)
+    b, g, p, r = 2, 3, 5, 4
+    prompt = jnp.asarray(rng.integers(1, CFG.vocab_size, (b, p)), jnp.int32)
+    pmask = jnp.asarray(np.arange(p)[None] >= np.array([[0], [2]]))
+    batch = objective.make_train_batch(
+        prompt, pmask, jnp.asarray(rng.integers(1, CFG.vocab_size, (b * g, r)), jnp.int32),
+        jnp.zeros((b * g, r)), jnp.asarray(rng.integers(1, r + 1, b * g), jnp.int32),
+        jnp.zeros(b * g), g)
+    want, _ = _token_logprobs(params, batch, CFG, 0.7, 4)
+    got, _ = objective.token_logprobs(params, batch, CFG, 0.7, 4, g=g, prompt_len=p)
+    on = np.asarray(batch["loss_mask"]) > 0
+    assert got.shape == want.shape and on.sum() > 0
+    np.testing.assert_allclose(np.asarray(got)[on], np.asarray(want)[on], atol=1e-5)
+    assert np.all(np.asarray(got)[:, :p - 1] == 0)
+
+
 def test_token_logprobs_gradient_matches_plain_forward(tiny):
     params, batch = tiny
     w = jnp.asarray(np.random.default_rng(3).normal(size=batch["tokens"].shape), jnp.float32)

@@ -274,3 +274,30 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
     train = metrics_writer.read_metrics(workdir, "train")
     assert {r["compiles"] for r in train} == {3}
     assert all(np.isfinite(r["loss"]) and 0 < r["response_len"] <= 12 for r in train)
+
+
+def test_kl_to_the_starting_policy_and_its_resume(data_dir, tmp_path):
+    """rl.kl_coef > 0: the reference is the policy RL starts from (after the warm-up), saved in
+    <workdir>/reference; the KL is 0 at the first update (policy == reference) and grows after;
+    a run stopped at step 2 and resumed to 4 ends bitwise equal to an uninterrupted one."""
+    kl = ("--config.rl.kl_coef=0.5", "--config.rl.dynamic_sampling=False", "--config.eval.every=0")
+    whole = str(tmp_path / "whole")
+    result = trainer.train_and_evaluate(load_config(data_dir, *kl, "--config.num_steps=4"),
+                                        whole, progress=False)
+    assert result.status == "done" and os.path.isdir(os.path.join(whole, "reference", "0"))
+    train = metrics_writer.read_metrics(whole, "train")
+    assert abs(train[0]["kl_ref"]) < 1e-6 < train[-1]["kl_ref"]
+    parts = str(tmp_path / "parts")
+    for steps in (2, 4):
+        trainer.train_and_evaluate(load_config(data_dir, *kl, f"--config.num_steps={steps}"),
+                                   parts, progress=False)
+    assert_bitwise_equal(final_state(load_config(data_dir, *kl, "--config.num_steps=4"),
+                                     parts).state, result.state)
+    # switched on for a run that has no reference: a clear error before any step
+    plain = str(tmp_path / "plain")
+    trainer.train_and_evaluate(load_config(data_dir, "--config.num_steps=2",
+                                           "--config.warmup.steps=0", "--config.eval.every=0"),
+                               plain, progress=False)
+    with pytest.raises(ValueError, match="holds no reference policy"):
+        trainer.train_and_evaluate(load_config(data_dir, *kl, "--config.num_steps=4"), plain,
+                                   progress=False)
