@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2`, then `... 3` (each part fits
-# in about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2`, `... 3` and `... 4` (each
+# part fits in about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
 # /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
 set -u
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ run() {  # name, seconds, script args...
   echo "== $name: python $*"
   timeout "$limit" python "$@" > "$out/$name.txt" 2>&1
   echo "   exit $? after $SECONDS s total"
-  grep -E "^\| |^FAILED|^#|Error" "$out/$name.txt" | tail -25
+  grep -E "^\| |^FAILED|^#|Error|^(xla|cudnn|attention) " "$out/$name.txt" | tail -25
 }
 
 qwen="scripts/bench_sampler.py --preset qwen2_5_0_5b --batch 256 --dtype bfloat16"
@@ -40,5 +40,12 @@ case "${1:-1}" in
     # RPT's uneven lengths: rows stop after ~256 of up to 1024 tokens; pallas skips finished rows
     run uneven_lengths 300 $qwen --prompt-len 128 --new-tokens 1024 --num-samples 8 \
       --mean-len 256 --decode-attention xla,pallas --repeats 2
+    ;;
+  4)
+    # the update with each prompt once per context (rl.share_prompt, on by default), through
+    # the cudnn attention the GPU presets use (its shared branch has not run on a GPU yet)
+    run share_prompt 400 scripts/bench_train_step.py --preset qwen2_5_0_5b --batch 16 \
+      --seq-len 2048 --prompt-len 1024 --dtype bfloat16 --remat dots --attention cudnn,xla \
+      --share-prompt 0,1 --steps 5
     ;;
 esac
