@@ -40,6 +40,10 @@ case "${1:-1}" in
     # RPT's uneven lengths: rows stop after ~256 of up to 1024 tokens; pallas skips finished rows
     run uneven_lengths 300 $qwen --prompt-len 128 --new-tokens 1024 --num-samples 8 \
       --mean-len 256 --decode-attention xla,pallas --repeats 2
+    # where "auto" should switch to the shared prompt cache once the kernel is in (its
+    # threshold, SHARED_MIN_PROMPT, was measured with the einsum attention)
+    run layouts 200 $qwen --prompt-len 512 --new-tokens 256 --num-samples 8 \
+      --cache-layout per_sample,shared --decode-attention xla,pallas
     ;;
   4)
     # the update with each prompt once per context (rl.share_prompt, on by default), through
