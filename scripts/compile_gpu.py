@@ -1,0 +1,231 @@
+"""Compile the sampler and the GRPO update for an NVIDIA GPU on a machine without one.
+
+XLA compiles for a GPU it knows only from a description (scripts/gpu_targets/*.txtpb), so a
+CPU machine can check what a GPU session would otherwise spend its minutes finding out: that
+the Pallas decode-attention kernel goes through Triton to machine code, that the cuDNN attention
+calls are accepted, and how many kernels one decode step launches, by kind. No timing and no
+autotuning: GEMM tilings come from XLA's heuristics, so a real GPU may pick others.
+
+    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"  # no GPU needed
+    python scripts/compile_gpu.py sampler --preset qwen2_5_0_5b --batch 256 --prompt-len 128 \
+        --new-tokens 256 --num-samples 1,8 --decode-attention xla,pallas
+    python scripts/compile_gpu.py update --preset qwen2_5_0_5b --batch 16 --seq-len 1024 \
+        --prompt-len 512 --attention cudnn --share-prompt 0,1
+
+--devices N compiles for N GPUs of one host (mesh data=N). Prints, per variant, the compile
+time, the custom calls of the program, and for every loop the kernels its body launches per
+iteration (the sampler's decode loop: kernels per decode step), and XLA's estimate of the
+peak device memory. --dump DIR writes the HLO.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import os
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin must not look for a GPU
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rpt_jax import model, objective, sampling, sharding, train_step  # noqa: E402
+from rpt_jax.config import MODEL_SHAPES  # noqa: E402
+
+TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")
+NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+               "opt-barrier", "partition-id", "replica-id"}
+
+
+def gpu_mesh(target: str, devices: int) -> jax.sharding.Mesh:
+    """A (data=devices, 1, 1) mesh of compile-only devices of the described GPU."""
+    from jax.experimental import topologies
+    with open(os.path.join(TARGETS, f"{target}.txtpb")) as f:
+        spec = f.read()
+    try:
+        topo = topologies.get_topology_desc("rpt", "cuda", target_config=spec,
+                                            topology=f"1x1x{devices}")
+    except Exception as e:  # the CUDA plugin is missing, or cannot read the description
+        raise SystemExit(f"no compile-only CUDA devices ({type(e).__name__}: {e}); install "
+                         f"the CUDA plugin: pip install 'jax[cuda12]=={jax.__version__}'")
+    return jax.sharding.Mesh(np.array(topo.devices).reshape(devices, 1, 1), sharding.AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def computations(hlo: str) -> dict:
+    """{computation name: its instruction lines} of an HLO module's text."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name, comps[head.group(1)] = head.group(1), []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            comps[name].append(line.strip())
+    return comps
+
+
+def kernel_kind(op: str, line: str) -> str:
+    if op == "fusion":
+        custom = re.search(r'"kind":"(\w+)"', line)
+        return custom.group(1) if custom else re.search(r"kind=(\w+)", line).group(1)
+    if op == "custom-call":
+        return re.search(r'custom_call_target="([^"]+)"', line).group(1)
+    return op
+
+
+def loop_kernels(hlo: str) -> list[tuple[str, str, collections.Counter]]:
+    """[(loop body, trip count or '?', Counter of kernel kinds its body launches per iteration)]
+    for every while loop; a nested loop counts as one entry of its own, not in its parent."""
+    comps = computations(hlo)
+
+    def tally(comp, counts):
+        for line in comps[comp]:
+            m = re.match(r"(?:ROOT )?%[\w.\-]+ = .*? ([\w\-]+)\(", line)
+            if not m or m.group(1) in NOT_KERNELS or m.group(1) == "while":
+                continue
+            op = m.group(1)
+            if op in ("call", "conditional"):  # inlined bodies launch their own kernels
+                for callee in re.findall(r"(?:to_apply|branch_computations|calls)=\{?%([\w.\-]+)",
+                                         line):
+                    tally(callee, counts)
+                continue
+            counts[kernel_kind(op, line)] += 1
+        return counts
+
+    loops = []
+    for line in hlo.splitlines():
+        if " while(" in line:
+            body = re.search(r"body=%([\w.\-]+)", line).group(1)
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            loops.append((body, trip.group(1) if trip else "?",
+                          tally(body, collections.Counter())))
+    return loops
+
+
+def report(name: str, compiled, seconds: float, dump: str):
+    hlo = compiled.as_text()
+    calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
+    memory = compiled.memory_analysis()
+    peak = getattr(memory, "peak_memory_in_bytes", 0) or (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {peak / 2**30:.2f} GiB "
+          f"(XLA's estimate); custom calls: "
+          f"{', '.join(f'{k} x{v}' for k, v in sorted(calls.items())) or 'none'}")
+    for body, trip, kinds in loop_kernels(hlo):
+        top = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+        print(f"loop {body} (trips {trip}): {sum(kinds.values())} kernels per iteration: {top}")
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, re.sub(r"[^\w.=-]+", "_", name) + ".hlo.txt"), "w") as f:
+            f.write(hlo)
+
+
+def abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def compile_sampler(args, mesh):
+    mcfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
+                             param_dtype=args.dtype, attention=args.attention)
+    shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
+    params = abstract(model.param_shapes(mcfg), shards)
+    mat, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    for g, attention, layout, blocks in itertools.product(
+            [int(x) for x in args.num_samples.split(",")], args.decode_attention.split(","),
+            args.cache_layout.split(","), [int(x) for x in args.cache_blocks.split(",")]):
+        scfg = sampling.SamplingConfig(num_samples=g, temperature=0.8,
+                                       max_new_tokens=args.new_tokens, attention=attention,
+                                       cache_layout=layout, cache_blocks=blocks)
+        tokens = jax.ShapeDtypeStruct((args.batch // g, args.prompt_len), jnp.int32,
+                                      sharding=mat)
+        prompts = sampling.Prompts(tokens, tokens)
+        run = sampling.make_sampler(mesh, mcfg, scfg, shards)
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = run.jitted.lower(params, prompts, rng).compile()
+        report(f"sampler G={g} attention={attention} cache_layout={layout} "
+               f"cache_blocks={blocks}", compiled, time.perf_counter() - start, args.dump)
+
+
+def compile_update(args, mesh):
+    for attention, remat, share in itertools.product(
+            args.attention.split(","), args.remat.split(","),
+            [bool(int(x)) for x in args.share_prompt.split(",")]):
+        cfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
+                                param_dtype="float32", remat=remat, attention=attention)
+        G, R = args.group, args.seq_len - args.prompt_len
+        config = SimpleNamespace(
+            sampling=SimpleNamespace(temperature=0.8, num_samples=G, max_new_tokens=R),
+            rl=SimpleNamespace(loss_agg="token_mean", clip_low=0.2, clip_high=0.2, kl_coef=0.0,
+                               entropy_coef=0.0, micro_batches=args.micro_batches,
+                               share_prompt=share),
+            optim=SimpleNamespace(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                  grad_clip=1.0, warmup_steps=0, schedule="constant"))
+        shapes = model.param_shapes(cfg)
+        ps = sharding.param_shardings(mesh, model.logical_axes(cfg), shapes)
+        tx = train_step.make_optimizer(config.optim, 1000)
+        shards = train_step.state_shardings(mesh, tx, shapes, ps)
+        step = train_step.make_train_step(config, cfg, mesh, shards, tx)
+        state = abstract(jax.eval_shape(lambda p: train_step.TrainState(
+            p, tx.init(p), jnp.zeros((), jnp.int32)), shapes), shards)
+        n, p = args.batch, args.prompt_len
+        batch = jax.eval_shape(lambda: objective.make_train_batch(
+            jnp.zeros((n // G, p), jnp.int32), jnp.ones((n // G, p), bool),
+            jnp.zeros((n, R), jnp.int32), jnp.zeros((n, R)), jnp.full((n,), R),
+            jnp.zeros((n,)), G))
+        batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = step.jitted.lower(state, batch, p).compile()
+        report(f"update attention={attention} remat={remat} share_prompt={int(share)}",
+               compiled, time.perf_counter() - start, args.dump)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("sampler", "update"))
+    ap.add_argument("--target", default="h100_sxm",
+                    choices=sorted(f[:-6] for f in os.listdir(TARGETS) if f.endswith(".txtpb")))
+    ap.add_argument("--devices", type=int, default=1, help="GPUs of one host (mesh data axis)")
+    ap.add_argument("--preset", default="qwen2_5_0_5b", choices=sorted(MODEL_SHAPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--batch", type=int, default=None,
+                    help="rows: samples (contexts x G); default 256 sampler, 16 update")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--attention", default="xla",
+                    help="model.attention, comma list (xla, cudnn): prefill / update")
+    sampler = ap.add_argument_group("sampler")
+    sampler.add_argument("--new-tokens", type=int, default=256)
+    sampler.add_argument("--num-samples", default="1", help="G, comma list")
+    sampler.add_argument("--decode-attention", default="xla,pallas", help="comma list")
+    sampler.add_argument("--cache-layout", default="auto", help="comma list")
+    sampler.add_argument("--cache-blocks", default="1", help="comma list")
+    update = ap.add_argument_group("update")
+    update.add_argument("--seq-len", type=int, default=1024)
+    update.add_argument("--group", type=int, default=8, help="G samples per context")
+    update.add_argument("--remat", default="dots", help="comma list")
+    update.add_argument("--micro-batches", type=int, default=1)
+    update.add_argument("--share-prompt", default="0,1", help="comma list of 0/1")
+    ap.add_argument("--dump", default="", help="folder for the compiled HLO texts")
+    args = ap.parse_args(argv)
+    args.batch = args.batch or (256 if args.what == "sampler" else 16)
+    mesh = gpu_mesh(args.target, args.devices)
+    print(f"# {args.target} x{args.devices} (compile only), jax {jax.__version__}, "
+          f"{args.preset} {args.dtype}")
+    (compile_sampler if args.what == "sampler" else compile_update)(args, mesh)
+
+
+if __name__ == "__main__":
+    main()
