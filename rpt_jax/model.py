@@ -428,12 +428,14 @@ def _part_valid(cache):
 def _part_limits(cache, rows: int, nq: int, written=None, active=None):
     """The pallas kernel's (valid [b, s], limit [b, g * nq]) of a cache part read by `rows`
     query rows of nq heads each: readers stop at `visible`, at the slot after `written` (the
-    index a step writes), or at the end; rows not `active` ([rows] bool) read nothing."""
+    index a step writes: a scalar or per row), or at the end; rows not `active` ([rows] bool)
+    read nothing."""
     b, s = cache["valid"].shape
     if "visible" in cache:
         limit = cache["visible"].astype(jnp.int32)
-    else:
-        limit = jnp.full((b, rows // b), s if written is None else written + 1, jnp.int32)
+    else:  # written: a scalar, or [b] (each row's own slot)
+        end = s if written is None else jnp.reshape(written + 1, (-1, 1))
+        limit = jnp.broadcast_to(jnp.asarray(end, jnp.int32), (b, rows // b))
     if active is not None:
         limit = jnp.where(active.reshape(limit.shape), limit, 0)
     return cache["valid"], jnp.repeat(limit, nq, axis=1)
@@ -503,11 +505,12 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
                 attention: str = "xla", active=None):
     """One decode step of r rows. weights from `decoding_weights`; tokens, positions [r] int.
 
-    Writes the new keys / values to slot `index` (a scalar) of the per-sample `cache`
-    ({"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s]}) and attends over its valid
-    slots plus those of every read-only cache in `frozen`: a `prefill_prompt` cache of b rows,
-    read by g = r / b rows each (row i*g + j reads row i; optional "visible" [b, g] int32 limits
-    each reader to the slots below it), or earlier per-sample blocks (b = r).
+    Writes the new keys / values to slot `index` (a scalar, or [r]: each row's own) of the
+    per-sample `cache` ({"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s]}) and
+    attends over its valid slots plus those of every read-only cache in `frozen`: a
+    `prefill_prompt` cache of b rows, read by g = r / b rows each (row i*g + j reads row i;
+    optional "visible" [b, g] int32 limits each reader to the slots below it), or earlier
+    per-sample blocks (b = r).
     attention: "xla" (einsums and a softmax) or "pallas" (decode_attention's fused kernel,
     which also skips the slots past `index`, and every slot of the rows that are not
     `active` ([r] bool, optional: finished samples, whose logits are then meaningless);
@@ -518,7 +521,14 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     kv, e = cfg.num_kv_heads, cfg.head_dim
     nq = cfg.num_heads // kv
     dtype = jnp.dtype(cfg.dtype)
-    valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
+    if jnp.ndim(index):  # each row its own slot (continuous batching: rpt_jax.continuous)
+        rows = jnp.arange(r)
+        write = lambda c, x: c.at[rows, :, index].set(x[:, :, 0].astype(c.dtype))  # noqa: E731
+        valid = cache["valid"].at[rows, index].set(True)
+    else:
+        write = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+            c, x.astype(c.dtype), (0, 0, index, 0))
+        valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
     if attention == "pallas":
         attend = _decode_attend_pallas
         reads = [_part_limits(c, r, nq, active=active) for c in frozen] + [
@@ -537,10 +547,7 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
         k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
         v = qkv[:, :, nq + 1:]
-        ck = jax.lax.dynamic_update_slice(cache["k"][i], k.astype(cache["k"][i].dtype),
-                                          (0, 0, index, 0))
-        cv = jax.lax.dynamic_update_slice(cache["v"][i], v.astype(cache["v"][i].dtype),
-                                          (0, 0, index, 0))
+        ck, cv = write(cache["k"][i], k), write(cache["v"][i], v)
         new_k.append(ck)
         new_v.append(cv)
         parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)] + [(ck, cv, reads[-1])]

@@ -60,6 +60,12 @@ class SamplingConfig:
     # kernel per cache part and layer that reads only the slots written so far; GPU, and
     # Pallas' interpreter on CPU for tests)
     attention: str = "xla"
+    # continuous batching (rpt_jax.continuous): decode the rows through this many lanes, a
+    # finished row's lane taking the next row (0: all rows at once); lanes hold the prompt and
+    # response (per-sample layout, one block), and `refill` free lanes per device (0: an
+    # eighth of them) are refilled together
+    lanes: int = 0
+    refill: int = 0
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -78,6 +84,12 @@ class SamplingConfig:
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
         if self.attention not in ("xla", "pallas"):
             raise ValueError(f"attention={self.attention!r} is not xla/pallas")
+        if self.lanes < 0 or self.refill < 0:
+            raise ValueError(f"lanes={self.lanes} and refill={self.refill} must be >= 0")
+        if self.lanes and (self.cache_blocks != 1 or self.cache_layout == "shared"):
+            raise ValueError(f"lanes={self.lanes} (continuous batching) keeps each lane's "
+                             f"prompt in its own cache: it needs cache_blocks=1 (got "
+                             f"{self.cache_blocks}) and a cache_layout other than 'shared'")
 
     @property
     def slot_multiple(self) -> int:
@@ -95,8 +107,8 @@ class SamplingConfig:
     def from_config(cls, sampling_config, stop_ids=()) -> "SamplingConfig":
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
-        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks", "attention")
-                  if k in c}  # optional keys
+        tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks", "attention",
+                                    "lanes", "refill") if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
                    max_new_tokens=int(c.max_new_tokens),
@@ -178,10 +190,11 @@ def _inverse_cdf(weights_fn, r, v, u):
 
 
 def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
-    """Pick one token per row. logits [r, v] float32; rows [r] global row ids.
+    """Pick one token per row. logits [r, v] float32; rows [r] global row ids; step: the
+    sampling step, a scalar or each row's own [r].
 
     Sampling draws one uniform per row from fold_in(fold_in(rng, step), row), so a row's token
-    does not depend on how rows are split over devices. Returns (tokens [r] int32,
+    does not depend on how rows are split over devices or batched with others. Returns (tokens [r] int32,
     log_softmax(logits / T)[token] [r] float32, under the full, unfiltered distribution).
     """
     r, v = logits.shape
@@ -200,8 +213,9 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
             chunk = jnp.take_along_axis(filtered.reshape(r, v // c, c), j[:, None, None], 1)
             return jnp.exp(chunk[:, 0] - top)
 
-        step_key = jax.random.fold_in(rng, step)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, rows)
+        steps = jnp.broadcast_to(step, rows.shape)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(rng, s), i))(
+            steps, rows)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
         tokens, total = _inverse_cdf(weights_fn, r, v, u)
         unfiltered = not cfg.top_k and cfg.top_p >= 1.0
@@ -288,9 +302,7 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     prompt_cache = _prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
     visible = prompts.visible.astype(jnp.int32)  # [b]
-    # position of a context's first tail token: the real prefix tokens it reads
-    row_pos = jnp.repeat(jnp.sum(jnp.repeat(mask, b // d, axis=0)
-                                 * (jnp.arange(L) < visible[:, None]), axis=1), g)  # [r]
+    row_pos = _row_positions(mask, visible, b, g)
     visible = jnp.repeat(visible, g)  # [r]
     tail = jnp.repeat(prompts.tail.astype(jnp.int32), g, axis=0)  # [r, T]
     c = -(-(T - 1 + n) // cfg.cache_blocks)  # fed tokens: all but the last sampled one
@@ -318,6 +330,14 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
                  stopped=jnp.zeros((r,), bool), last=tail[:, -1],
                  t=jnp.zeros((), jnp.int32), blocks=blocks)
     return context, state
+
+
+def _row_positions(mask, visible, b: int, g: int):
+    """[b * g] position of each row's first tail token: the real prefix tokens its context
+    reads (mask [D, L] of the prefix rows, visible [b])."""
+    d, L = mask.shape
+    seen = jnp.repeat(mask, b // d, axis=0) * (jnp.arange(L) < visible[:, None])
+    return jnp.repeat(jnp.sum(seen, axis=1), g)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -453,6 +473,10 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     repl = sharding.replicated(mesh)
 
     def fn(params, prompts, rng):
+        if sampling_cfg.lanes:
+            from rpt_jax import continuous  # it builds on this module
+            return continuous.sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id,
+                                     mesh.shape["data"] * mesh.shape["fsdp"])
         return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
     jitted = jax.jit(fn, in_shardings=(param_shardings, Prompts(mat, mat, rows, mat), repl),
@@ -493,23 +517,24 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     rows = batch * s.num_samples
     prefix_rows = batch if prefix_rows is None else prefix_rows
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
-    shared = s.shared_prompt(prompt_len, batch // prefix_rows)
+    shared = s.shared_prompt(prompt_len, batch // prefix_rows) and not s.lanes
     c = -(-(tail_len - 1 + s.max_new_tokens) // s.cache_blocks)  # as in `prepare`
     sample_slots = (_round_up(c + (0 if shared else prompt_len), s.slot_multiple)
                     + (s.cache_blocks - 1) * _round_up(c, s.slot_multiple))
+    decoding = s.lanes or rows  # rows decoded at once (continuous batching: the lanes)
     return {
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b * (
             fsdp if s.gather_weights else 1),
         "prompt KV cache": prefix_rows * _round_up(prompt_len, s.slot_multiple) * per_slot,
-        "per-sample KV cache": rows * sample_slots * per_slot,
+        "per-sample KV cache": decoding * sample_slots * per_slot,
         # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
         # one layer's activations and, without a fused attention kernel, its scores
         "prefill activations": -(-prefix_rows // s.prefill_chunks) * prompt_len * (
             (2 * m.num_layers * m.num_kv_heads * m.head_dim + 4 * m.hidden_size
              + 3 * m.mlp_dim) * compute_b
             + (m.num_heads * prompt_len * 4 if m.attention != "cudnn" else 0)),
-        "logits and sampling buffers": rows * m.vocab_size * 4 * 3,
+        "logits and sampling buffers": decoding * m.vocab_size * 4 * 3,
         "outputs": rows * s.max_new_tokens * 8,
     }
 

@@ -1,0 +1,103 @@
+"""Continuous batching (rpt_jax.continuous): rows decoded through fewer lanes, a finished row's
+lane refilled with the next row, give the same samples as all rows decoded at once."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from rpt_jax import continuous, sampling
+from test_sampling import (CFG, SAMPLED, _jit_sample, _ragged_prompts, grouped,  # noqa: F401
+                           on_mesh, params)  # (fixtures)
+
+# many stop ids: rows end anywhere from the first token to max_new_tokens
+UNEVEN = dataclasses.replace(SAMPLED, max_new_tokens=12, cache_layout="per_sample",
+                             prefill_chunks=1, stop_ids=tuple(range(3, CFG.vocab_size, 9)))
+_jit_lanes = jax.jit(continuous.sample, static_argnums=(3, 4, 5, 6))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tokens, mask, _ = _ragged_prompts([3, 9, 5, 12, 7, 2], 16, seed=3)
+    return sampling.Prompts(tokens, mask)
+
+
+@pytest.fixture(scope="module")
+def static(params, prompts):  # noqa: F811
+    return _jit_sample(params, prompts, jax.random.key(4), CFG, UNEVEN, 0)
+
+
+def _assert_same(got, want, atol=1e-6):
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_array_equal(got.finished, want.finished)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=atol)
+
+
+@pytest.mark.parametrize("lanes,refill", [(18, 0), (4, 1), (5, 0), (6, 4)])
+def test_lanes_give_the_samples_of_all_rows_at_once(params, prompts, static, lanes, refill):  # noqa: F811
+    """18 rows (6 contexts x G = 3) through 18, 4, 5 or 6 lanes, refilled one, an eighth
+    (at least one) or four at a time: tokens, lengths and stop flags equal, logprobs to 1e-6."""
+    lengths = np.asarray(static.lengths)
+    assert len(set(lengths)) >= 4 and lengths.min() < 4 and lengths.max() == 12  # uneven
+    cfg = dataclasses.replace(UNEVEN, lanes=lanes, refill=refill)
+    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static)
+
+
+def test_document_grouped_prompts_through_lanes(params, grouped):  # noqa: F811
+    """Contexts cut from documents (prefix rows read up to each context's limit, 3 tail tokens
+    fed before sampling): the samples of the static sampler."""
+    prompts, _, _ = grouped
+    cfg = dataclasses.replace(UNEVEN, max_new_tokens=7)
+    want = _jit_sample(params, prompts, jax.random.key(6), CFG, cfg, 0)
+    got = _jit_lanes(params, prompts, jax.random.key(6), CFG,
+                     dataclasses.replace(cfg, lanes=5, refill=2), 0, 1)
+    _assert_same(got, want)
+
+
+def test_lanes_on_eight_devices(params, prompts, static):  # noqa: F811
+    """make_sampler with lanes on a (2, 2, 2) mesh: 4 devices over the data axes, 2 lanes
+    each serving that device's rows; the single-device static samples."""
+    run, sharded_params, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(UNEVEN, lanes=8))
+    got = run(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
+              jax.random.key(4))
+    rows = 4 * UNEVEN.num_samples
+    assert len(got.tokens.devices()) == 8
+    want = jax.tree.map(lambda x: x[:rows], static)
+    _assert_same(got, want, atol=1e-5)
+    bad, _, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(UNEVEN, lanes=6))
+    with pytest.raises(ValueError, match="lanes=6 and the 4 prefix rows must split over"):
+        bad(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
+            jax.random.key(4))
+
+
+def test_lanes_with_pallas_attention(params, prompts, static):  # noqa: F811
+    """The fused kernel reads each lane's slots up to its own write position."""
+    cfg = dataclasses.replace(UNEVEN, lanes=4, refill=2, attention="pallas")
+    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static,
+                 atol=1e-5)
+
+
+def test_lanes_config_and_memory():
+    with pytest.raises(ValueError, match="cache_blocks=1"):
+        dataclasses.replace(UNEVEN, lanes=4, cache_blocks=2)
+    with pytest.raises(ValueError, match="other than 'shared'"):
+        dataclasses.replace(UNEVEN, lanes=4, cache_layout="shared")
+    every = sampling.memory_bytes(CFG, UNEVEN, 64, 32)
+    lanes = sampling.memory_bytes(CFG, dataclasses.replace(UNEVEN, lanes=16), 64, 32)
+    assert lanes["per-sample KV cache"] * 12 == every["per-sample KV cache"]  # 16 of 192 rows
+    assert lanes["prompt KV cache"] == every["prompt KV cache"]
+    assert sampling.SamplingConfig.from_config(ml_collections.ConfigDict(dict(
+        num_samples=2, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
+             max_new_tokens=4, cache_dtype="float32", lanes=8, refill=2))).lanes == 8
+
+
+def test_greedy_through_lanes(params, prompts):  # noqa: F811
+    cfg = dataclasses.replace(UNEVEN, greedy=True)
+    want = _jit_sample(params, prompts, jax.random.key(0), CFG, cfg, 0)
+    got = _jit_lanes(params, prompts, jax.random.key(0), CFG,
+                     dataclasses.replace(cfg, lanes=7), 0, 1)
+    _assert_same(got, want)
+    assert jnp.all(got.lengths >= 1)
