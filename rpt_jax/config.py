@@ -43,7 +43,7 @@ CHOICES = {
     "warmup.think": ("none", "last_line"),
 }
 # sampler tuning keys a hand-written config may leave out (SamplingConfig's defaults apply)
-OPTIONAL = {"sampling.attention", "sampling.cache_layout"}
+OPTIONAL = {"sampling.attention", "sampling.cache_layout", "sampling.lanes", "sampling.refill"}
 
 
 def model_shape(name: str) -> dict:
@@ -102,6 +102,11 @@ def base_config(model: str = "tiny"):
         prefill_chunks=1,  # prefill the prompt rows in this many sequential slices
         cache_blocks=1,  # response cache blocks; > 1 for long responses (reads fewer slots)
         attention="xla",  # decode attention: "pallas" = fused GPU kernel (Triton)
+        # continuous batching: decode the batch's rows through this many lanes, a finished
+        # row's lane taking the next row (0 = all rows at once); for RPT's uneven lengths, and
+        # for batches whose caches do not fit at once. A multiple of data*fsdp.
+        lanes=0,
+        refill=0,  # free lanes per device refilled together (0 = an eighth of its lanes)
     ))
 
     c.reward = ml_collections.ConfigDict(dict(
@@ -208,6 +213,15 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"data.batch_size*sampling.num_samples={samples} must split into "
                          f"rl.micro_batches={config.rl.micro_batches} slices, each divisible by "
                          f"data*fsdp={data * fsdp}")
+    lanes = config.sampling.get("lanes", 0)
+    if lanes < 0 or lanes % (data * fsdp):
+        raise ValueError(f"sampling.lanes={lanes} must be 0 or a positive multiple of the "
+                         f"mesh's data axes (data*fsdp={data * fsdp})")
+    if lanes and (config.sampling.get("cache_blocks", 1) != 1
+                  or config.sampling.get("cache_layout", "auto") == "shared"):
+        raise ValueError(f"sampling.lanes={lanes} keeps each lane's prompt in its own cache: "
+                         f"set sampling.cache_blocks=1 and sampling.cache_layout to auto or "
+                         f"per_sample")
     for key in ("sampling.temperature", "sampling.max_new_tokens", "data.max_prompt_len",
                 "data.batch_size", "sampling.num_samples", "num_steps"):
         if _get(config, key) <= 0:

@@ -136,12 +136,14 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
         free = (_per_device(s["row"], D) < 0).sum(1)
         return (left > 0) & (free >= jnp.minimum(left, k))
 
-    def body(s):
-        s = jax.lax.cond(jnp.any(waiting(s)), lambda s: refill(s, k), lambda s: s, s)
-        return step(s)
+    def until_refill(s):  # decode steps until a device can refill or every lane is free
+        return jax.lax.while_loop(lambda s: ~jnp.any(waiting(s)) & jnp.any(s["row"] >= 0),
+                                  step, s)
 
+    # the refill sits between loops, not in a conditional inside the step loop: XLA would copy
+    # every cache layer around such a conditional at every step
     state = jax.lax.while_loop(lambda s: jnp.any(s["row"] >= 0) | jnp.any(s["next"] < rd),
-                               body, state)
+                               lambda s: until_refill(refill(s, k)), until_refill(state))
     flat = lambda x: x.reshape((r,) + x.shape[2:])  # noqa: E731
     return sampling.SampleOutput(flat(state["tokens"]), flat(state["logprobs"]),
                                  flat(state["lengths"]), flat(state["stopped"]) > 0)

@@ -20,7 +20,8 @@ document-grouped (`sampling.Prompts` with one prefix row per document) side by s
 stops a row (about one step in L with near-uniform random-weight sampling), so rows
 finish at different steps and the loop runs until the longest is done; new tokens/s counts the
 tokens generated and ms/step divides by the longest row's steps. The finished rows' share of
-every later step is what the pallas attention skips (`--decode-attention xla,pallas`).
+every later step is what the pallas attention skips (`--decode-attention xla,pallas`), and what
+continuous batching (`--lanes 0,w`: w lanes take the rows in turn) does not spend at all.
 Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
 """
 from __future__ import annotations
@@ -77,7 +78,8 @@ def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
 
 
 def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
-    """(full sampler call, everything before its decode loop) as zero-argument callables."""
+    """(full sampler call, everything before its decode loop or None with lanes, (tokens
+    generated, longest row)) as zero-argument callables."""
     shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
     rng = jax.random.key(0)
     full = sampling.make_sampler(mesh, mcfg, scfg, shards)
@@ -95,7 +97,8 @@ def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
         assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
     # the same rng every call: the same rows stop at the same steps
     lengths = (int(out.lengths.sum()), int(out.lengths.max()))
-    return block(lambda: full(params, prompts, rng)), block(run_prepare), lengths
+    return (block(lambda: full(params, prompts, rng)),
+            None if scfg.lanes else block(run_prepare), lengths)
 
 
 def document_prompts(contexts, per_doc, doc_len, vocab, rng):
@@ -278,6 +281,9 @@ def main(argv=None):
     ap.add_argument("--mean-len", type=int, default=0,
                     help="stop rows after about this many tokens (uneven lengths, as RPT's); "
                          "new tok/s then counts the tokens generated")
+    ap.add_argument("--lanes", default="0",
+                    help="comma list of SamplingConfig.lanes (continuous batching; 0: all rows "
+                         "at once); with --mean-len, the rows a lane serves in turn")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
@@ -328,29 +334,36 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout, blocks, attn, (label, prompts, prefix_rows, prompt_len) in itertools.product(
-                args.cache_layout.split(","), map(int, args.cache_blocks.split(",")),
-                args.decode_attention.split(","), variants):
+        for layout, blocks, attn, lanes, (label, prompts, prefix_rows, prompt_len) in \
+                itertools.product(args.cache_layout.split(","),
+                                  map(int, args.cache_blocks.split(",")),
+                                  args.decode_attention.split(","),
+                                  map(int, args.lanes.split(",")), variants):
+            if lanes and (blocks > 1 or layout == "shared"):
+                continue  # continuous batching keeps each lane's prompt in one block
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
                 prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn,
-                stop_ids=stop_ids)
+                stop_ids=stop_ids, lanes=lanes)
             d, L, b, _ = prompts.check()
-            shared = scfg.shared_prompt(L, b // d)
+            shared = scfg.shared_prompt(L, b // d) and not lanes
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
                     f"{'shared' if shared else 'per-sample'} prompt cache"
                     f"{f', {blocks} cache blocks' if blocks > 1 else ''}"
-                    f"{', pallas attention' if attn == 'pallas' else ''}), G={g}")
+                    f"{', pallas attention' if attn == 'pallas' else ''}"
+                    f"{f', {lanes} lanes' if lanes else ''}), G={g}")
             try:
-                runners[name], runners[name + " prepare"], lengths[name] = rpt_runners(
+                runners[name], prepare, lengths[name] = rpt_runners(
                     params, mcfg, scfg, prompts, mesh)
             except Exception as err:  # keep the other variants of a long device run
                 print(f"FAILED {name}: {err!r}", flush=True)
                 continue
+            if prepare:
+                runners[name + " prepare"] = prepare
             floor = step_bytes(mcfg, args.batch, prefix_rows if shared else args.batch,
                                prompt_len, args.new_tokens, cache_dtype) / bw
-            info[name] = (g, floor, name + " prepare")
+            info[name] = (g, floor, prepare and name + " prepare")
             print(f"built {name}", flush=True)
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,

@@ -37,9 +37,10 @@ case "${1:-1}" in
       --contexts-per-doc 8 --decode-attention xla,pallas
     ;;
   3)
-    # RPT's uneven lengths: rows stop after ~256 of up to 1024 tokens; pallas skips finished rows
-    run uneven_lengths 300 $qwen --prompt-len 128 --new-tokens 1024 --num-samples 8 \
-      --mean-len 256 --decode-attention xla,pallas --repeats 2
+    # RPT's uneven lengths: rows stop after ~256 of up to 1024 tokens; pallas skips finished
+    # rows, continuous batching (128 lanes for the 256 rows) decodes only running ones
+    run uneven_lengths 360 $qwen --prompt-len 128 --new-tokens 1024 --num-samples 8 \
+      --mean-len 256 --decode-attention xla,pallas --lanes 0,128 --repeats 2
     # where "auto" should switch to the shared prompt cache once the kernel is in (its
     # threshold, SHARED_MIN_PROMPT, was measured with the einsum attention)
     run layouts 200 $qwen --prompt-len 512 --new-tokens 256 --num-samples 8 \

@@ -64,6 +64,8 @@ def test_paper_recipe_in_14b_preset():
     ({"model.attention": "cudnn"}, 1, "model.attention='cudnn' needs model.dtype bfloat16"),
     ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
     ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),
+    ({"sampling.lanes": 6}, 4, "sampling.lanes=6 must be 0 or a positive multiple"),
+    ({"sampling.lanes": 8, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")
@@ -84,8 +86,8 @@ def test_sampler_tuning_keys_are_optional():
     """A hand-written config without the sampler's tuning keys still validates (defaults)."""
     c = load("tiny")
     with c.unlocked():
-        del c.sampling["attention"]
-        del c.sampling["cache_layout"]
+        for key in ("attention", "cache_layout", "lanes", "refill"):
+            del c.sampling[key]
     rc.validate(c, 1)
     from rpt_jax.sampling import SamplingConfig
     assert SamplingConfig.from_config(c.sampling).attention == "xla"
