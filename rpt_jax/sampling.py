@@ -466,7 +466,8 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     device holds whole documents). One compile per prompt shape (the caller pads to a few
     buckets); before it, the memory estimate is checked against the devices' reported memory
     (`check_memory`). Nothing is donated: no input matches an output's shape, and the caches
-    live and are updated in place inside the one compiled call.
+    live and are updated in place inside the one compiled call. With sampling_cfg.lanes the
+    rows go through that many lanes instead (`rpt_jax.continuous`).
     """
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
