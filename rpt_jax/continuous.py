@@ -129,7 +129,6 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
                  tokens=jnp.full((D, rd, n), pad_id, jnp.int32),
                  logprobs=jnp.zeros((D, rd, n)), lengths=jnp.zeros((D, rd), jnp.int32),
                  stopped=jnp.zeros((D, rd), jnp.int32))
-    state = refill(state, wd)
 
     def waiting(s):  # [D]: rows left, and enough free lanes to refill
         left = rd - s["next"]
@@ -140,10 +139,11 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
         return jax.lax.while_loop(lambda s: ~jnp.any(waiting(s)) & jnp.any(s["row"] >= 0),
                                   step, s)
 
-    # the refill sits between loops, not in a conditional inside the step loop: XLA would copy
-    # every cache layer around such a conditional at every step
+    # The refill sits between step loops, not in a conditional inside one: XLA would copy every
+    # cache layer around such a conditional at every step. At the start every lane is free, so
+    # the first wd / k rounds only refill.
     state = jax.lax.while_loop(lambda s: jnp.any(s["row"] >= 0) | jnp.any(s["next"] < rd),
-                               lambda s: until_refill(refill(s, k)), until_refill(state))
+                               lambda s: until_refill(refill(s, k)), state)
     flat = lambda x: x.reshape((r,) + x.shape[2:])  # noqa: E731
     return sampling.SampleOutput(flat(state["tokens"]), flat(state["logprobs"]),
                                  flat(state["lengths"]), flat(state["stopped"]) > 0)
