@@ -30,3 +30,28 @@ def test_each_loop_counts_its_own_body_once():
     # a matmul added to the inner loop's body counts there, not in the loop around it
     assert more["3"] > plain["3"]
     assert more["5"] == plain["5"]
+
+
+GPU_LOOP = """\
+%body (p: (s32[], bf16[8,64])) -> (s32[], bf16[8,64]) {
+  %p = (s32[], bf16[8,64]{1,0}) parameter(0)
+  %x = bf16[8,64]{1,0} get-tuple-element(%p), index=1
+  %gemm_fusion_dot.15 = f32[4,8,64]{2,1,0} fusion(%x), kind=kCustom, calls=%g, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %loop_pad_fusion.23 = bf16[8,16]{1,0} fusion(%gemm_fusion_dot.15), kind=kLoop, calls=%f
+  %pallas_call.72 = (f32[8,16]{1,0}) custom-call(%loop_pad_fusion.23), custom_call_target="__gpu$xla.gpu.triton"
+  %bitcast.1 = bf16[8,64]{1,0} bitcast(%x)
+  ROOT %t = (s32[], bf16[8,64]{1,0}) tuple(%i, %bitcast.1)
+}
+
+ENTRY %main (a: bf16[8,64]) -> bf16[8,64] {
+  %w = (s32[], bf16[8,64]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}
+}
+"""
+
+
+def test_gpu_kernel_kinds():
+    """The fusion kinds and custom-call targets of a GPU module (text as XLA:GPU prints it):
+    one GEMM, one loop fusion, one Triton call; bitcasts, tuples and parameters launch nothing."""
+    [(body, trip, kinds)] = compile_gpu.loop_kernels(GPU_LOOP)
+    assert (body, trip) == ("body", "7")
+    assert kinds == {"__triton_nested_gemm_fusion": 1, "kLoop": 1, "__gpu$xla.gpu.triton": 1}
