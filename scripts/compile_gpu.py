@@ -93,7 +93,7 @@ def loop_kernels(hlo: str) -> list[tuple[str, str, collections.Counter]]:
             if not m or m.group(1) in NOT_KERNELS or m.group(1) == "while":
                 continue
             op = m.group(1)
-            if op in ("call", "conditional"):  # inlined bodies launch their own kernels
+            if op in ("call", "conditional"):  # their kernels (a conditional: its first branch)
                 for callee in re.findall(r"(?:to_apply|branch_computations|calls)=\{?%([\w.\-]+)",
                                          line):
                     tally(callee, counts)
