@@ -104,9 +104,10 @@ def base_config(model: str = "tiny"):
         attention="xla",  # decode attention: "pallas" = fused GPU kernel (Triton)
         # continuous batching: decode the batch's rows through this many lanes, a finished
         # row's lane taking the next row (0 = all rows at once); for RPT's uneven lengths, and
-        # for batches whose caches do not fit at once. A multiple of data*fsdp.
+        # for batches whose caches do not fit at once. A multiple of data*fsdp, and of
+        # num_samples*data*fsdp with a shared prompt (lanes in slots of num_samples).
         lanes=0,
-        refill=0,  # free lanes per device refilled together (0 = an eighth of its lanes)
+        refill=0,  # free slots per device refilled together (0 = an eighth of them)
     ))
 
     c.reward = ml_collections.ConfigDict(dict(
@@ -214,14 +215,18 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                          f"rl.micro_batches={config.rl.micro_batches} slices, each divisible by "
                          f"data*fsdp={data * fsdp}")
     lanes = config.sampling.get("lanes", 0)
-    if lanes < 0 or lanes % (data * fsdp):
-        raise ValueError(f"sampling.lanes={lanes} must be 0 or a positive multiple of the "
-                         f"mesh's data axes (data*fsdp={data * fsdp})")
-    if lanes and (config.sampling.get("cache_blocks", 1) != 1
-                  or config.sampling.get("cache_layout", "auto") == "shared"):
-        raise ValueError(f"sampling.lanes={lanes} keeps each lane's prompt in its own cache: "
-                         f"set sampling.cache_blocks=1 and sampling.cache_layout to auto or "
-                         f"per_sample")
+    # a shared prompt's lanes come in slots of num_samples (auto may pick it: long prompts)
+    slot = 1 if config.sampling.get("cache_layout", "auto") == "per_sample" else int(
+        config.sampling.num_samples)
+    if lanes < 0 or lanes % (slot * data * fsdp):
+        why = (" times sampling.num_samples (the slots of a shared prompt; or set "
+               "sampling.cache_layout=per_sample)") if slot > 1 else ""
+        raise ValueError(f"sampling.lanes={lanes} must be 0 or a positive multiple of "
+                         f"{slot * data * fsdp}: the mesh's data axes (data*fsdp={data * fsdp})"
+                         f"{why}")
+    if lanes and config.sampling.get("cache_blocks", 1) != 1:
+        raise ValueError(f"sampling.lanes={lanes} keeps each lane's response in one cache "
+                         f"block: set sampling.cache_blocks=1")
     for key in ("sampling.temperature", "sampling.max_new_tokens", "data.max_prompt_len",
                 "data.batch_size", "sampling.num_samples", "num_steps"):
         if _get(config, key) <= 0:

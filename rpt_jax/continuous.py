@@ -2,19 +2,24 @@
 
 RPT's responses range from a few tokens to max_new_tokens, so rows decoded in lockstep wait
 for the longest one, and a batch too large for memory runs as several such waits in a row.
-With `SamplingConfig.lanes = w`, w lanes decode at once; when a row ends, its lane takes the
-next waiting row. Every prefix row is prefilled once up front. A refilled lane copies its
-prompt from that cache into its own slots, feeds the tail, then samples. Refills wait until
-`refill` lanes of a device are free (or the rows run out): one copy serves several lanes, and a
-step with nothing to refill copies nothing.
+With `SamplingConfig.lanes = w`, w lanes decode at once, in slots that each hold one unit of
+work; when a slot's unit is done, the slot takes the next one. Every prefix row is prefilled
+once up front, and a refilled slot copies its prompt from that cache, feeds the tail, then
+samples. Two layouts, as `sampling.sample`'s (`cache_layout`):
+- per-sample: a slot is one lane serving one row, with the prompt copied into the lane's
+  own cache; lanes never wait for one another;
+- shared (long prompts, documents; G > 1): a slot is G lanes serving one context, reading one
+  copy of its prompt; the slot is refilled once all G samples are done.
+Refills wait until `refill` slots of a device are free (or the work runs out): one copy serves
+several slots, and a step with nothing to refill copies nothing.
 
-Rows keep `sampling.sample`'s random draws (keyed by row and the row's own step) and cache
-layout (`cache_layout="per_sample"`, one block), so the output is the same as sampling all
-rows at once. Lanes and rows are split over the mesh's data axes in contiguous blocks, and a
-device's lanes serve only its own rows: refills read only local prompt rows.
+Rows keep `sampling.sample`'s random draws (keyed by row and the row's own step), so the
+output is the same as sampling all rows at once. Slots and rows are split over the mesh's data
+axes in contiguous blocks, and a device's slots serve only its own rows: refills read only
+local prompt rows.
 
-Shapes: D devices over the data axes, w lanes (wd = w / D per device), r rows (rd per device),
-L prompt slots, T tail tokens, n max_new_tokens, S = L + T - 1 + n lane slots (rounded up).
+Shapes: D devices over the data axes, w lanes in w / u slots of u lanes (u = G shared, else 1),
+units (rows or contexts) ud per device, L prompt slots, T tail tokens, n max_new_tokens.
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ def _per_device(x, devices: int):
     return x.reshape((devices, x.shape[0] // devices) + x.shape[1:])
 
 
-def _put(x, lanes, values):
-    """x [D, k, ...] with x[i, lanes[i, j]] = values[i, j]; lane indices >= k are dropped."""
-    return jax.vmap(lambda a, i, v: a.at[i].set(v, mode="drop"))(x, lanes, values)
+def _put(x, index, values, devices: int):
+    """x [devices * k, ...] with each device's x[index[i, j]] = values[i, j] (index [D, j];
+    indices >= k are dropped)."""
+    put = jax.vmap(lambda a, i, v: a.at[i].set(v.astype(a.dtype), mode="drop"))
+    return put(_per_device(x, devices), index, values).reshape(x.shape)
 
 
 def _take(x, index):
@@ -43,76 +50,101 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
            sampling_cfg: sampling.SamplingConfig, pad_id: int = 0,
            devices: int = 1) -> sampling.SampleOutput:
     """`sampling.sample` through sampling_cfg.lanes lanes (traceable; devices: the mesh's
-    data x fsdp size, which must divide the lanes and the prefix rows)."""
+    data x fsdp size, which must divide the slots and the prefix rows)."""
     cfg = sampling_cfg
     d, L, b, T = prompts.check()
     prompts = prompts.split()
     g, n, w = cfg.num_samples, cfg.max_new_tokens, cfg.lanes
-    r, D = b * g, devices
-    if w % D or d % D:
-        raise ValueError(f"sampling.lanes={w} and the {d} prefix rows must split over the "
-                         f"{D} devices of the data axes")
-    wd, rd, m = w // D, r // D, b // d
-    k = min(cfg.refill or max(1, wd // 8), wd)
-    S = sampling._round_up(L + T - 1 + n, cfg.slot_multiple)
+    D, m = devices, b // d
+    shared = g > 1 and cfg.shared_prompt(L, m)
+    u = g if shared else 1  # lanes per slot
+    if w % u or (w // u) % D or d % D:
+        raise ValueError(f"sampling.lanes={w} must make whole slots of {u} lanes, and the slots "
+                         f"and the {d} prefix rows must split over the {D} devices of the data "
+                         f"axes")
+    slots = w // u
+    sd, ud, rd = slots // D, b * g // u // D, b * g // D  # per device: slots, units, rows
+    k = min(cfg.refill or max(1, sd // 8), sd)
+    Lp = sampling._round_up(L, cfg.slot_multiple)  # a shared slot's prompt slots
+    offset = 0 if shared else L  # a lane's first response slot
+    S = sampling._round_up(offset + T - 1 + n, cfg.slot_multiple)
 
     mask = prompts.mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     prompt = sampling._prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
     visible = prompts.visible.astype(jnp.int32)
-    # what a refill reads, per device: the prompt cache rows, and per row / context the first
-    # position, the visible prompt slots and the tail
+    # what a refill reads, per device: the prompt cache rows, and per context its first
+    # position, its visible prompt slots and its tail
     src = dict(k=[_per_device(x, D) for x in prompt["k"]],
                v=[_per_device(x, D) for x in prompt["v"]],
                valid=_per_device(prompt["valid"], D),
-               row_pos=_per_device(sampling._row_positions(mask, visible, b, g), D),
+               pos=_per_device(sampling._row_positions(mask, visible, b, 1), D),
                visible=_per_device(visible, D),
                tail=_per_device(prompts.tail.astype(jnp.int32), D))
-    cache = sampling._constrain_cache(model.init_response_cache(model_cfg, w, S,
-                                                                cfg.cache_dtype))
+    lanes_cache = model.init_response_cache(model_cfg, w, S, cfg.cache_dtype)
+    prompt_cache = (model.init_response_cache(model_cfg, slots, Lp, cfg.cache_dtype)
+                    if shared else None)  # the slots' prompts, read by their u lanes
     weights = sampling._decoding_weights(params, model_cfg, cfg)
+    slot_of = jnp.arange(w) // u  # [w]
+    member = jnp.arange(w) % u  # a lane's sample within its slot's context
 
     def refill(s, most: int):
-        """Up to `most` free lanes per device take that device's next rows."""
-        free = _per_device(s["row"], D) < 0  # [D, wd]
-        take = jnp.minimum(jnp.minimum(free.sum(1), rd - s["next"]), most)  # [D]
+        """Up to `most` free slots per device take that device's next units."""
+        free = ~_per_device(s["busy"], D).reshape(D, sd, u).any(-1)  # [D, sd]
+        take = jnp.minimum(jnp.minimum(free.sum(1), ud - s["next"]), most)  # [D]
         ok = jnp.arange(most)[None] < take[:, None]  # [D, most]
-        lanes = jnp.where(ok, jnp.argsort(~free, axis=1, stable=True)[:, :most], wd)
-        rows = s["next"][:, None] + jnp.where(ok, jnp.arange(most)[None], 0)  # local ids
-        ctx, pre = rows // g, rows // (g * m)
-        valid = _take(src["valid"], pre) & (jnp.arange(L) < _take(src["visible"], ctx)[..., None])
-        valid = jnp.pad(valid, ((0, 0), (0, 0), (0, S - L)))
+        chosen = jnp.where(ok, jnp.argsort(~free, axis=1, stable=True)[:, :most], sd)
+        units = s["next"][:, None] + jnp.where(ok, jnp.arange(most)[None], 0)  # local ids
+        ctx = units // (g // u)
+        pre = ctx // m
+        seen = _take(src["valid"], pre) & (jnp.arange(L) < _take(src["visible"], ctx)[..., None])
+        # the chosen slots' lanes [D, most * u] (dropped with their slot)
+        lanes = (chosen[:, :, None] * u + jnp.arange(u)).reshape(D, most * u)
 
-        def copy(lane_cache, prompt_cache):  # lane slots < L <- the rows' prompt caches
-            rows_cache = _take(prompt_cache, pre).astype(lane_cache.dtype)
-            return jax.vmap(lambda a, i, v: a.at[i, :, :L].set(v, mode="drop"))(
-                _per_device(lane_cache, D), lanes, rows_cache).reshape(lane_cache.shape)
+        def copy(target, rows, where):  # slots < L of `rows` of target <- the units' prompts
+            put = jax.vmap(lambda a, i, v: a.at[i, :, :L].set(v.astype(a.dtype), mode="drop"))
+            return put(_per_device(target, D), where, _take(rows, pre)).reshape(target.shape)
 
-        lane = lambda x, v: _put(_per_device(x, D), lanes, v).reshape(x.shape)  # noqa: E731
-        c = s["cache"]
-        c = {"k": tuple(map(copy, c["k"], src["k"])), "v": tuple(map(copy, c["v"], src["v"])),
-             "valid": lane(c["valid"], valid)}
-        return dict(s, cache=sampling._constrain_cache(c), next=s["next"] + take,
-                    row=lane(s["row"], rows), u=lane(s["u"], jnp.zeros_like(rows)),
-                    pos=lane(s["pos"], _take(src["row_pos"], rows)),
-                    tail=lane(s["tail"], _take(src["tail"], ctx)))
+        c, p = s["cache"], s["prompt"]
+        if shared:  # the prompt into the slot; the lanes start empty
+            p = {"k": tuple(copy(x, y, chosen) for x, y in zip(p["k"], src["k"])),
+                 "v": tuple(copy(x, y, chosen) for x, y in zip(p["v"], src["v"])),
+                 "valid": _put(p["valid"], chosen, jnp.pad(seen, ((0, 0), (0, 0), (0, Lp - L))),
+                               D),
+                 "visible": _put(p["visible"], chosen,
+                                 jnp.broadcast_to(_take(src["visible"], ctx)[..., None],
+                                                  (D, most, u)), D)}
+            lane_valid = jnp.zeros((D, most * u, S), bool)
+        else:  # the prompt into the lane itself (one lane per slot)
+            c = dict(c, k=tuple(copy(x, y, chosen) for x, y in zip(c["k"], src["k"])),
+                     v=tuple(copy(x, y, chosen) for x, y in zip(c["v"], src["v"])))
+            lane_valid = jnp.pad(seen, ((0, 0), (0, 0), (0, S - L)))
+        c = dict(c, valid=_put(c["valid"], lanes, lane_valid, D))
+        start = jnp.ones((D, most * u), bool)
+        return dict(s, cache=c, prompt=p, next=s["next"] + take,
+                    unit=_put(s["unit"], chosen, units, D),
+                    busy=_put(s["busy"], lanes, start, D),
+                    fed=_put(s["fed"], lanes, jnp.zeros((D, most * u), jnp.int32), D),
+                    pos=_put(s["pos"], chosen, _take(src["pos"], ctx), D),
+                    tail=_put(s["tail"], chosen, _take(src["tail"], ctx), D))
 
     def step(s):
-        busy = s["row"] >= 0
-        u = s["u"]
-        fed = jnp.where(u < T, jnp.take_along_axis(s["tail"], jnp.minimum(u, T - 1)[:, None],
-                                                   1)[:, 0], s["last"])
-        logits, c = model.decode_step(weights, fed, s["pos"] + u, [], s["cache"],
-                                      jnp.minimum(L + u, S - 1), model_cfg, cfg.attention, busy)
-        t = u - (T - 1)  # the row's sampling step
+        busy, fed_count = s["busy"], s["fed"]
+        tail = s["tail"][slot_of]
+        fed = jnp.where(fed_count < T, jnp.take_along_axis(
+            tail, jnp.minimum(fed_count, T - 1)[:, None], 1)[:, 0], s["last"])
+        logits, c = model.decode_step(
+            weights, fed, s["pos"][slot_of] + fed_count, [s["prompt"]] if shared else [],
+            s["cache"], jnp.minimum(offset + fed_count, S - 1), model_cfg, cfg.attention, busy)
+        t = fed_count - (T - 1)  # the row's sampling step
         now = busy & (t >= 0)
-        device = jnp.arange(w) // wd
-        tok, lp = sampling.choose_tokens(logits, rng, jnp.maximum(t, 0),
-                                         device * rd + s["row"], cfg)
+        row = s["unit"][slot_of] * u + member  # local row id on this lane's device
+        device = jnp.arange(w) // (w // D)
+        tok, lp = sampling.choose_tokens(logits, rng, jnp.maximum(t, 0), device * rd + row, cfg)
         stop_ids = jnp.asarray(cfg.stop_ids if cfg.stop_ids else (-1,), jnp.int32)
         stop = now & jnp.isin(tok, stop_ids)
         at = lambda x: _per_device(x, D)  # noqa: E731
-        out_row = at(jnp.where(now, s["row"], rd))  # rd: dropped
+        out_row = at(jnp.where(now, row, rd))  # rd: dropped
         put = lambda o, v: jax.vmap(lambda a, i, j, x: a.at[i, j].set(x, mode="drop"))(  # noqa: E731
             o, out_row, at(jnp.maximum(t, 0)), at(v))
         add = lambda o, v: jax.vmap(lambda a, i, x: a.at[i].add(x, mode="drop"))(  # noqa: E731
@@ -121,29 +153,30 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
         return dict(s, cache=c, tokens=put(s["tokens"], tok), logprobs=put(s["logprobs"], lp),
                     lengths=add(s["lengths"], jnp.ones_like(tok)),
                     stopped=add(s["stopped"], stop.astype(jnp.int32)),
-                    row=jnp.where(done, -1, s["row"]), u=jnp.where(busy, u + 1, u), last=tok)
+                    busy=busy & ~done, fed=jnp.where(busy, fed_count + 1, fed_count), last=tok)
 
-    lane0 = jnp.zeros((w,), jnp.int32)
-    state = dict(cache=cache, next=jnp.zeros((D,), jnp.int32), row=lane0 - 1, u=lane0,
-                 pos=lane0, last=lane0, tail=jnp.zeros((w, T), jnp.int32),
+    zeros = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    state = dict(cache=sampling._constrain_cache(lanes_cache),
+                 prompt=(dict(sampling._constrain_cache(prompt_cache),
+                              visible=zeros(slots, u)) if shared else {}),
+                 next=zeros(D), unit=zeros(slots), busy=jnp.zeros((w,), bool), fed=zeros(w),
+                 last=zeros(w), pos=zeros(slots), tail=zeros(slots, T),
                  tokens=jnp.full((D, rd, n), pad_id, jnp.int32),
-                 logprobs=jnp.zeros((D, rd, n)), lengths=jnp.zeros((D, rd), jnp.int32),
-                 stopped=jnp.zeros((D, rd), jnp.int32))
+                 logprobs=jnp.zeros((D, rd, n)), lengths=zeros(D, rd), stopped=zeros(D, rd))
 
-    def waiting(s):  # [D]: rows left, and enough free lanes to refill
-        left = rd - s["next"]
-        free = (_per_device(s["row"], D) < 0).sum(1)
+    def waiting(s):  # [D]: units left, and enough free slots to refill
+        left = ud - s["next"]
+        free = (~_per_device(s["busy"], D).reshape(D, sd, u).any(-1)).sum(1)
         return (left > 0) & (free >= jnp.minimum(left, k))
 
     def until_refill(s):  # decode steps until a device can refill or every lane is free
-        return jax.lax.while_loop(lambda s: ~jnp.any(waiting(s)) & jnp.any(s["row"] >= 0),
-                                  step, s)
+        return jax.lax.while_loop(lambda s: ~jnp.any(waiting(s)) & jnp.any(s["busy"]), step, s)
 
     # The refill sits between step loops, not in a conditional inside one: XLA would copy every
-    # cache layer around such a conditional at every step. At the start every lane is free, so
-    # the first wd / k rounds only refill.
-    state = jax.lax.while_loop(lambda s: jnp.any(s["row"] >= 0) | jnp.any(s["next"] < rd),
+    # cache layer around such a conditional at every step. At the start every slot is free, so
+    # the first sd / k rounds only refill.
+    state = jax.lax.while_loop(lambda s: jnp.any(s["busy"]) | jnp.any(s["next"] < ud),
                                lambda s: until_refill(refill(s, k)), state)
-    flat = lambda x: x.reshape((r,) + x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape((b * g,) + x.shape[2:])  # noqa: E731
     return sampling.SampleOutput(flat(state["tokens"]), flat(state["logprobs"]),
                                  flat(state["lengths"]), flat(state["stopped"]) > 0)

@@ -61,9 +61,9 @@ class SamplingConfig:
     # Pallas' interpreter on CPU for tests)
     attention: str = "xla"
     # continuous batching (rpt_jax.continuous): decode the rows through this many lanes, a
-    # finished row's lane taking the next row (0: all rows at once); lanes hold the prompt and
-    # response (per-sample layout, one block), and `refill` free lanes per device (0: an
-    # eighth of them) are refilled together
+    # finished row's lane taking the next row (0: all rows at once; with the shared layout and
+    # G > 1, lanes come in slots of G serving one context); `refill` free slots per device
+    # (0: an eighth of them) are refilled together; one cache block
     lanes: int = 0
     refill: int = 0
 
@@ -86,10 +86,10 @@ class SamplingConfig:
             raise ValueError(f"attention={self.attention!r} is not xla/pallas")
         if self.lanes < 0 or self.refill < 0:
             raise ValueError(f"lanes={self.lanes} and refill={self.refill} must be >= 0")
-        if self.lanes and (self.cache_blocks != 1 or self.cache_layout == "shared"):
+        if self.lanes and self.cache_blocks != 1:
             raise ValueError(f"lanes={self.lanes} (continuous batching) keeps each lane's "
-                             f"prompt in its own cache: it needs cache_blocks=1 (got "
-                             f"{self.cache_blocks}) and a cache_layout other than 'shared'")
+                             f"response in one block: it needs cache_blocks=1 (got "
+                             f"{self.cache_blocks})")
 
     @property
     def slot_multiple(self) -> int:
@@ -518,7 +518,8 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     rows = batch * s.num_samples
     prefix_rows = batch if prefix_rows is None else prefix_rows
     per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * jnp.dtype(s.cache_dtype).itemsize
-    shared = s.shared_prompt(prompt_len, batch // prefix_rows) and not s.lanes
+    shared = s.shared_prompt(prompt_len, batch // prefix_rows) and not (
+        s.lanes and s.num_samples == 1)  # as continuous.sample decides
     c = -(-(tail_len - 1 + s.max_new_tokens) // s.cache_blocks)  # as in `prepare`
     sample_slots = (_round_up(c + (0 if shared else prompt_len), s.slot_multiple)
                     + (s.cache_blocks - 1) * _round_up(c, s.slot_multiple))
@@ -527,7 +528,10 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
         "params": n_params * jnp.dtype(m.param_dtype).itemsize,
         "decoding weights (compute-dtype copy)": n_params * compute_b * (
             fsdp if s.gather_weights else 1),
-        "prompt KV cache": prefix_rows * _round_up(prompt_len, s.slot_multiple) * per_slot,
+        # every prefix row once, plus each lane slot's copy (continuous batching, shared)
+        "prompt KV cache": (prefix_rows + (s.lanes // s.num_samples if shared and s.lanes
+                                           else 0)) * _round_up(prompt_len, s.slot_multiple)
+                           * per_slot,
         "per-sample KV cache": decoding * sample_slots * per_slot,
         # prefill of batch / prefill_chunks rows at a time: every layer's k, v (scan outputs),
         # one layer's activations and, without a fused attention kernel, its scores

@@ -339,15 +339,15 @@ def main(argv=None):
                                   map(int, args.cache_blocks.split(",")),
                                   args.decode_attention.split(","),
                                   map(int, args.lanes.split(",")), variants):
-            if lanes and (blocks > 1 or layout == "shared"):
-                continue  # continuous batching keeps each lane's prompt in one block
+            if lanes and blocks > 1:
+                continue  # continuous batching keeps each lane's response in one block
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
                 prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn,
                 stop_ids=stop_ids, lanes=lanes)
             d, L, b, _ = prompts.check()
-            shared = scfg.shared_prompt(L, b // d) and not lanes
+            shared = scfg.shared_prompt(L, b // d) and not (lanes and g == 1)
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
                     f"{'shared' if shared else 'per-sample'} prompt cache"
                     f"{f', {blocks} cache blocks' if blocks > 1 else ''}"

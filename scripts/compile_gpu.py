@@ -146,7 +146,7 @@ def compile_sampler(args, mesh):
             [int(x) for x in args.num_samples.split(",")], args.decode_attention.split(","),
             args.cache_layout.split(","), [int(x) for x in args.cache_blocks.split(",")],
             [int(x) for x in args.lanes.split(",")]):
-        if lanes and (blocks > 1 or layout == "shared"):
+        if lanes and blocks > 1:
             continue  # not a valid combination (SamplingConfig says why)
         scfg = sampling.SamplingConfig(num_samples=g, temperature=0.8,
                                        max_new_tokens=args.new_tokens, attention=attention,

@@ -64,8 +64,10 @@ def test_paper_recipe_in_14b_preset():
     ({"model.attention": "cudnn"}, 1, "model.attention='cudnn' needs model.dtype bfloat16"),
     ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
     ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),
-    ({"sampling.lanes": 6}, 4, "sampling.lanes=6 must be 0 or a positive multiple"),
-    ({"sampling.lanes": 8, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
+    ({"sampling.lanes": 6, "sampling.cache_layout": "per_sample"}, 4,
+     "sampling.lanes=6 must be 0 or a positive multiple of 4"),
+    ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),
+    ({"sampling.lanes": 16, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")

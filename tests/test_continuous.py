@@ -29,6 +29,14 @@ def static(params, prompts):  # noqa: F811
     return _jit_sample(params, prompts, jax.random.key(4), CFG, UNEVEN, 0)
 
 
+SHARED = dataclasses.replace(UNEVEN, cache_layout="shared")
+
+
+@pytest.fixture(scope="module")
+def static_shared(params, prompts):  # noqa: F811
+    return _jit_sample(params, prompts, jax.random.key(4), CFG, SHARED, 0)
+
+
 def _assert_same(got, want, atol=1e-6):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
@@ -46,14 +54,30 @@ def test_lanes_give_the_samples_of_all_rows_at_once(params, prompts, static, lan
     _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static)
 
 
-def test_document_grouped_prompts_through_lanes(params, grouped):  # noqa: F811
+@pytest.mark.parametrize("lanes,refill", [(18, 0), (6, 1), (9, 2)])
+def test_shared_prompt_slots_give_the_samples_of_all_rows_at_once(
+        params, prompts, static, static_shared, lanes, refill):  # noqa: F811
+    """The shared layout: slots of G = 3 lanes reading one copy of their context's prompt, a
+    slot refilled once its 3 samples are done; same samples as the static shared layout (and
+    as the per-sample one, to rounding)."""
+    cfg = dataclasses.replace(SHARED, lanes=lanes, refill=refill)
+    got = _jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1)
+    _assert_same(got, static_shared)
+    _assert_same(got, static, atol=1e-5)
+    with pytest.raises(ValueError, match="whole slots of 3 lanes"):
+        _jit_lanes(params, prompts, jax.random.key(4), CFG, dataclasses.replace(cfg, lanes=4),
+                   0, 1)
+
+
+@pytest.mark.parametrize("layout", ["per_sample", "shared"])
+def test_document_grouped_prompts_through_lanes(params, grouped, layout):  # noqa: F811
     """Contexts cut from documents (prefix rows read up to each context's limit, 3 tail tokens
     fed before sampling): the samples of the static sampler."""
     prompts, _, _ = grouped
-    cfg = dataclasses.replace(UNEVEN, max_new_tokens=7)
+    cfg = dataclasses.replace(UNEVEN, max_new_tokens=7, cache_layout=layout)
     want = _jit_sample(params, prompts, jax.random.key(6), CFG, cfg, 0)
     got = _jit_lanes(params, prompts, jax.random.key(6), CFG,
-                     dataclasses.replace(cfg, lanes=5, refill=2), 0, 1)
+                     dataclasses.replace(cfg, lanes=6, refill=1), 0, 1)
     _assert_same(got, want)
 
 
@@ -67,28 +91,38 @@ def test_lanes_on_eight_devices(params, prompts, static):  # noqa: F811
     assert len(got.tokens.devices()) == 8
     want = jax.tree.map(lambda x: x[:rows], static)
     _assert_same(got, want, atol=1e-5)
+    shared, _, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(SHARED, lanes=12))
+    _assert_same(shared(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
+                        jax.random.key(4)), want, atol=1e-5)
     bad, _, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(UNEVEN, lanes=6))
-    with pytest.raises(ValueError, match="lanes=6 and the 4 prefix rows must split over"):
+    with pytest.raises(ValueError, match="the slots and the 4 prefix rows must split over"):
         bad(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
             jax.random.key(4))
 
 
-def test_lanes_with_pallas_attention(params, prompts, static):  # noqa: F811
-    """The fused kernel reads each lane's slots up to its own write position."""
-    cfg = dataclasses.replace(UNEVEN, lanes=4, refill=2, attention="pallas")
+@pytest.mark.parametrize("layout,lanes", [("per_sample", 4), ("shared", 6)])
+def test_lanes_with_pallas_attention(params, prompts, static, layout, lanes):  # noqa: F811
+    """The fused kernel reads each lane's slots up to its own write position (and a shared
+    slot's prompt up to its context's limit, nothing for finished lanes)."""
+    cfg = dataclasses.replace(UNEVEN, lanes=lanes, refill=2, attention="pallas",
+                              cache_layout=layout)
+    # float32; the shared layout's two parts merge in another order than one part
     _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static,
-                 atol=1e-5)
+                 atol=3e-5)
 
 
 def test_lanes_config_and_memory():
     with pytest.raises(ValueError, match="cache_blocks=1"):
         dataclasses.replace(UNEVEN, lanes=4, cache_blocks=2)
-    with pytest.raises(ValueError, match="other than 'shared'"):
-        dataclasses.replace(UNEVEN, lanes=4, cache_layout="shared")
     every = sampling.memory_bytes(CFG, UNEVEN, 64, 32)
     lanes = sampling.memory_bytes(CFG, dataclasses.replace(UNEVEN, lanes=16), 64, 32)
     assert lanes["per-sample KV cache"] * 12 == every["per-sample KV cache"]  # 16 of 192 rows
     assert lanes["prompt KV cache"] == every["prompt KV cache"]
+    # shared: 48 lanes = 16 slots, each with a copy of its context's prompt
+    every = sampling.memory_bytes(CFG, SHARED, 64, 32)
+    lanes = sampling.memory_bytes(CFG, dataclasses.replace(SHARED, lanes=48), 64, 32)
+    assert lanes["per-sample KV cache"] * 4 == every["per-sample KV cache"]
+    assert lanes["prompt KV cache"] * 64 == every["prompt KV cache"] * (64 + 16)
     assert sampling.SamplingConfig.from_config(ml_collections.ConfigDict(dict(
         num_samples=2, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
              max_new_tokens=4, cache_dtype="float32", lanes=8, refill=2))).lanes == 8
