@@ -553,17 +553,34 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     the sampler runs on, together (the data are split evenly); the rest as in `memory_bytes`.
     Returns the estimate in bytes.
     """
+    def need(cfg):
+        return int(sum(memory_bytes(model_cfg, cfg, batch, prompt_len, fsdp, prefix_rows,
+                                    tail_len).values()))
+
     parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp, prefix_rows,
                          tail_len)
     total = int(sum(parts.values()))
     if total > bytes_available:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
+        # the most lanes (continuous batching) that fit, in slots of num_samples
+        g, lanes = sampling_cfg.num_samples, 0
+        lo, hi = 1, batch  # slots
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            cfg = dataclasses.replace(sampling_cfg, lanes=mid * g, cache_blocks=1)
+            if need(cfg) <= bytes_available:
+                lanes, lo = mid * g, mid + 1
+            else:
+                hi = mid - 1
+        hint = (f", or decode through sampling.lanes={lanes} (continuous batching, "
+                f"cache_blocks=1; a multiple of num_samples x the data axes)"
+                if lanes and lanes < (sampling_cfg.lanes or batch * g) else "")
         raise ValueError(
             f"sampling batch={batch} x num_samples={sampling_cfg.num_samples}, prompt_len="
             f"{prompt_len}, max_new_tokens={sampling_cfg.max_new_tokens} needs about "
             f"{total / 2**30:.2f} GiB but {bytes_available / 2**30:.2f} GiB are available "
             f"({detail}); lower data.batch_size, sampling.num_samples, "
-            f"sampling.max_new_tokens or the prompt bucket, or use a bf16 cache_dtype")
+            f"sampling.max_new_tokens or the prompt bucket, or use a bf16 cache_dtype{hint}")
     return total
 
 

@@ -1,6 +1,7 @@
 """Sampler: greedy == repeated argmax of the full forward, logprobs == full-forward rescoring,
 sharding-independent randomness, stop handling, filtering distributions, memory check."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +346,16 @@ def test_check_memory():
     cfg = sampling.SamplingConfig(num_samples=8, max_new_tokens=8192)
     with pytest.raises(ValueError, match=r"max_new_tokens=8192 needs about .* GiB"):
         sampling.check_memory(big, cfg, batch=256, prompt_len=4096, bytes_available=80 * 2**30)
+    # 32 contexts x 8 do not fit in 20 GiB all at once; the suggested lanes do, and 8 more not
+    with pytest.raises(ValueError, match=r"sampling.lanes=(\d+) \(continuous") as err:
+        sampling.check_memory(big, cfg, batch=32, prompt_len=1024, bytes_available=20 * 2**30)
+    lanes = int(re.search(r"sampling.lanes=(\d+)", str(err.value)).group(1))
+    assert 0 < lanes < 256 and lanes % 8 == 0
+    fits = dataclasses.replace(cfg, lanes=lanes)
+    sampling.check_memory(big, fits, batch=32, prompt_len=1024, bytes_available=20 * 2**30)
+    with pytest.raises(ValueError):
+        sampling.check_memory(big, dataclasses.replace(fits, lanes=lanes + 8), batch=32,
+                              prompt_len=1024, bytes_available=20 * 2**30)
     need = sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30)
     # params f32 (494M x 4) + bf16 copy (x 2) + response cache (8 x 8192 x 24 x 2 x 2 x 64 x 2)
     assert need > 494e6 * 6 + 8 * 8192 * 24 * 2 * 2 * 64 * 2
