@@ -10,8 +10,8 @@ samples. Two layouts, as `sampling.sample`'s (`cache_layout`):
   own cache; lanes never wait for one another;
 - shared (long prompts, documents; G > 1): a slot is G lanes serving one context, reading one
   copy of its prompt; the slot is refilled once all G samples are done.
-Refills wait until `refill` slots of a device are free (or the work runs out): one copy serves
-several slots, and a step with nothing to refill copies nothing.
+Refills wait until `refill` slots of a device are free (or the work runs out): one refill
+round serves several slots, and a step with nothing to refill copies nothing.
 
 Rows keep `sampling.sample`'s random draws (keyed by row and the row's own step), so the
 output is the same as sampling all rows at once. Slots and rows are split over the mesh's data
