@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2`, `... 3` and `... 4` (each
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 5` (each
 # part fits in about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
 # /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
 set -u
@@ -45,6 +45,13 @@ case "${1:-1}" in
     # threshold, SHARED_MIN_PROMPT, was measured with the einsum attention)
     run layouts 200 $qwen --prompt-len 512 --new-tokens 256 --num-samples 8 \
       --cache-layout per_sample,shared --decode-attention xla,pallas
+    ;;
+  5)
+    # continuous batching with a shared prompt (RPT's long prompts): slots of G = 8 lanes, each
+    # reading one copy of its context's prompt, refilled once its 8 samples are done
+    run lanes_shared 420 $qwen --prompt-len 1024 --new-tokens 1024 --num-samples 8 \
+      --mean-len 256 --cache-layout shared,per_sample --lanes 0,128 --decode-attention pallas \
+      --repeats 2
     ;;
   4)
     # the update with each prompt once per context (rl.share_prompt, on by default), through
