@@ -69,9 +69,7 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
     offset = 0 if shared else L  # a lane's first response slot
     S = sampling._round_up(offset + T - 1 + n, cfg.slot_multiple)
 
-    mask = prompts.mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    prompt = sampling._prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
+    mask, prompt = sampling._prefill_prompts(params, prompts, model_cfg, cfg)
     visible = prompts.visible.astype(jnp.int32)
     # what a refill reads, per device: the prompt cache rows, and per context its first
     # position, its visible prompt slots and its tail

@@ -194,8 +194,9 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
     sampling step, a scalar or each row's own [r].
 
     Sampling draws one uniform per row from fold_in(fold_in(rng, step), row), so a row's token
-    does not depend on how rows are split over devices or batched with others. Returns (tokens [r] int32,
-    log_softmax(logits / T)[token] [r] float32, under the full, unfiltered distribution).
+    does not depend on how rows are split over devices or batched with others. Returns
+    (tokens [r] int32, log_softmax(logits / T)[token] [r] float32, under the full, unfiltered
+    distribution).
     """
     r, v = logits.shape
     scaled = logits / cfg.temperature if cfg.temperature > 0 else logits
@@ -298,9 +299,7 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     g, n = cfg.num_samples, cfg.max_new_tokens
     r = b * g
     fan = r // d  # rows reading one prefix row
-    mask = prompts.mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    prompt_cache = _prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
+    mask, prompt_cache = _prefill_prompts(params, prompts, model_cfg, cfg)
     visible = prompts.visible.astype(jnp.int32)  # [b]
     row_pos = _row_positions(mask, visible, b, g)
     visible = jnp.repeat(visible, g)  # [r]
@@ -330,6 +329,14 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
                  stopped=jnp.zeros((r,), bool), last=tail[:, -1],
                  t=jnp.zeros((), jnp.int32), blocks=blocks)
     return context, state
+
+
+def _prefill_prompts(params, prompts: Prompts, model_cfg, cfg: SamplingConfig):
+    """(int32 mask [D, L], prompt cache) of split Prompts' prefix rows (positions count a row's
+    real tokens from 0)."""
+    mask = prompts.mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return mask, _prefill(params, prompts.tokens, positions, mask, model_cfg, cfg)
 
 
 def _row_positions(mask, visible, b: int, g: int):
