@@ -17,5 +17,8 @@ def get_config():
     c.sampling.prompt_buckets = (256, 512, 1024)
     c.sampling.max_new_tokens = 2048
     c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
+    # the fused decode-attention kernel (GPU; "xla" on TPU or CPU): with sampling.gemm="auto"
+    # (cuBLAS matmuls) 1.18x the einsum path's new tokens/s on an H100 (BENCHMARKS.md)
+    c.sampling.attention = "pallas"
     c.num_steps = 1000
     return c

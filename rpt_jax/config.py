@@ -36,6 +36,7 @@ CHOICES = {
     "model.attention": ("xla", "cudnn"),
     "sampling.attention": ("xla", "pallas"),
     "sampling.cache_layout": ("auto", "shared", "per_sample"),
+    "sampling.gemm": ("auto", "cublas", "xla"),
     "reward.kind": ("prefix_match", "first_token", "dense", "conditional_dense"),
     "rl.advantage": ("grpo", "dr_grpo"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
@@ -43,7 +44,8 @@ CHOICES = {
     "warmup.think": ("none", "last_line"),
 }
 # sampler tuning keys a hand-written config may leave out (SamplingConfig's defaults apply)
-OPTIONAL = {"sampling.attention", "sampling.cache_layout", "sampling.lanes", "sampling.refill"}
+OPTIONAL = {"sampling.attention", "sampling.cache_layout", "sampling.lanes", "sampling.refill",
+            "sampling.gemm"}
 
 
 def model_shape(name: str) -> dict:
@@ -108,6 +110,8 @@ def base_config(model: str = "tiny"):
         # num_samples*data*fsdp with a shared prompt (lanes in slots of num_samples).
         lanes=0,
         refill=0,  # free slots per device refilled together (0 = an eighth of them)
+        gemm="auto",  # GPU matmuls of the sampler: cublas / xla (Triton GEMM fusions) / auto:
+        # cublas with attention="pallas", else xla
     ))
 
     c.reward = ml_collections.ConfigDict(dict(

@@ -27,6 +27,8 @@ NEG = -1e30  # finite: a block with every slot masked must not turn the running 
 BLOCK_K = 64  # slots per loop iteration; caches for this kernel are sized in multiples of it
 BLOCK_H = 64  # query rows per program: a document row read by m contexts x G samples x q heads
 # would otherwise need hundreds of accumulator rows in one program
+NUM_WARPS, NUM_STAGES = 4, 2  # Triton launch options (scripts/bench_decode_attention.py --sweep)
+SPLITS = 0  # slot ranges per cache row; 0: `splits_for` (enough for about PROGRAMS programs)
 PROGRAMS = 512  # split long caches into slot ranges until about this many programs run (an
 # H100 has 132 SMs; a few 14B kv heads per device over a handful of document rows are far fewer)
 
@@ -89,8 +91,9 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, limit_ref, o_ref, lse_ref, *, block_
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
-                   block_h: int = BLOCK_H, splits: int | None = None,
+def part_attention(q, keys, values, valid, limit, *, block_k: int | None = None,
+                   block_h: int | None = None, splits: int | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None,
                    interpret: bool | None = None):
     """Attention of query rows over one cache part, normalised within the part.
 
@@ -98,9 +101,11 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
     limit [b, h] int32 (query row i reads slots < limit[:, i] only). s must be a multiple of a
     power of two >= 16 (`block_size`). Returns (out [b, k, h, e] float32, lse [b, k, h] float32:
     the log of the softmax denominator, -inf for a row that sees no slot).
-    splits: slot ranges per cache row (None: `splits_for`). interpret: None = Pallas'
-    interpreter when lowered for CPU, the Triton kernel for GPUs.
+    splits: slot ranges per cache row (None: SPLITS, or `splits_for` if that is 0). interpret: None = Pallas'
+    interpreter when lowered for CPU, the Triton kernel for GPUs. block_k, block_h, num_warps,
+    num_stages: None = the module's BLOCK_K, BLOCK_H, NUM_WARPS, NUM_STAGES.
     """
+    block_k, block_h = block_k or BLOCK_K, block_h or BLOCK_H
     b, kv, h, e = q.shape
     s = keys.shape[2]
     bk = block_size(s, block_k)
@@ -111,7 +116,7 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
             raise ValueError("sampling.attention='pallas' is a GPU (Triton) kernel; use 'xla' "
                              "on TPU")
         call = functools.partial(part_attention, block_k=block_k, block_h=block_h,
-                                 splits=splits)
+                                 splits=splits, num_warps=num_warps, num_stages=num_stages)
 
         def on_cpu(q, keys, values, valid, limit):  # XLA:CPU has no bf16 x bf16 -> f32 dot
             up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
@@ -125,7 +130,7 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
     limit = jnp.pad(limit.astype(jnp.int32), ((0, 0), (0, hp - h)))
     kernel = functools.partial(_kernel, block_k=bk, scale=e ** -0.5)
     if splits is None:
-        splits = splits_for(b * kv * (hp // bh), s, bk)
+        splits = SPLITS or splits_for(b * kv * (hp // bh), s, bk)
     if s % (splits * bk):
         raise ValueError(f"cache of {s} slots does not split into {splits} ranges of whole "
                          f"{bk}-slot blocks")
@@ -133,7 +138,8 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int = BLOCK_K,
     rows = lambda i, j, t, n: (n, i, j, t, 0)  # noqa: E731  (query-row block t, slot range n)
     cache = lambda i, j, t, n: (i, j, n, 0)  # noqa: E731
     sq = pl.Squeezed()  # a grid-indexed dimension the kernel does not see
-    extra = {} if interpret else {"compiler_params": _triton_params()}
+    extra = {} if interpret else {"compiler_params": _triton_params(num_warps or NUM_WARPS,
+                                                                    num_stages or NUM_STAGES)}
     out, lse = pl.pallas_call(
         kernel,
         grid=(b, kv, hp // bh, splits),
@@ -188,6 +194,6 @@ def merge(parts):
     return combine(jnp.stack([o for o, _ in parts]), jnp.stack([lse for _, lse in parts]))[0]
 
 
-def _triton_params():
+def _triton_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)

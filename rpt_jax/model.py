@@ -484,9 +484,10 @@ def _rope_rows(x, positions, theta):
     return rope(flat, positions[:, None], theta).reshape(x.shape)
 
 
-def _decode_attend_pallas(q, parts):
+def _decode_attend_pallas(q, parts, **kernel):
     """`_decode_attend` with the fused kernel (decode_attention): parts are (keys, values,
-    (valid [b, s], limit [b, g * nq])). Returns float32 [r, k, q, e]."""
+    (valid [b, s], limit [b, g * nq])); kernel: `decode_attention.part_attention`'s launch
+    options. Returns float32 [r, k, q, e]."""
     r, kv, nq, e = q.shape
     outs = []
     for keys, values, (valid, limit) in parts:
@@ -494,7 +495,7 @@ def _decode_attend_pallas(q, parts):
         g = r // b
         grouped = jnp.swapaxes(q.reshape(b, g, kv, nq, e), 1, 2).reshape(b, kv, g * nq, e)
         out, lse = decode_attention.sharded_part_attention(
-            grouped.astype(keys.dtype), keys, values, valid, limit)
+            grouped.astype(keys.dtype), keys, values, valid, limit, **kernel)
         back = lambda x: jnp.swapaxes(  # noqa: E731
             x.reshape((b, kv, g, nq) + x.shape[3:]), 1, 2).reshape((r, kv, nq) + x.shape[3:])
         outs.append((back(out), back(lse)))

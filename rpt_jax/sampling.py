@@ -66,6 +66,12 @@ class SamplingConfig:
     # (0: an eighth of them) are refilled together; one cache block
     lanes: int = 0
     refill: int = 0
+    # GPU matmuls: "cublas" (library GEMMs), "xla" (XLA's choice: Triton GEMM fusions, which at
+    # decode's few rows split K into float32 partials that the next fusions re-read) or "auto":
+    # cublas with the pallas attention (a step 11-13% faster on an H100 at the Qwen2.5-0.5B
+    # shape), xla with the einsum attention (whose einsums as cuBLAS calls made a step 44%
+    # slower); BENCHMARKS.md. No effect on other backends.
+    gemm: str = "auto"
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -84,12 +90,20 @@ class SamplingConfig:
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
         if self.attention not in ("xla", "pallas"):
             raise ValueError(f"attention={self.attention!r} is not xla/pallas")
+        if self.gemm not in ("auto", "cublas", "xla"):
+            raise ValueError(f"gemm={self.gemm!r} is not auto/cublas/xla")
         if self.lanes < 0 or self.refill < 0:
             raise ValueError(f"lanes={self.lanes} and refill={self.refill} must be >= 0")
         if self.lanes and self.cache_blocks != 1:
             raise ValueError(f"lanes={self.lanes} (continuous batching) keeps each lane's "
                              f"response in one block: it needs cache_blocks=1 (got "
                              f"{self.cache_blocks})")
+
+    @property
+    def compiler_options(self) -> dict:
+        """XLA options of the sampler's compile (GPU options are ignored on other backends)."""
+        cublas = self.gemm == "cublas" or (self.gemm == "auto" and self.attention == "pallas")
+        return {"xla_gpu_enable_triton_gemm": False} if cublas else {}
 
     @property
     def slot_multiple(self) -> int:
@@ -108,7 +122,7 @@ class SamplingConfig:
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
         tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks", "attention",
-                                    "lanes", "refill") if k in c}  # optional keys
+                                    "lanes", "refill", "gemm") if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
                    max_new_tokens=int(c.max_new_tokens),
@@ -488,7 +502,8 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
         return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
     jitted = jax.jit(fn, in_shardings=(param_shardings, Prompts(mat, mat, rows, mat), repl),
-                     out_shardings=SampleOutput(mat, mat, rows, rows))
+                     out_shardings=SampleOutput(mat, mat, rows, rows),
+                     compiler_options=sampling_cfg.compiler_options)
 
     checked = set()
 

@@ -3,16 +3,23 @@
   python scripts/bench_decode_attention.py --rows 256 --slots 384,2048,8192
 
 Random bf16 caches of the Qwen2.5-0.5B head shape (2 kv heads, 7 q heads each, head_dim 64) by
-default. Two cases per cache length: "per-sample" (every row its own cache, all slots
-written) and "shared" (rows / G prompt rows of `--slots` slots read by G rows each, plus a
-per-sample response part of 256 slots), as the sampler's two layouts. Reported per case: time
-of one call (median of interleaved rounds), the bytes of keys and values it must read over that
-time, and the largest difference of the two outputs (float32). On CPU the kernel runs in Pallas'
-interpreter: use small shapes, and read only the difference column there.
+default. Two cases per cache length: "per-sample" (every row its own cache) and "shared" (rows /
+G prompt rows of `--slots` slots read by G rows each, plus a per-sample response part of 256
+slots), as the sampler's two layouts. Rows read the first `--filled` slots of the long part (a
+decode step partway through; default all). Each timed call runs `--layers` layers (one cache
+each, one after the other in one jitted call, as a decode step does), so the time per layer has
+no dispatch in it.
+Reported per case: microseconds per layer (median of interleaved rounds), the bytes of keys and
+values it must read over that time, and the largest difference of the two outputs (float32).
+`--sweep` times the kernel at every (block_k, num_warps, num_stages, splits) of a small grid and
+prints the fastest as `best <case>: block_k:num_warps:num_stages:splits` (bench_sampler.py's
+--kernel). On CPU the kernel runs in Pallas'
+interpreter: use small shapes and `--layers 1`, and read only the difference column there.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import jax
@@ -22,59 +29,96 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import model  # noqa: E402
 from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
 
+SWEEP = {"block_k": (32, 64, 128), "num_warps": (2, 4), "num_stages": (2, 3),
+         "splits": (1, 2, 4)}
 
-def case(rows, slots, g, kv, nq, e, dtype, rng):
-    """(q, xla parts, pallas parts, bytes read) of one layer's attention."""
-    keys = iter(jax.random.split(rng, 8))
+
+def case(rows, slots, filled, g, layers, kv, nq, e, dtype, rng):
+    """(q, xla parts, pallas parts, bytes read per layer): a list of each layer's parts, every
+    layer's caches their own arrays (as the sampler's)."""
+    keys = iter(jax.random.split(rng, 4 * layers + 1))
     normal = lambda shape: jax.random.normal(next(keys), shape, dtype)  # noqa: E731
     q = normal((rows, kv, nq, e))
-    parts_x, parts_p, nbytes = [], [], 0
-    sizes = [(rows // g, slots), (rows, 256)] if g > 1 else [(rows, slots)]
-    for b, s in sizes:
-        k, v = normal((b, kv, s, e)), normal((b, kv, s, e))
-        valid = jnp.ones((b, s), bool)
-        parts_x.append((k, v, valid[:, None, :]))
-        parts_p.append((k, v, (valid, jnp.full((b, rows // b * nq), s, jnp.int32))))
-        nbytes += 2 * k.size * k.dtype.itemsize
+    sizes = [(rows // g, slots, filled), (rows, 256, 256)] if g > 1 else [(rows, slots, filled)]
+    nbytes = sum(2 * b * kv * f * e * jnp.dtype(dtype).itemsize for b, _, f in sizes)
+    parts_x, parts_p = [], []
+    for _ in range(layers):
+        px, pp = [], []
+        for b, s, f in sizes:
+            k, v = normal((b, kv, s, e)), normal((b, kv, s, e))
+            valid = jnp.broadcast_to(jnp.arange(s) < f, (b, s))
+            px.append((k, v, valid[:, None, :]))
+            pp.append((k, v, (valid, jnp.full((b, rows // b * nq), f, jnp.int32))))
+        parts_x.append(px)
+        parts_p.append(pp)
     return q, parts_x, parts_p, nbytes
+
+
+def over_layers(attend):
+    """jit of attend(q, parts) for each layer's parts in turn: [layers, r, k, q, e]."""
+    return jax.jit(lambda q, layers: jnp.stack([attend(q, parts) for parts in layers]))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=256, help="query rows (samples)")
     ap.add_argument("--slots", default="384,2048,8192", help="comma list of cache lengths")
-    ap.add_argument("--num-samples", type=int, default=8, help="G of the shared case")
+    ap.add_argument("--filled", type=int, default=0, help="slots read (0: all)")
+    ap.add_argument("--num-samples", default="1,8", help="comma list of G (1: per-sample)")
+    ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--q-per-kv", type=int, default=7)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time a grid of kernel launch options")
     args = ap.parse_args(argv)
     device = f"{jax.devices()[0].device_kind}"
     copy_bw, read_bw = bandwidth((256 if jax.default_backend() == "cpu" else 2048) * 2**20)
     print(f"# {device}, jax {jax.__version__}, bandwidth: copy {copy_bw / 1e9:.0f} GB/s, "
           f"read {read_bw / 1e9:.0f} GB/s", flush=True)
-    xla = jax.jit(model._decode_attend)
-    pallas = jax.jit(model._decode_attend_pallas)
+    variants = {"xla": ({}, over_layers(model._decode_attend))}
+    grid = [dict(zip(SWEEP, c)) for c in itertools.product(*SWEEP.values())] if args.sweep \
+        else [{}]
+    for kernel in grid:
+        name = "pallas" + "".join(f" {k}={v}" for k, v in kernel.items())
+        fn = lambda q, parts, kernel=kernel: model._decode_attend_pallas(q, parts, **kernel)  # noqa: E731
+        variants[name] = (kernel, over_layers(fn))
     rows = []
-    for slots in map(int, args.slots.split(",")):
-        for g in (1, args.num_samples):
-            q, px, pp, nbytes = case(args.rows, slots, g, args.kv_heads, args.q_per_kv,
-                                     args.head_dim, jnp.dtype(args.dtype), jax.random.key(slots))
-            want, got = xla(q, px), pallas(q, pp)
-            diff = float(jnp.max(jnp.abs(want - got)))
-            runners = {"xla": lambda: xla(q, px).block_until_ready(),
-                       "pallas": lambda: pallas(q, pp).block_until_ready()}
-            times = interleaved(runners, args.repeats)
-            name = f"{'per-sample' if g == 1 else f'shared G={g} + 256 response slots'}"
-            for impl, t in times.items():
-                rows.append(f"| {impl} | {name} | {slots} | {args.rows} | {t * 1e6:.1f} "
-                            f"| {nbytes / t / 1e9:.0f} | {diff:.2e} | {device} |")
-                print(rows[-1], flush=True)
+    for slots, g in itertools.product(map(int, args.slots.split(",")),
+                                      sorted(set(map(int, args.num_samples.split(","))))):
+        filled = min(args.filled or slots, slots)
+        q, px, pp, nbytes = case(args.rows, slots, filled, g, args.layers, args.kv_heads,
+                                 args.q_per_kv, args.head_dim, jnp.dtype(args.dtype),
+                                 jax.random.key(slots))
+        want = variants["xla"][1](q, px)
+        runners, diffs = {}, {}
+        for name, (kernel, fn) in variants.items():
+            inputs = px if name == "xla" else pp
+            try:
+                got = fn(q, inputs)
+            except Exception as err:  # a launch option Triton cannot compile: skip it
+                print(f"FAILED {name}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                continue
+            diffs[name] = float(jnp.max(jnp.abs(want - got)))
+            runners[name] = lambda fn=fn, inputs=inputs: fn(q, inputs).block_until_ready()
+        times = interleaved(runners, args.repeats)
+        label = f"{'per-sample' if g == 1 else f'shared G={g} + 256 response slots'}"
+        for name, t in times.items():
+            per_layer = t / args.layers
+            rows.append(f"| {name} | {label} | {slots} | {filled} | {args.rows} "
+                        f"| {per_layer * 1e6:.1f} | {nbytes / per_layer / 1e9:.0f} "
+                        f"| {diffs[name]:.2e} | {device} |")
+            print(rows[-1], flush=True)
+        if args.sweep:
+            best = min((t, n) for n, t in times.items() if n != "xla")[1]
+            options = variants[best][0]
+            print(f"best {label} {slots}: " + ":".join(str(options[k]) for k in SWEEP), flush=True)
     print(f"\njax {jax.__version__}; `python scripts/bench_decode_attention.py "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print("| attention | cache | slots | rows | us / call | GB/s of k, v | max diff | device |")
-    print("|" + "---|" * 8)
+    print("| attention | cache | slots | read | rows | us / layer | GB/s of k, v | max diff "
+          "| device |")
+    print("|" + "---|" * 9)
     print("\n".join(rows))
     return rows
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
-from rpt_jax import model, sampling, sharding  # noqa: E402
+from rpt_jax import decode_attention, model, sampling, sharding  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402  (module level imports no ml-collections)
 
 
@@ -93,6 +93,8 @@ def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
             return prepare(params, prompts, rng)
 
     out = full(params, prompts, rng)
+    if not scfg.lanes:
+        run_prepare()  # traced now, under the same module settings (--kernel) as `full`
     if not scfg.stop_ids:
         assert int(out.lengths.min()) == scfg.max_new_tokens, "a row stopped early"
     # the same rng every call: the same rows stop at the same steps
@@ -273,6 +275,10 @@ def main(argv=None):
                     help="model.attention of the prefill (cudnn: GPU, bf16)")
     ap.add_argument("--decode-attention", default="xla",
                     help="comma list of SamplingConfig.attention (xla, pallas: GPU kernel)")
+    ap.add_argument("--kernel", default="default",
+                    help="comma list of pallas launch options block_k:num_warps:num_stages:splits"
+                         " (bench_decode_attention.py --sweep prints the fastest), or default")
+    ap.add_argument("--gemm", default="auto", help="comma list of SamplingConfig.gemm")
     ap.add_argument("--prefill-chunks", type=int, default=1)
     ap.add_argument("--cache-blocks", default="1", help="comma list of SamplingConfig.cache_blocks")
     ap.add_argument("--contexts-per-doc", type=int, default=0,
@@ -315,6 +321,8 @@ def main(argv=None):
         ap.error("--mean-len stops rows early; the baselines always run --new-tokens")
     # near-uniform sampling from random weights: each step stops a row with p ~ 1 / mean_len
     stop_ids = tuple(range(0, mcfg.vocab_size, args.mean_len)) if args.mean_len else ()
+    default_launch = (decode_attention.BLOCK_K, decode_attention.NUM_WARPS,
+                      decode_attention.NUM_STAGES, decode_attention.SPLITS)
     runners, info = {}, {}  # name -> callable; name -> (G, decode-step floor s, prepare name)
     lengths = {}  # name -> (tokens generated, decode steps): every row runs all steps unless
     # --mean-len
@@ -334,25 +342,34 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout, blocks, attn, lanes, (label, prompts, prefix_rows, prompt_len) in \
+        for layout, blocks, attn, kernel, gemm, lanes, (label, prompts, prefix_rows,
+                                                        prompt_len) in \
                 itertools.product(args.cache_layout.split(","),
                                   map(int, args.cache_blocks.split(",")),
-                                  args.decode_attention.split(","),
-                                  map(int, args.lanes.split(",")), variants):
+                                  args.decode_attention.split(","), args.kernel.split(","),
+                                  args.gemm.split(","), map(int, args.lanes.split(",")),
+                                  variants):
             if lanes and blocks > 1:
                 continue  # continuous batching keeps each lane's response in one block
+            if attn != "pallas" and kernel != args.kernel.split(",")[0]:
+                continue  # launch options are the kernel's alone
+            launch = default_launch if kernel == "default" else map(int, kernel.split(":"))
+            (decode_attention.BLOCK_K, decode_attention.NUM_WARPS,
+             decode_attention.NUM_STAGES, decode_attention.SPLITS) = launch
             scfg = sampling.SamplingConfig(
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
                 prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn,
-                stop_ids=stop_ids, lanes=lanes)
+                stop_ids=stop_ids, lanes=lanes, gemm=gemm)
             d, L, b, _ = prompts.check()
             shared = scfg.shared_prompt(L, b // d) and not (lanes and g == 1)
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
                     f"{'shared' if shared else 'per-sample'} prompt cache"
                     f"{f', {blocks} cache blocks' if blocks > 1 else ''}"
                     f"{', pallas attention' if attn == 'pallas' else ''}"
-                    f"{f', {lanes} lanes' if lanes else ''}), G={g}")
+                    f"{f' {kernel}' if attn == 'pallas' and kernel != 'default' else ''}"
+                    f"{f', {lanes} lanes' if lanes else ''}"
+                    f"{f', {gemm} gemms' if gemm != 'auto' else ''}), G={g}")
             try:
                 runners[name], prepare, lengths[name] = rpt_runners(
                     params, mcfg, scfg, prompts, mesh)

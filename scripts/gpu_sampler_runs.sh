@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 5` (each
-# part fits in about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed). Logs go to $OUT (or
-# /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 6` (each part fits in
+# about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed; 1 and 6 ran on an
+# H100 in session 5, BENCHMARKS.md). Logs go to $OUT (or /tmp/rpt_gpu_runs), one file per run; a
+# run that fails or times out does not stop the next.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rpt_gpu_runs}
+PY=$(command -v python || command -v python3)  # the GPU image's python3 holds jax
+export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
-python -c "import jax; print(jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1
+$PY -c "import jax; print(jax.__version__, jax.devices())" >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
 run() {  # name, seconds, script args...
   local name=$1 limit=$2
   shift 2
   echo "== $name: python $*"
-  timeout "$limit" python "$@" > "$out/$name.txt" 2>&1
+  timeout "$limit" "$PY" "$@" > "$out/$name.txt" 2>&1
   echo "   exit $? after $SECONDS s total"
-  grep -E "^\| |^FAILED|^#|Error|^(xla|cudnn|attention) " "$out/$name.txt" | tail -25
+  grep -E "^\| |^FAILED|^#|^best|Error|^(xla|cudnn|attention) " "$out/$name.txt" | cut -c1-160 \
+    | tail -25
 }
 
 qwen="scripts/bench_sampler.py --preset qwen2_5_0_5b --batch 256 --dtype bfloat16"
 case "${1:-1}" in
   1)
-    run kernel 120 scripts/bench_decode_attention.py --rows 256 --slots 384,2048,8192
-    run issue_shape 300 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
-      --decode-attention xla,pallas --compare-plain
-    # kernels per decode step and where the time goes, with the fused attention
-    run profile_pallas 90 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1 \
-      --decode-attention pallas --repeats 1 --profile "$out/trace"
+    # the issue's shape; the first variant (pallas, G=1) is traced: kernels per decode step
+    run issue_shape 330 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+      --decode-attention pallas,xla --compare-plain --profile /tmp/rpt_trace
+    run kernel 90 scripts/bench_decode_attention.py --rows 256 --slots 384,2048,8192 --layers 8
     ;;
   2)
     run long_responses 270 $qwen --prompt-len 128 --new-tokens 2048 --num-samples 1 \
@@ -59,5 +61,17 @@ case "${1:-1}" in
     run share_prompt 400 scripts/bench_train_step.py --preset qwen2_5_0_5b --batch 16 \
       --seq-len 2048 --prompt-len 1024 --dtype bfloat16 --remat dots --attention cudnn,xla \
       --share-prompt 0,1 --steps 5
+    ;;
+  6)
+    # the kernel's launch options at the issue's shape, then the sampler with the fastest and
+    # the default ones, cuBLAS against XLA's Triton GEMMs (sampling.gemm), side by side
+    run kernel_sweep 80 scripts/bench_decode_attention.py --rows 256 --slots 384 --filled 256 \
+      --num-samples 1 --sweep
+    best=$(grep -m1 "^best per-sample" "$out/kernel_sweep.txt" | awk '{print $NF}')
+    run issue_gemm 220 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+      --decode-attention pallas,xla --kernel "${best:-default},default" --gemm cublas,xla \
+      --profile /tmp/rpt_trace
+    run kernel_sweep_shared 90 scripts/bench_decode_attention.py --rows 256 --slots 2048 \
+      --num-samples 8 --layers 8 --sweep
     ;;
 esac

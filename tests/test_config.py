@@ -64,6 +64,7 @@ def test_paper_recipe_in_14b_preset():
     ({"model.attention": "cudnn"}, 1, "model.attention='cudnn' needs model.dtype bfloat16"),
     ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
     ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),
+    ({"sampling.gemm": "cutlass"}, 1, "sampling.gemm='cutlass' is not one of"),
     ({"sampling.lanes": 6, "sampling.cache_layout": "per_sample"}, 4,
      "sampling.lanes=6 must be 0 or a positive multiple of 4"),
     ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),

@@ -398,7 +398,33 @@ def test_config_validation_and_from_config():
     assert sampling.SamplingConfig.from_config(section).attention == "pallas"
     with pytest.raises(ValueError, match="attention='triton' is not xla/pallas"):
         sampling.SamplingConfig(attention="triton")
+    section.gemm = "xla"
+    assert sampling.SamplingConfig.from_config(section).gemm == "xla"
+    with pytest.raises(ValueError, match="gemm='cutlass' is not auto/cublas/xla"):
+        sampling.SamplingConfig(gemm="cutlass")
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         sampling.SamplingConfig(temperature=0.0)
+
+
+@pytest.mark.parametrize("gemm, attention, triton_gemm", [
+    ("auto", "pallas", False), ("auto", "xla", None), ("cublas", "xla", False),
+    ("xla", "pallas", None)])
+def test_gemm_choice_reaches_the_compile(monkeypatch, gemm, attention, triton_gemm):
+    """sampling.gemm becomes the sampler jit's XLA option (GPU only: measured, not testable on
+    CPU; scripts/compile_gpu.py shows the cuBLAS calls)."""
+    seen = {}
+    jit = jax.jit
+
+    def spy(fn, **kwargs):
+        seen.update(kwargs.get("compiler_options") or {})
+        return jit(fn, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", spy)
+    mesh = jax.make_mesh((1, 1, 1), sharding.AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    sampling.make_sampler(mesh, CFG, dataclasses.replace(BASE, gemm=gemm, attention=attention),
+                          shards)
+    assert seen.get("xla_gpu_enable_triton_gemm") == triton_gemm
