@@ -101,9 +101,10 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int | None = None,
     limit [b, h] int32 (query row i reads slots < limit[:, i] only). s must be a multiple of a
     power of two >= 16 (`block_size`). Returns (out [b, k, h, e] float32, lse [b, k, h] float32:
     the log of the softmax denominator, -inf for a row that sees no slot).
-    splits: slot ranges per cache row (None: SPLITS, or `splits_for` if that is 0). interpret: None = Pallas'
-    interpreter when lowered for CPU, the Triton kernel for GPUs. block_k, block_h, num_warps,
-    num_stages: None = the module's BLOCK_K, BLOCK_H, NUM_WARPS, NUM_STAGES.
+    splits: slot ranges per cache row (None: SPLITS, or `splits_for` if that is 0).
+    block_k, block_h, num_warps, num_stages: None = the module's BLOCK_K, BLOCK_H, NUM_WARPS,
+    NUM_STAGES. interpret: None = Pallas' interpreter when lowered for CPU, the Triton kernel
+    for GPUs.
     """
     block_k, block_h = block_k or BLOCK_K, block_h or BLOCK_H
     b, kv, h, e = q.shape

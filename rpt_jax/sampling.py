@@ -68,9 +68,9 @@ class SamplingConfig:
     refill: int = 0
     # GPU matmuls: "cublas" (library GEMMs), "xla" (XLA's choice: Triton GEMM fusions, which at
     # decode's few rows split K into float32 partials that the next fusions re-read) or "auto":
-    # cublas with the pallas attention (a step 11-13% faster on an H100 at the Qwen2.5-0.5B
-    # shape), xla with the einsum attention (whose einsums as cuBLAS calls made a step 44%
-    # slower); BENCHMARKS.md. No effect on other backends.
+    # cublas with the pallas attention (1.11-1.13x the new tokens/s on an H100 at the
+    # Qwen2.5-0.5B shape), xla with the einsum attention (whose einsums as cuBLAS calls made a
+    # step 44% longer); BENCHMARKS.md. No effect on other backends.
     gemm: str = "auto"
 
     def __post_init__(self):
@@ -99,11 +99,10 @@ class SamplingConfig:
                              f"response in one block: it needs cache_blocks=1 (got "
                              f"{self.cache_blocks})")
 
-    @property
-    def compiler_options(self) -> dict:
-        """XLA options of the sampler's compile (GPU options are ignored on other backends)."""
+    def compiler_options(self, platform: str) -> dict:
+        """XLA options of the sampler's compile on `platform` (a jax Device.platform)."""
         cublas = self.gemm == "cublas" or (self.gemm == "auto" and self.attention == "pallas")
-        return {"xla_gpu_enable_triton_gemm": False} if cublas else {}
+        return {"xla_gpu_enable_triton_gemm": False} if cublas and platform == "gpu" else {}
 
     @property
     def slot_multiple(self) -> int:
@@ -501,9 +500,9 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
                                      mesh.shape["data"] * mesh.shape["fsdp"])
         return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
+    options = sampling_cfg.compiler_options(mesh.devices.flat[0].platform)
     jitted = jax.jit(fn, in_shardings=(param_shardings, Prompts(mat, mat, rows, mat), repl),
-                     out_shardings=SampleOutput(mat, mat, rows, rows),
-                     compiler_options=sampling_cfg.compiler_options)
+                     out_shardings=SampleOutput(mat, mat, rows, rows), compiler_options=options)
 
     checked = set()
 

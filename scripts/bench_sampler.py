@@ -382,6 +382,8 @@ def main(argv=None):
                                prompt_len, args.new_tokens, cache_dtype) / bw
             info[name] = (g, floor, prepare and name + " prepare")
             print(f"built {name}", flush=True)
+    (decode_attention.BLOCK_K, decode_attention.NUM_WARPS, decode_attention.NUM_STAGES,
+     decode_attention.SPLITS) = default_launch
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
                                      mcfg.vocab_size, jnp.int32)
