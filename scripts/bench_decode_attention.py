@@ -13,12 +13,13 @@ Reported per case: microseconds per layer (median of interleaved rounds), the by
 values it must read over that time, and the largest difference of the two outputs (float32).
 `--sweep` times the kernel at every (block_k, num_warps, num_stages, splits) of a small grid and
 prints the fastest as `best <case>: block_k:num_warps:num_stages:splits` (bench_sampler.py's
---kernel). On CPU the kernel runs in Pallas'
-interpreter: use small shapes and `--layers 1`, and read only the difference column there.
+--kernel). On CPU the kernel runs in Pallas' interpreter: use small shapes and `--layers 1`,
+and read only the difference column there.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
-from rpt_jax import model  # noqa: E402
+from rpt_jax import decode_attention, model  # noqa: E402
 from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
 
 SWEEP = {"block_k": (32, 64, 128), "num_warps": (2, 4), "num_stages": (2, 3),
@@ -52,6 +53,13 @@ def case(rows, slots, filled, g, layers, kv, nq, e, dtype, rng):
         parts_x.append(px)
         parts_p.append(pp)
     return q, parts_x, parts_p, nbytes
+
+
+def whole_ranges(kernel, slots) -> bool:
+    """Whether every cache length splits into kernel["splits"] ranges of whole blocks."""
+    splits = kernel.get("splits", 1)
+    block = lambda s: decode_attention.block_size(s, kernel.get("block_k", 64))  # noqa: E731
+    return all(s % (splits * block(s)) == 0 for s in slots)
 
 
 def over_layers(attend):
@@ -82,8 +90,8 @@ def main(argv=None):
         else [{}]
     for kernel in grid:
         name = "pallas" + "".join(f" {k}={v}" for k, v in kernel.items())
-        fn = lambda q, parts, kernel=kernel: model._decode_attend_pallas(q, parts, **kernel)  # noqa: E731
-        variants[name] = (kernel, over_layers(fn))
+        variants[name] = (kernel, over_layers(functools.partial(model._decode_attend_pallas,
+                                                                 **kernel)))
     rows = []
     for slots, g in itertools.product(map(int, args.slots.split(",")),
                                       sorted(set(map(int, args.num_samples.split(","))))):
@@ -94,6 +102,8 @@ def main(argv=None):
         want = variants["xla"][1](q, px)
         runners, diffs = {}, {}
         for name, (kernel, fn) in variants.items():
+            if not whole_ranges(kernel, [slots, 256] if g > 1 else [slots]):
+                continue
             inputs = px if name == "xla" else pp
             try:
                 got = fn(q, inputs)
@@ -113,7 +123,8 @@ def main(argv=None):
         if args.sweep:
             best = min((t, n) for n, t in times.items() if n != "xla")[1]
             options = variants[best][0]
-            print(f"best {label} {slots}: " + ":".join(str(options[k]) for k in SWEEP), flush=True)
+            print(f"best {label} {slots}: " + ":".join(str(options[k]) for k in SWEEP),
+                  flush=True)
     print(f"\njax {jax.__version__}; `python scripts/bench_decode_attention.py "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
     print("| attention | cache | slots | read | rows | us / layer | GB/s of k, v | max diff "

@@ -1,0 +1,33 @@
+"""The benchmark scripts that GPU sessions run as prepared (scripts/gpu_sampler_runs.sh) work
+end to end at tiny shapes on CPU, so a device minute is not lost to a script error."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import bench_decode_attention  # noqa: E402
+import bench_sampler  # noqa: E402
+
+from rpt_jax import decode_attention  # noqa: E402
+
+
+def _column(row: str, i: int) -> str:
+    return row.strip("|").split("|")[i].strip()
+
+
+def test_decode_attention_bench_kernel_equals_einsums_over_partly_filled_caches():
+    rows = bench_decode_attention.main(
+        ["--rows", "8", "--slots", "64", "--filled", "48", "--num-samples", "1,4", "--layers",
+         "2", "--repeats", "1", "--dtype", "float32"])
+    assert [_column(r, 0) for r in rows] == ["xla", "pallas"] * 2
+    assert all(float(_column(r, 7)) < 1e-5 for r in rows)  # largest |pallas - einsums|
+
+
+def test_sampler_bench_launch_options_and_gemm_variants():
+    rows = bench_sampler.main(
+        ["--preset", "tiny", "--batch", "8", "--prompt-len", "8", "--new-tokens", "4",
+         "--dtype", "float32", "--decode-attention", "pallas,xla", "--kernel",
+         "32:2:2:1,default", "--gemm", "auto,xla", "--repeats", "1"])
+    names = [_column(r, 0) for r in rows]
+    assert len(names) == 6 and "pallas attention 32:2:2:1, xla gemms" in names[1]
+    assert all(float(_column(r, 9).replace(",", "")) > 0 for r in rows)  # new tokens / s
+    assert decode_attention.BLOCK_K == 64 and decode_attention.SPLITS == 0  # restored
