@@ -16,12 +16,15 @@ and not on how the rows are split over devices.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from rpt_jax import decode_attention, model, sharding
+
+log = logging.getLogger(__name__)
 
 
 # On an H200 (Qwen2.5-0.5B shape, bf16, 256 rows, prompt 128, G=8) the shared layout's extra
@@ -500,7 +503,12 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
                                      mesh.shape["data"] * mesh.shape["fsdp"])
         return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
-    options = sampling_cfg.compiler_options(mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    if sampling_cfg.attention == "pallas" and platform == "cpu":
+        log.warning("sampling.attention='pallas' runs in Pallas' interpreter on CPU, many times "
+                    "slower than 'xla' (the GPU presets set it; use --config.sampling."
+                    "attention=xla on CPU)")
+    options = sampling_cfg.compiler_options(platform)
     jitted = jax.jit(fn, in_shardings=(param_shardings, Prompts(mat, mat, rows, mat), repl),
                      out_shardings=SampleOutput(mat, mat, rows, rows), compiler_options=options)
 

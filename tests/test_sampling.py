@@ -417,7 +417,7 @@ def test_gemm_choice(gemm, attention, triton_gemm):
     assert cfg.compiler_options("cpu") == cfg.compiler_options("tpu") == {}
 
 
-def test_make_sampler_compiles_with_the_configs_options(monkeypatch, params):
+def test_make_sampler_compiles_with_the_configs_options(monkeypatch, caplog, params):
     """The GPU option itself is measured (BENCHMARKS.md), not testable here: the options that
     SamplingConfig names reach the sampler's jit, and a CPU compile accepts them."""
     seen = {}
@@ -436,6 +436,9 @@ def test_make_sampler_compiles_with_the_configs_options(monkeypatch, params):
     shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
     run = sampling.make_sampler(mesh, CFG, GREEDY, shards)
     assert seen == options
+    assert not caplog.records
+    sampling.make_sampler(mesh, CFG, dataclasses.replace(GREEDY, attention="pallas"), shards)
+    assert "Pallas' interpreter on CPU" in caplog.text  # the GPU presets' kernel, run on CPU
     prompts = sampling.Prompts(*_left_pad([[5, 6, 7], [8, 9]], 4))
     out = run(jax.device_put(params, shards), prompts, jax.random.key(0))
     assert out.tokens.shape == (4, N)
