@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 6` (each part fits in
+# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 7` (each part fits in
 # about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed; 1 and 6 ran on an
 # H100 in session 5, BENCHMARKS.md). Logs go to $OUT (or /tmp/rpt_gpu_runs), one file per run; a
 # run that fails or times out does not stop the next.
@@ -73,5 +73,10 @@ case "${1:-1}" in
       --profile /tmp/rpt_trace
     run kernel_sweep_shared 90 scripts/bench_decode_attention.py --rows 256 --slots 2048 \
       --num-samples 8 --layers 8 --sweep
+    ;;
+  7)
+    # the decode step's matmuls alone at 256 rows: cuBLAS against XLA's Triton GEMMs, and the
+    # down projection split over K by hand (BENCHMARKS.md: 32 us a layer against an 11 us floor)
+    run gemms 150 scripts/bench_decode_gemms.py --preset qwen2_5_0_5b --rows 256
     ;;
 esac

@@ -5,6 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import bench_decode_attention  # noqa: E402
+import bench_decode_gemms  # noqa: E402
 import bench_sampler  # noqa: E402
 
 from rpt_jax import decode_attention  # noqa: E402
@@ -31,3 +32,11 @@ def test_sampler_bench_launch_options_and_gemm_variants():
     assert len(names) == 6 and "pallas attention 32:2:2:1, xla gemms" in names[1]
     assert all(float(_column(r, 9).replace(",", "")) > 0 for r in rows)  # new tokens / s
     assert decode_attention.BLOCK_K == 64 and decode_attention.SPLITS == 0  # restored
+
+
+def test_decode_gemms_bench_split_k_equals_the_plain_product():
+    rows = bench_decode_gemms.main(["--preset", "tiny", "--rows", "8", "--layers", "2",
+                                    "--repeats", "1", "--dtype", "float32"])
+    names = [_column(r, 0) for r in rows]
+    assert len(names) == 2 * (4 + 3) and "down split 8, xla" in names
+    assert all(float(_column(r, 5)) < 1e-4 for r in rows)  # largest |variant - plain|
