@@ -20,11 +20,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+from rpt_jax import sampling  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402
 from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
-
-OPTIONS = {"cublas": {"xla_gpu_enable_triton_gemm": False}, "xla": {}}
-
 
 def projections(shape: dict) -> dict:
     """name -> (K, N) of the decode step's matmuls (decoding_weights' fused layout)."""
@@ -66,7 +64,8 @@ def main(argv=None):
     copy_bw, read_bw = bandwidth((256 if jax.default_backend() == "cpu" else 2048) * 2**20)
     print(f"# {device}, jax {jax.__version__}, bandwidth: copy {copy_bw / 1e9:.0f} GB/s, "
           f"read {read_bw / 1e9:.0f} GB/s", flush=True)
-    keys = iter(jax.random.split(jax.random.key(0), 1000))
+    platform = jax.devices()[0].platform
+    keys = iter(jax.random.split(jax.random.key(0), 8 * args.layers))
     rows = []
     for name, (k, n) in projections(MODEL_SHAPES[args.preset]).items():
         xs = [jax.random.normal(next(keys), (args.rows, k), dtype) for _ in range(args.layers)]
@@ -80,7 +79,8 @@ def main(argv=None):
         runners, diffs, want = {}, {}, None
         for gemm in args.gemm.split(","):
             for label, product in products.items():
-                fn = layers_of(product, OPTIONS[gemm])
+                options = sampling.SamplingConfig(gemm=gemm).compiler_options(platform)
+                fn = layers_of(product, options)
                 got = fn(xs, ws, zero)
                 want = got if want is None else want
                 variant = f"{name} {label}, {gemm}"
