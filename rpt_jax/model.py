@@ -124,14 +124,18 @@ def rms_norm(x, weight, eps):
 
 def rope(x, positions, theta):
     """Rotary embedding, rotate-half layout (Hugging Face Llama/Qwen2). x [b, t, n, e]; positions [b, t]."""
-    e = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = rope_angles(positions, x.shape[-1], theta)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def rope_angles(positions, e: int, theta):
+    """(cos, sin) [..., e / 2] float32 of the rope angles at integer positions [...]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def _dense(x, p, spec, dtype):
@@ -515,7 +519,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     attention: "xla" (einsums and a softmax) or "pallas" (decode_attention's fused kernel,
     which also skips the slots past `index`, and every slot of the rows that are not
     `active` ([r] bool, optional: finished samples, whose logits are then meaningless);
-    every cache's slots a multiple of 16).
+    every cache's slots a multiple of 16; with no `frozen` caches the step's rope, cache
+    write and attention are one kernel a layer, `decode_attention.step_attention`).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
@@ -530,7 +535,13 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         write = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
             c, x.astype(c.dtype), (0, 0, index, 0))
         valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
-    if attention == "pallas":
+    # one part: decode_attention.step_attention
+    fused = attention == "pallas" and not frozen and decode_attention.FUSE_STEP
+    if fused:
+        slot = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (r,))
+        read = slot if active is None else jnp.where(active, slot, 0)
+        cos, sin = rope_angles(positions, e, cfg.rope_theta)  # [r, e/2]
+    elif attention == "pallas":
         attend = _decode_attend_pallas
         reads = [_part_limits(c, r, nq, active=active) for c in frozen] + [
             _part_limits({"valid": valid}, r, nq, index, active)]
@@ -545,14 +556,18 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         if "qkv_bias" in p:
             qkv = qkv + p["qkv_bias"]
         qkv = qkv.reshape(r, kv, nq + 2, e)
-        q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
-        k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
-        v = qkv[:, :, nq + 1:]
-        ck, cv = write(cache["k"][i], k), write(cache["v"][i], v)
+        if fused:  # rope, the cache write and the attention in one kernel
+            attn, ck, cv = decode_attention.sharded_step_attention(
+                qkv, cos, sin, cache["k"][i], cache["v"][i], cache["valid"], slot, read)
+        else:
+            q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
+            k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
+            ck, cv = write(cache["k"][i], k), write(cache["v"][i], qkv[:, :, nq + 1:])
+            parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)] + [
+                (ck, cv, reads[-1])]
+            attn = attend(q, parts)
         new_k.append(ck)
         new_v.append(cv)
-        parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)] + [(ck, cv, reads[-1])]
-        attn = attend(q, parts)
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)

@@ -16,6 +16,7 @@ and not on how the rows are split over devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import NamedTuple
 
@@ -181,16 +182,53 @@ def _first_above(cum, target):
     return jnp.minimum(idx, last)
 
 
-def _inverse_cdf(weights_fn, r, v, u):
+def _softmax_stats(x, c: int):
+    """(max [r], mass [r, v / c]) of x [r, v]: the row max and, per chunk of c tokens, the sum of
+    exp(x - max) (0 for a chunk of -inf). A NaN in x makes its row's stats NaN.
+
+    On GPUs one pass over x (`_stats_one_pass`, one kernel); elsewhere two reductions (max, then
+    the sums): XLA:CPU runs the variadic reduction about 16x slower.
+    """
+    one_pass = functools.partial(_stats_one_pass, c=c)
+    return jax.lax.platform_dependent(x, cuda=one_pass, rocm=one_pass,
+                                      default=functools.partial(_stats_two_pass, c=c))
+
+
+def _stats_two_pass(x, c: int):
+    """`_softmax_stats` by a max and then the chunk sums."""
+    r, v = x.shape
+    top = jnp.max(x, axis=1)
+    return top, jnp.exp(x - top[:, None]).reshape(r, v // c, c).sum(-1)
+
+
+def _stats_one_pass(x, c: int):
+    """`_softmax_stats` by one variadic reduction that keeps a running (max, sum of
+    exp(x - max)) per chunk, reading x once."""
+    r, v = x.shape
+    chunks = x.reshape(r, v // c, c)
+    m, s = jax.lax.reduce((chunks, jnp.ones_like(chunks)),
+                          (jnp.float32(-jnp.inf), jnp.float32(0.0)), _online_softmax, (2,))
+    top = jnp.max(m, axis=1)
+    return top, s * jnp.exp(m - top[:, None])  # a chunk of -inf: 0 * 0
+
+
+def _online_softmax(a, b):
+    """Merge two (max, sum of exp(x - max)) pairs with one exp; -inf maxes (nothing seen) give
+    weight 0 instead of exp(-inf - -inf) = NaN."""
+    (ma, sa), (mb, sb) = a, b
+    m = jnp.maximum(ma, mb)
+    e = jnp.exp(jnp.where(m == -jnp.inf, -jnp.inf, jnp.minimum(ma, mb) - m))
+    return m, jnp.where(ma >= mb, sa + sb * e, sa * e + sb)
+
+
+def _inverse_cdf(mass, weights_fn, u):
     """Sample token i with probability w_i / sum(w) from u [r] uniform in [0, 1).
 
-    weights_fn(chunk_index or None) gives the unnormalised weights [r, v] (None) or those of one
-    chunk per row [r, c]. Two levels (chunk masses, then tokens of the chosen chunk) so the
-    [r, v] array is read once, by one reduction, instead of drawing v random numbers per row.
-    Returns (tokens [r] int32, total mass [r]).
+    mass [r, v / c]: the weights' sums by chunk of c tokens; weights_fn(j) gives the weights
+    [r, c] of chunk j [r] of each row. Two levels (chunks, then the tokens of the chosen chunk)
+    so the [r, v] array is read once, by the reduction that gave `mass`, instead of drawing v
+    random numbers per row. Returns (tokens [r] int32, total mass [r]).
     """
-    c = _chunk(v)
-    mass = weights_fn(None).reshape(r, v // c, c).sum(-1)  # [r, v/c]
     # a vocab split over the tensor axis splits the chunks too; gather the small chunk masses
     # once so the scans below run locally ("length" is a logical axis that is never split)
     mass = sharding.constrain(mass, ("batch", "length"))
@@ -202,7 +240,7 @@ def _inverse_cdf(weights_fn, r, v, u):
                        0.0)
     within = jnp.cumsum(weights_fn(j), axis=-1)  # [r, c]
     i = _first_above(within, target - before)
-    return (j * c + i).astype(jnp.int32), total
+    return (j * within.shape[-1] + i).astype(jnp.int32), total
 
 
 def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
@@ -215,30 +253,30 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
     distribution).
     """
     r, v = logits.shape
+    c = _chunk(v)
     scaled = logits / cfg.temperature if cfg.temperature > 0 else logits
-    top = jnp.max(scaled, axis=-1, keepdims=True)
     if cfg.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        log_norm = None
+        top, mass = _softmax_stats(scaled, c)
+        log_norm = top + jnp.log(mass.sum(-1))
     else:
         filtered = _filtered_logits(scaled, cfg.top_k, cfg.top_p)
-        c = _chunk(v)
+        top, mass = _softmax_stats(filtered, c)  # the max of scaled is the max of filtered too
 
-        def weights_fn(j):  # exp(filtered - max): the max of scaled is the max of filtered too
-            if j is None:
-                return jnp.exp(filtered - top)
+        def weights_fn(j):  # exp(filtered - max) of chunk j of each row
             chunk = jnp.take_along_axis(filtered.reshape(r, v // c, c), j[:, None, None], 1)
-            return jnp.exp(chunk[:, 0] - top)
+            return jnp.exp(chunk[:, 0] - top[:, None])
 
         steps = jnp.broadcast_to(step, rows.shape)
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(rng, s), i))(
             steps, rows)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-        tokens, total = _inverse_cdf(weights_fn, r, v, u)
-        unfiltered = not cfg.top_k and cfg.top_p >= 1.0
-        log_norm = top[:, 0] + jnp.log(total) if unfiltered else None
-    if log_norm is None:
-        log_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
+        tokens, total = _inverse_cdf(mass, weights_fn, u)
+        if not cfg.top_k and cfg.top_p >= 1.0:  # unfiltered: the sampling mass is the norm
+            log_norm = top + jnp.log(total)
+        else:
+            top, mass = _softmax_stats(scaled, c)
+            log_norm = top + jnp.log(mass.sum(-1))
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - log_norm
 

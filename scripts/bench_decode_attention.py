@@ -11,6 +11,10 @@ each, one after the other in one jitted call, as a decode step does), so the tim
 no dispatch in it.
 Reported per case: microseconds per layer (median of interleaved rounds), the bytes of keys and
 values it must read over that time, and the largest difference of the two outputs (float32).
+Per-sample caches also time the whole attention of a step: "step fused" is
+`decode_attention.step_attention` (rope, the cache write and the attention in one kernel) from
+the QKV projection's output, "step apart" the same through XLA's rope and cache writes around
+the kernel, its difference taken against "step apart".
 `--sweep` times the kernel at every (block_k, num_warps, num_stages, splits) of a small grid and
 prints the fastest as `best <case>: block_k:num_warps:num_stages:splits` (bench_sampler.py's
 --kernel). On CPU the kernel runs in Pallas' interpreter: use small shapes and `--layers 1`,
@@ -67,6 +71,32 @@ def over_layers(attend):
     return jax.jit(lambda q, layers: jnp.stack([attend(q, parts) for parts in layers]))
 
 
+def step_runners(rows, parts, filled, kv, nq, e, dtype, rng):
+    """{name: (fn, args)} of a step's whole attention over per-sample parts [(k, v, (valid,
+    limit))]: the fused kernel, and XLA's rope and cache writes around the kernel."""
+    qkv = jax.random.normal(rng, (rows, kv, nq + 2, e), dtype)
+    positions = jnp.full((rows,), 1000 + filled, jnp.int32)
+    slot = jnp.full((rows,), filled, jnp.int32)
+    cos, sin = model.rope_angles(positions, e, 1e6)
+
+    def fused(qkv, layers):
+        return jnp.stack([decode_attention.step_attention(qkv, cos, sin, k, v, valid, slot,
+                                                          slot)[0]
+                          for ((k, v, (valid, _)),) in layers])
+
+    def apart(qkv, layers):
+        q = model._rope_rows(qkv[:, :, :nq], positions, 1e6)
+        new_k = model._rope_rows(qkv[:, :, nq:nq + 1], positions, 1e6)
+        write = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, filled, 0))  # noqa: E731
+        return jnp.stack([model._decode_attend_pallas(q, [(
+            write(k, new_k), write(v, qkv[:, :, nq + 1:]),
+            (valid.at[:, filled].set(True), jnp.full_like(limit, filled + 1)))]).astype(dtype)
+            for ((k, v, (valid, limit)),) in layers])
+
+    return {"step fused": (jax.jit(fused), (qkv, parts)),
+            "step apart": (jax.jit(apart), (qkv, parts))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=256, help="query rows (samples)")
@@ -112,6 +142,15 @@ def main(argv=None):
                 continue
             diffs[name] = float(jnp.max(jnp.abs(want - got)))
             runners[name] = lambda fn=fn, inputs=inputs: fn(q, inputs).block_until_ready()
+        if g == 1 and not args.sweep:  # a step's whole attention, the new token in slot
+            filled = min(filled, slots - 1)  # `filled` (reads the slots before it)
+            steps = step_runners(args.rows, pp, filled, args.kv_heads, args.q_per_kv,
+                                 args.head_dim, jnp.dtype(args.dtype), jax.random.key(7))
+            outs = {name: fn(*a) for name, (fn, a) in steps.items()}
+            for name, (fn, a) in steps.items():
+                diffs[name] = float(jnp.max(jnp.abs(outs[name].astype(jnp.float32)
+                                                    - outs["step apart"].astype(jnp.float32))))
+                runners[name] = lambda fn=fn, a=a: fn(*a).block_until_ready()
         times = interleaved(runners, args.repeats)
         label = f"{'per-sample' if g == 1 else f'shared G={g} + 256 response slots'}"
         for name, t in times.items():

@@ -279,6 +279,9 @@ def main(argv=None):
                     help="comma list of pallas launch options block_k:num_warps:num_stages:splits"
                          " (bench_decode_attention.py --sweep prints the fastest), or default")
     ap.add_argument("--gemm", default="auto", help="comma list of SamplingConfig.gemm")
+    ap.add_argument("--fuse-step", default="1",
+                    help="comma list of decode_attention.FUSE_STEP (1: the pallas step with one "
+                         "cache part fuses rope and the cache write into its kernel; 0: apart)")
     ap.add_argument("--prefill-chunks", type=int, default=1)
     ap.add_argument("--cache-blocks", default="1", help="comma list of SamplingConfig.cache_blocks")
     ap.add_argument("--contexts-per-doc", type=int, default=0,
@@ -321,6 +324,7 @@ def main(argv=None):
         ap.error("--mean-len stops rows early; the baselines always run --new-tokens")
     # near-uniform sampling from random weights: each step stops a row with p ~ 1 / mean_len
     stop_ids = tuple(range(0, mcfg.vocab_size, args.mean_len)) if args.mean_len else ()
+    default_fuse = decode_attention.FUSE_STEP
     default_launch = (decode_attention.BLOCK_K, decode_attention.NUM_WARPS,
                       decode_attention.NUM_STAGES, decode_attention.SPLITS)
     runners, info = {}, {}  # name -> callable; name -> (G, decode-step floor s, prepare name)
@@ -342,17 +346,20 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout, blocks, attn, kernel, gemm, lanes, (label, prompts, prefix_rows,
-                                                        prompt_len) in \
+        for layout, blocks, attn, kernel, fuse, gemm, lanes, (label, prompts, prefix_rows,
+                                                              prompt_len) in \
                 itertools.product(args.cache_layout.split(","),
                                   map(int, args.cache_blocks.split(",")),
                                   args.decode_attention.split(","), args.kernel.split(","),
+                                  map(int, args.fuse_step.split(",")),
                                   args.gemm.split(","), map(int, args.lanes.split(",")),
                                   variants):
             if lanes and blocks > 1:
                 continue  # continuous batching keeps each lane's response in one block
-            if attn != "pallas" and kernel != args.kernel.split(",")[0]:
-                continue  # launch options are the kernel's alone
+            if attn != "pallas" and (kernel != args.kernel.split(",")[0]
+                                     or fuse != int(args.fuse_step.split(",")[0])):
+                continue  # launch options and fusion are the kernel's alone
+            decode_attention.FUSE_STEP = bool(fuse)
             launch = default_launch if kernel == "default" else map(int, kernel.split(":"))
             (decode_attention.BLOCK_K, decode_attention.NUM_WARPS,
              decode_attention.NUM_STAGES, decode_attention.SPLITS) = launch
@@ -368,6 +375,7 @@ def main(argv=None):
                     f"{f', {blocks} cache blocks' if blocks > 1 else ''}"
                     f"{', pallas attention' if attn == 'pallas' else ''}"
                     f"{f' {kernel}' if attn == 'pallas' and kernel != 'default' else ''}"
+                    f"{', rope and cache write apart' if attn == 'pallas' and not fuse else ''}"
                     f"{f', {lanes} lanes' if lanes else ''}"
                     f"{f', {gemm} gemms' if gemm != 'auto' else ''}), G={g}")
             try:
@@ -384,6 +392,7 @@ def main(argv=None):
             print(f"built {name}", flush=True)
     (decode_attention.BLOCK_K, decode_attention.NUM_WARPS, decode_attention.NUM_STAGES,
      decode_attention.SPLITS) = default_launch
+    decode_attention.FUSE_STEP = default_fuse
     if args.compare_plain:
         prompts = jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
                                      mcfg.vocab_size, jnp.int32)

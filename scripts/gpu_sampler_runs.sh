@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 1`, then `... 2` to `... 7` (each part fits in
-# about 8 minutes on one H100/H200 with jax 0.11; no ml-collections needed; 1 and 6 ran on an
-# H100 in session 5, BENCHMARKS.md). Logs go to $OUT (or /tmp/rpt_gpu_runs), one file per run; a
+# as they are: `bash scripts/gpu_sampler_runs.sh 8` first (session 6's unmeasured changes), then
+# 7 and 2 to 5 (each part fits in about 8 minutes on one H100/H200 with jax 0.11; no
+# ml-collections needed; 1 and 6 ran on an H100 in session 5, BENCHMARKS.md). Logs go to $OUT (or /tmp/rpt_gpu_runs), one file per run; a
 # run that fails or times out does not stop the next.
 set -u
 cd "$(dirname "$0")/.."
@@ -77,6 +77,15 @@ case "${1:-1}" in
   7)
     # the decode step's matmuls alone at 256 rows: cuBLAS against XLA's Triton GEMMs, and the
     # down projection split over K by hand (BENCHMARKS.md: 32 us a layer against an 11 us floor)
+    run gemms 150 scripts/bench_decode_gemms.py --preset qwen2_5_0_5b --rows 256
+    ;;
+  8)
+    # session 6, compiled but not yet timed: the pallas step with rope and the cache write in
+    # its kernel (217 kernels a step instead of 313) against them apart, and the token choice
+    # reading the logits once (one variadic reduction) against twice; then part 7's GEMMs
+    run issue_fused 240 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+      --decode-attention pallas --fuse-step 1,0 --profile /tmp/rpt_trace
+    run token_choice 60 scripts/bench_token_choice.py --rows 256 --vocab 151936
     run gemms 150 scripts/bench_decode_gemms.py --preset qwen2_5_0_5b --rows 256
     ;;
 esac

@@ -93,6 +93,47 @@ def test_merged_parts_equal_one_softmax_over_both():
     np.testing.assert_allclose(merged, want, atol=1e-5)
 
 
+def _rope_np(x, positions, theta=10_000.0):
+    """numpy rotate-half rope of x [b, ..., e] at positions [b]."""
+    e = x.shape[-1]
+    angles = positions[:, None] * theta ** (-np.arange(0, e, 2) / e)  # [b, e/2]
+    shape = (len(positions),) + (1,) * (x.ndim - 2) + (e // 2,)
+    cos, sin = np.cos(angles).reshape(shape), np.sin(angles).reshape(shape)
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1), angles
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_step_attention_against_numpy(splits):
+    """The fused step: rope of the queries and the new key, the new key and value written to
+    their slot (the rest of the cache untouched), attention over the valid slots each row reads
+    plus its new token; a row reading nothing from its cache sees its new token only."""
+    rng = np.random.default_rng(11)
+    b, kv, n, e, s = 3, 2, 3, 8, 32
+    qkv = rng.standard_normal((b, kv, n + 2, e)).astype(np.float32)
+    keys, values = (rng.standard_normal((b, kv, s, e)).astype(np.float32) for _ in range(2))
+    valid = rng.random((b, s)) < 0.7
+    positions = np.array([4.0, 9.0, 40.0])
+    slot = np.array([5, 17, 30], np.int32)
+    read = np.array([5, 0, 30], np.int32)
+    q, angles = _rope_np(qkv[:, :, :n], positions)
+    k_new = _rope_np(qkv[:, :, n], positions)[0]  # [b, kv, e]
+    v_new = qkv[:, :, n + 1]
+    out, got_k, got_v = decode_attention.step_attention(
+        *map(jnp.asarray, (qkv, np.cos(angles), np.sin(angles), keys, values, valid, slot,
+                           read)), block_k=16, splits=splits)
+    want_k, want_v = keys.copy(), values.copy()
+    want_k[np.arange(b), :, slot] = k_new
+    want_v[np.arange(b), :, slot] = v_new
+    np.testing.assert_allclose(got_k, want_k, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_v), want_v)
+    sees = np.concatenate([valid & (np.arange(s) < read[:, None]), np.ones((b, 1), bool)], 1)
+    want, _ = _reference(q, np.concatenate([keys, k_new[:, :, None]], 2),
+                         np.concatenate([values, v_new[:, :, None]], 2),
+                         np.repeat(sees[:, None], n, axis=1))
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
 PALLAS = dataclasses.replace(SAMPLED, attention="pallas")
 
 

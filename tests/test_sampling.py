@@ -318,11 +318,10 @@ def test_inverse_cdf_against_searchsorted():
     weights = jnp.asarray(w)
 
     def weights_fn(j):
-        if j is None:
-            return weights
         return jnp.take_along_axis(weights.reshape(6, 8, 5), j[:, None, None], 1)[:, 0]
 
-    toks, total = sampling._inverse_cdf(weights_fn, 6, 40, jnp.asarray(u))
+    toks, total = sampling._inverse_cdf(weights.reshape(6, 8, 5).sum(-1), weights_fn,
+                                        jnp.asarray(u))
     toks = np.asarray(toks)
     for r in range(6):
         cdf = np.cumsum(w[r].astype(np.float64))
@@ -330,6 +329,35 @@ def test_inverse_cdf_against_searchsorted():
         want = min(np.searchsorted(cdf / cdf[-1], u[r], side="right"), np.flatnonzero(w[r])[-1])
         assert toks[r] == want, (r, toks[r], want)
     np.testing.assert_allclose(total, w.sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("stats", [sampling._stats_one_pass, sampling._stats_two_pass])
+def test_softmax_stats_against_numpy(stats):
+    """Both ways to the row max and the chunk sums of exp(x - max) match float64 numpy, with
+    chunks of -inf (filtered tokens) weighing 0 and a NaN spoiling only its own row."""
+    x = np.random.default_rng(5).normal(0, 4, (4, 8, 16)).astype(np.float32)
+    x[1, 2] = -np.inf  # a whole chunk filtered out
+    x[2, :, 3:] = -np.inf  # all but a few tokens of every chunk
+    x[3, 5, 7] = np.nan
+    top, mass = jax.jit(stats, static_argnums=1)(jnp.asarray(x.reshape(4, -1)), 16)
+    x64 = x.astype(np.float64)
+    want_top = x64[:3].max(axis=(1, 2))
+    np.testing.assert_allclose(top[:3], want_top, rtol=1e-6)
+    np.testing.assert_allclose(mass[:3], np.exp(x64[:3] - want_top[:, None, None]).sum(-1),
+                               rtol=1e-5, atol=1e-30)
+    assert np.all(np.asarray(mass[1, 2]) == 0)
+    assert np.all(np.isnan(np.asarray(mass[3])))
+
+
+def test_softmax_stats_one_pass_on_gpus_only():
+    """The GPU lowering takes the single variadic reduction; CPU and TPU keep two plain ones."""
+    fn = jax.jit(lambda x: sampling._softmax_stats(x, 16))
+    arg = jax.ShapeDtypeStruct((4, 128), jnp.float32)
+    for platform, variadic in (("cuda", 1), ("rocm", 1), ("cpu", 0), ("tpu", 0)):
+        text = jax.export.export(fn, platforms=[platform])(arg).mlir_module()
+        reduces = [line for line in text.splitlines() if "stablehlo.reduce(" in line]
+        pairs = [line for line in reduces if re.search(r"init: %\S+\), \(%\S+ init:", line)]
+        assert len(pairs) == variadic, (platform, reduces)
 
 
 def test_rng_determinism(params, ragged, sampled):
