@@ -6,7 +6,8 @@ kernels: each program reads one cache row's keys and values for one kv head once
 that read that cache row (the q heads of its kv head, times the g samples or contexts sharing
 the row). Long caches read by few programs are split into slot ranges run in parallel. Slot
 ranges and parts are combined by their log-sum-exp, so several caches (a shared prompt cache,
-response blocks) give one softmax.
+response blocks) give one softmax. `step_attention` is the kernel over a step's own per-sample
+cache: it also does the step's rope and writes its new key and value into the cache.
 
 GPU only (Triton). On CPU it runs in Pallas' interpreter, slowly, for tests; TPU would need a
 Mosaic kernel and is refused.
@@ -33,9 +34,9 @@ NUM_WARPS, NUM_STAGES = 4, 2  # Triton launch options (scripts/bench_decode_atte
 SPLITS = 0  # slot ranges per cache row; 0: `splits_for` (enough for about PROGRAMS programs)
 PROGRAMS = 512  # split long caches into slot ranges until about this many programs run (an
 # H100 has 132 SMs; a few 14B kv heads per device over a handful of document rows are far fewer)
-FUSE_STEP = True  # a step with one per-sample cache part runs `step_attention` (rope, cache
-# write and attention in one kernel) instead of XLA's rope, pad and cache updates around
-# `part_attention` (scripts/bench_sampler.py --fuse-step compares them)
+FUSE_STEP = True  # the pallas decode step attends over its own cache with `step_attention`
+# (rope, cache write and attention in one kernel) instead of XLA's rope, pad and cache updates
+# around `part_attention` (scripts/bench_sampler.py --fuse-step compares them)
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -154,7 +155,7 @@ def part_attention(q, keys, values, valid, limit, *, block_k: int | None = None,
     return combine(out[..., :h, :], lse[..., :h])
 
 
-def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *,
+def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *, alone: bool = True,
                    block_k: int | None = None, splits: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None,
                    interpret: bool | None = None):
@@ -166,7 +167,10 @@ def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *,
     [b, k, s, e] and valid [b, s]: the cache; slot [b] int32: where each row's new key (roped)
     and value go; read [b] int32: each row reads the valid cache slots below it (0: none, for a
     finished row) and its new token. Returns (out [b, k, n, e] in qkv's dtype, keys, values),
-    the cache updated in place. Launch options and interpret as in `part_attention`.
+    the cache updated in place. alone=False (other cache parts follow, read by
+    `part_attention`): returns (out float32, lse [b, k, n] for `merge`, the queries after rope
+    [b, k, n, e] in qkv's dtype, keys, values). Launch options and interpret as in
+    `part_attention`.
     """
     b, kv, n2, e = qkv.shape
     s = keys.shape[2]
@@ -174,10 +178,11 @@ def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *,
     if not bk:
         raise ValueError(f"cache of {s} slots: the pallas decode kernel needs a multiple of 16")
     if interpret is None:
-        call = functools.partial(step_attention, block_k=block_k, splits=splits,
+        call = functools.partial(step_attention, alone=alone, block_k=block_k, splits=splits,
                                  num_warps=num_warps, num_stages=num_stages)
+        dtypes = (qkv.dtype, keys.dtype, values.dtype)
         return _on_platform(call, (qkv, cos, sin, keys, values, valid, slot, read),
-                            (qkv.dtype, keys.dtype, values.dtype))
+                            dtypes if alone else (None, None) + dtypes)
     hp = _pow2_at_least(n2)
     if splits is None:
         splits = SPLITS or splits_for(b * kv, s, bk)
@@ -191,14 +196,17 @@ def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *,
     rope = pl.BlockSpec((sq, e // 2), lambda i, j, m: (i, 0))
     extra = {} if interpret else {"compiler_params": _triton_params(num_warps or NUM_WARPS,
                                                                     num_stages or NUM_STAGES)}
-    if splits == 1:  # the kernel writes the final output
-        outs = [(pl.BlockSpec((sq, sq, n2 - 2, e), lambda i, j, m: (i, j, 0, 0)),
-                 jax.ShapeDtypeStruct((b, kv, n2 - 2, e), qkv.dtype))]
+    heads = (pl.BlockSpec((sq, sq, n2 - 2, e), lambda i, j, m: (i, j, 0, 0)),
+             jax.ShapeDtypeStruct((b, kv, n2 - 2, e), qkv.dtype))  # [b, k, n, e]
+    if alone and splits == 1:  # the kernel writes the final output
+        outs = [heads]
     else:
         outs = [(pl.BlockSpec((sq, sq, sq, hp, e), lambda i, j, m: (m, i, j, 0, 0)),
                  jax.ShapeDtypeStruct((splits, b, kv, hp, e), jnp.float32)),
                 (pl.BlockSpec((sq, sq, sq, hp), lambda i, j, m: (m, i, j, 0)),
                  jax.ShapeDtypeStruct((splits, b, kv, hp), jnp.float32))]
+    if not alone:
+        outs.append(heads)  # the queries after rope
     outs += [(cache, jax.ShapeDtypeStruct(x.shape, x.dtype)) for x in (keys, values)]
     *out, keys, values = pl.pallas_call(
         functools.partial(_step_kernel, block_k=bk, scale=e ** -0.5, n=n2 - 2, hp=hp),
@@ -211,9 +219,12 @@ def step_attention(qkv, cos, sin, keys, values, valid, slot, read, *,
         name="rpt_decode_step_attention", **extra,
     )(qkv, cos.astype(jnp.float32), sin.astype(jnp.float32), keys, values,
       valid.astype(jnp.int32), slot.astype(jnp.int32), read.astype(jnp.int32))
-    if splits > 1:
-        out = [combine(out[0][..., :n2 - 2, :], out[1][..., :n2 - 2])[0].astype(qkv.dtype)]
-    return out[0], keys, values
+    if alone and splits == 1:
+        return out[0], keys, values
+    attn, lse = combine(out[0][..., :n2 - 2, :], out[1][..., :n2 - 2])
+    if alone:
+        return attn.astype(qkv.dtype), keys, values
+    return attn, lse, out[2], keys, values
 
 
 def _step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, read_ref,
@@ -221,9 +232,10 @@ def _step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, r
     """One (cache row, kv head, slot range) of `step_attention`: qkv [n + 2, e] (rows n, n + 1:
     the new key and value), cos, sin [e / 2], keys / values / valid of the range [s', e] / [s'],
     slot and read: scalars (absolute slots). Works on the two rope halves of e apart."""
-    # one slot range: (out [n, e] in qkv's dtype, caches); several: (out [hp, e] float32, lse
-    # [hp], caches) for `combine`
-    o_ref, lse_ref, k_out, v_out = outs if len(outs) == 4 else (outs[0], None) + outs[1:]
+    # alone with one slot range: (out [n, e] in qkv's dtype, caches); else (out [hp, e]
+    # float32, lse [hp]) for `combine`, then (not alone) the queries after rope, then the caches
+    *outs, k_out, v_out = outs
+    o_ref, lse_ref, q_out = (outs + [None, None])[:3]
     half = k_ref.shape[1] // 2
     span = k_ref.shape[0]
     offset = pl.program_id(2) * span  # first slot of this range
@@ -237,8 +249,17 @@ def _step_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, r
     cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
     q1 = (x1 * cos - x2 * sin).astype(dtype)  # rope of the queries and the key (row n)
     q2 = (x2 * cos + x1 * sin).astype(dtype)
-    pick = lambda x, i: jnp.sum(jnp.where(rows[:, None] == i, x.astype(jnp.float32), 0.0),  # noqa: E731
-                                axis=0).astype(dtype)  # row i of x [hp, half] -> [half]
+    if q_out is not None:
+        @pl.when(pl.program_id(2) == 0)
+        def _queries():  # for the other parts' kernels
+            for lo, q in ((0, q1), (half, q2)):
+                plgpu.store(q_out.at[pl.ds(0, hp), pl.ds(lo, half)], q,
+                            mask=(rows < n)[:, None])
+
+    def pick(x, i):  # row i of x [hp, half] -> [half] (a masked sum: Triton has no row gather)
+        return jnp.sum(jnp.where(rows[:, None] == i, x.astype(jnp.float32), 0.0),
+                       axis=0).astype(dtype)
+
     k1, k2, v1, v2 = pick(q1, n), pick(q2, n), pick(x1, n + 1), pick(x2, n + 1)
 
     @pl.when((slot >= offset) & (slot < offset + span))
@@ -312,8 +333,9 @@ def sharded_step_attention(qkv, cos, sin, keys, values, valid, slot, read, **kwa
     if mesh is None:
         return fn(*args)
     flat, each = P(rows[0], None), P(rows[0])
+    outs = (rows,) * 3 if kwargs.get("alone", True) else (rows, P(*rows[:3])) + (rows,) * 3
     return jax.shard_map(fn, mesh=mesh, in_specs=(rows, flat, flat, rows, rows, flat, each, each),
-                         out_specs=(rows, rows, rows), check_vma=False)(*args)
+                         out_specs=outs, check_vma=False)(*args)
 
 
 def _cache_spec(shape):

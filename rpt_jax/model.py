@@ -488,12 +488,13 @@ def _rope_rows(x, positions, theta):
     return rope(flat, positions[:, None], theta).reshape(x.shape)
 
 
-def _decode_attend_pallas(q, parts, **kernel):
+def _decode_attend_pallas(q, parts, own=(), **kernel):
     """`_decode_attend` with the fused kernel (decode_attention): parts are (keys, values,
-    (valid [b, s], limit [b, g * nq])); kernel: `decode_attention.part_attention`'s launch
-    options. Returns float32 [r, k, q, e]."""
+    (valid [b, s], limit [b, g * nq])); own: (out [r, k, q, e], lse [r, k, q]) of parts already
+    attended (`decode_attention.step_attention`); kernel: `decode_attention.part_attention`'s
+    launch options. Returns float32 [r, k, q, e]."""
     r, kv, nq, e = q.shape
-    outs = []
+    outs = list(own)
     for keys, values, (valid, limit) in parts:
         b = keys.shape[0]
         g = r // b
@@ -519,8 +520,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     attention: "xla" (einsums and a softmax) or "pallas" (decode_attention's fused kernel,
     which also skips the slots past `index`, and every slot of the rows that are not
     `active` ([r] bool, optional: finished samples, whose logits are then meaningless);
-    every cache's slots a multiple of 16; with no `frozen` caches the step's rope, cache
-    write and attention are one kernel a layer, `decode_attention.step_attention`).
+    every cache's slots a multiple of 16; the step's rope, its cache write and its attention
+    over `cache` are one kernel a layer, `decode_attention.step_attention`).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
@@ -535,19 +536,19 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         write = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
             c, x.astype(c.dtype), (0, 0, index, 0))
         valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((r, 1), bool), (0, index))
-    # one part: decode_attention.step_attention
-    fused = attention == "pallas" and not frozen and decode_attention.FUSE_STEP
-    if fused:
-        slot = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (r,))
-        read = slot if active is None else jnp.where(active, slot, 0)
-        cos, sin = rope_angles(positions, e, cfg.rope_theta)  # [r, e/2]
-    elif attention == "pallas":
+    if attention == "pallas":
         attend = _decode_attend_pallas
         reads = [_part_limits(c, r, nq, active=active) for c in frozen] + [
             _part_limits({"valid": valid}, r, nq, index, active)]
     else:
         attend = _decode_attend
         reads = [_part_valid(c) for c in frozen] + [valid[:, None, :]]
+    # rope, the cache write and the attention over `cache` in one kernel
+    fused = attention == "pallas" and decode_attention.FUSE_STEP
+    if fused:
+        slot = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (r,))
+        read = slot if active is None else jnp.where(active, slot, 0)
+        cos, sin = rope_angles(positions, e, cfg.rope_theta)  # [r, e/2]
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
@@ -556,16 +557,20 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         if "qkv_bias" in p:
             qkv = qkv + p["qkv_bias"]
         qkv = qkv.reshape(r, kv, nq + 2, e)
-        if fused:  # rope, the cache write and the attention in one kernel
-            attn, ck, cv = decode_attention.sharded_step_attention(
-                qkv, cos, sin, cache["k"][i], cache["v"][i], cache["valid"], slot, read)
+        others = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)]
+        if fused:
+            step = functools.partial(decode_attention.sharded_step_attention, qkv, cos, sin,
+                                     cache["k"][i], cache["v"][i], cache["valid"], slot, read)
+            if others:  # they read the queries after the kernel's rope
+                out, lse, q, ck, cv = step(alone=False)
+                attn = attend(q, others, [(out, lse)])
+            else:
+                attn, ck, cv = step()
         else:
             q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
             k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
             ck, cv = write(cache["k"][i], k), write(cache["v"][i], qkv[:, :, nq + 1:])
-            parts = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)] + [
-                (ck, cv, reads[-1])]
-            attn = attend(q, parts)
+            attn = attend(q, others + [(ck, cv, reads[-1])])
         new_k.append(ck)
         new_v.append(cv)
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]

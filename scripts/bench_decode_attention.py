@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import decode_attention, model  # noqa: E402
-from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
+from bench_sampler import bandwidth, interleaved, print_table  # noqa: E402  (same discipline)
 
 SWEEP = {"block_k": (32, 64, 128), "num_warps": (2, 4), "num_stages": (2, 3),
          "splits": (1, 2, 4)}
@@ -164,12 +164,9 @@ def main(argv=None):
             options = variants[best][0]
             print(f"best {label} {slots}: " + ":".join(str(options[k]) for k in SWEEP),
                   flush=True)
-    print(f"\njax {jax.__version__}; `python scripts/bench_decode_attention.py "
-          f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print("| attention | cache | slots | read | rows | us / layer | GB/s of k, v | max diff "
-          "| device |")
-    print("|" + "---|" * 9)
-    print("\n".join(rows))
+    print_table("bench_decode_attention.py", argv,
+                ("attention", "cache", "slots", "read", "rows", "us / layer", "GB/s of k, v",
+                 "max diff", "device"), rows)
     return rows
 
 

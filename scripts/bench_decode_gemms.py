@@ -22,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import sampling  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402
-from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
+from bench_sampler import bandwidth, interleaved, print_table  # noqa: E402  (same discipline)
 
 def projections(shape: dict) -> dict:
     """name -> (K, N) of the decode step's matmuls (decoding_weights' fused layout)."""
@@ -93,11 +93,8 @@ def main(argv=None):
             rows.append(f"| {variant} | {args.rows} | {k}x{n} | {per_layer * 1e6:.1f} "
                         f"| {nbytes / per_layer / 1e9:.0f} | {diffs[variant]:.1e} | {device} |")
             print(rows[-1], flush=True)
-    print(f"\njax {jax.__version__}; `python scripts/bench_decode_gemms.py "
-          f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print("| matmul | rows | weight | us / layer | GB/s of weights | max diff | device |")
-    print("|" + "---|" * 7)
-    print("\n".join(rows))
+    print_table("bench_decode_gemms.py", argv, ("matmul", "rows", "weight", "us / layer",
+                                                "GB/s of weights", "max diff", "device"), rows)
     return rows
 
 

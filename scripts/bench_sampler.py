@@ -68,6 +68,15 @@ def interleaved(runners, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def print_table(script, argv, header, rows):
+    """The markdown result table: the jax version and command, header (column names), rows."""
+    print(f"\njax {jax.__version__}; `python scripts/{script} "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    print("\n".join(rows))
+
+
 def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
     """Bytes a decode step must read on average: compute-dtype weights + KV cache in use."""
     weights = model.num_params(mcfg) * jnp.dtype(mcfg.dtype).itemsize

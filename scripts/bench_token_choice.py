@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 from rpt_jax import sampling  # noqa: E402
-from bench_sampler import bandwidth, interleaved  # noqa: E402  (same timing discipline)
+from bench_sampler import bandwidth, interleaved, print_table  # noqa: E402  (same discipline)
 
 
 def main(argv=None):
@@ -65,11 +65,8 @@ def main(argv=None):
                     f"| {nbytes / per_step / 1e9:.0f} | "
                     f"{f'{diff[name]:.1e}' if name in diff else '-'} | {device} |")
         print(rows[-1], flush=True)
-    print(f"\njax {jax.__version__}; `python scripts/bench_token_choice.py "
-          f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print("| variant | logits | us / step | GB/s of logits | max rel. diff of masses | device |")
-    print("|" + "---|" * 6)
-    print("\n".join(rows))
+    print_table("bench_token_choice.py", argv, ("variant", "logits", "us / step", "GB/s of logits",
+                                                "max rel. diff of masses", "device"), rows)
     return rows
 
 

@@ -1,6 +1,7 @@
 """The fused decode-attention kernel (Pallas, run by its interpreter on CPU) against numpy, and
 the sampler with attention="pallas" against attention="xla"."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,8 @@ def _rope_np(x, positions, theta=10_000.0):
 def test_step_attention_against_numpy(splits):
     """The fused step: rope of the queries and the new key, the new key and value written to
     their slot (the rest of the cache untouched), attention over the valid slots each row reads
-    plus its new token; a row reading nothing from its cache sees its new token only."""
+    plus its new token; a row reading nothing from its cache sees its new token only. Alone,
+    or returning the queries and the log-sum-exp for other parts' kernels."""
     rng = np.random.default_rng(11)
     b, kv, n, e, s = 3, 2, 3, 8, 32
     qkv = rng.standard_normal((b, kv, n + 2, e)).astype(np.float32)
@@ -119,19 +121,27 @@ def test_step_attention_against_numpy(splits):
     q, angles = _rope_np(qkv[:, :, :n], positions)
     k_new = _rope_np(qkv[:, :, n], positions)[0]  # [b, kv, e]
     v_new = qkv[:, :, n + 1]
-    out, got_k, got_v = decode_attention.step_attention(
-        *map(jnp.asarray, (qkv, np.cos(angles), np.sin(angles), keys, values, valid, slot,
-                           read)), block_k=16, splits=splits)
+    args = list(map(jnp.asarray, (qkv, np.cos(angles), np.sin(angles), keys, values, valid,
+                                  slot, read)))
+    out, got_k, got_v = decode_attention.step_attention(*args, block_k=16, splits=splits)
+    # with other parts to follow: (out, lse) for the merge, and the queries after rope
+    parts_out, lse, got_q, *caches = decode_attention.step_attention(
+        *args, alone=False, block_k=16, splits=splits)
     want_k, want_v = keys.copy(), values.copy()
     want_k[np.arange(b), :, slot] = k_new
     want_v[np.arange(b), :, slot] = v_new
     np.testing.assert_allclose(got_k, want_k, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got_v), want_v)
     sees = np.concatenate([valid & (np.arange(s) < read[:, None]), np.ones((b, 1), bool)], 1)
-    want, _ = _reference(q, np.concatenate([keys, k_new[:, :, None]], 2),
-                         np.concatenate([values, v_new[:, :, None]], 2),
-                         np.repeat(sees[:, None], n, axis=1))
+    want, want_lse = _reference(q, np.concatenate([keys, k_new[:, :, None]], 2),
+                                np.concatenate([values, v_new[:, :, None]], 2),
+                                np.repeat(sees[:, None], n, axis=1))
     np.testing.assert_allclose(out, want, atol=1e-5)
+    np.testing.assert_allclose(parts_out, want, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+    np.testing.assert_allclose(got_q, q, atol=1e-6)
+    for got, wanted in zip(caches, (want_k, want_v)):
+        np.testing.assert_allclose(got, wanted, atol=1e-6)
 
 
 PALLAS = dataclasses.replace(SAMPLED, attention="pallas")
@@ -212,6 +222,25 @@ def test_kernel_lowers_to_triton_for_gpus(preset, g):
     lowered = jax.jit(decode_attention.part_attention).trace(*args).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5_0_5b", "r1_distill_qwen_14b"])
+@pytest.mark.parametrize("alone", [True, False])
+def test_step_kernel_lowers_to_triton_for_gpus(preset, alone):
+    """The fused step's Triton lowering at real head shapes (masked 16-row loads of n + 2 rows,
+    half-width dots, the aliased slot store), alone and with other parts to follow."""
+    from rpt_jax.config import MODEL_SHAPES
+    shape = MODEL_SHAPES[preset]
+    kv, e = shape["num_kv_heads"], shape["head_dim"]
+    n = shape["num_heads"] // kv
+    b, s = 8, 384
+    args = [jax.ShapeDtypeStruct(x, t) for x, t in (
+        ((b, kv, n + 2, e), jnp.bfloat16), ((b, e // 2), jnp.float32),
+        ((b, e // 2), jnp.float32), ((b, kv, s, e), jnp.bfloat16), ((b, kv, s, e), jnp.bfloat16),
+        ((b, s), jnp.bool_), ((b,), jnp.int32), ((b,), jnp.int32))]
+    fn = functools.partial(decode_attention.step_attention, alone=alone)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
 
 
 def test_rows_not_active_read_nothing(params):  # noqa: F811
