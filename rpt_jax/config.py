@@ -45,7 +45,7 @@ CHOICES = {
 }
 # sampler tuning keys a hand-written config may leave out (SamplingConfig's defaults apply)
 OPTIONAL = {"sampling.attention", "sampling.cache_layout", "sampling.lanes", "sampling.refill",
-            "sampling.gemm"}
+            "sampling.gemm", "sampling.split_down"}
 
 
 def model_shape(name: str) -> dict:
@@ -112,6 +112,7 @@ def base_config(model: str = "tiny"):
         refill=0,  # free slots per device refilled together (0 = an eighth of them)
         gemm="auto",  # GPU matmuls of the sampler: cublas / xla (Triton GEMM fusions) / auto:
         # cublas with attention="pallas", else xla
+        split_down=1,  # decode's down projection as this many GEMMs over slices of mlp_dim
     ))
 
     c.reward = ml_collections.ConfigDict(dict(
@@ -231,6 +232,10 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     if lanes and config.sampling.get("cache_blocks", 1) != 1:
         raise ValueError(f"sampling.lanes={lanes} keeps each lane's response in one cache "
                          f"block: set sampling.cache_blocks=1")
+    split = config.sampling.get("split_down", 1)
+    if split < 1 or config.model.mlp_dim % split:
+        raise ValueError(f"sampling.split_down={split} must be >= 1 and divide "
+                         f"model.mlp_dim={config.model.mlp_dim}")
     for key in ("sampling.temperature", "sampling.max_new_tokens", "data.max_prompt_len",
                 "data.batch_size", "sampling.num_samples", "num_steps"):
         if _get(config, key) <= 0:

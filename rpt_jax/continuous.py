@@ -133,7 +133,8 @@ def sample(params, prompts: sampling.Prompts, rng, model_cfg: model.ModelConfig,
             tail, jnp.minimum(fed_count, T - 1)[:, None], 1)[:, 0], s["last"])
         logits, c = model.decode_step(
             weights, fed, s["pos"][slot_of] + fed_count, [s["prompt"]] if shared else [],
-            s["cache"], jnp.minimum(offset + fed_count, S - 1), model_cfg, cfg.attention, busy)
+            s["cache"], jnp.minimum(offset + fed_count, S - 1), model_cfg, cfg.attention, busy,
+            cfg.split_down)
         t = fed_count - (T - 1)  # the row's sampling step
         now = busy & (t >= 0)
         row = s["unit"][slot_of] * u + member  # local row id on this lane's device

@@ -507,8 +507,23 @@ def _decode_attend_pallas(q, parts, own=(), **kernel):
     return decode_attention.merge(outs)
 
 
+def _down_projection(x, y, w, split: int):
+    """x + y @ w: x [r, d] the residual stream, y [r, f], w [f, d]. split > 1: as `split`
+    partial products over slices of f (one batched GEMM with `split` times the output tiles,
+    which at decode's few rows keeps more of a GPU busy), summed in float32 with x."""
+    if split == 1:
+        return x + y @ w
+    r, f = y.shape
+    if f % split:
+        raise ValueError(f"sampling.split_down={split} does not divide mlp_dim={f}")
+    parts = jnp.einsum("rsk,skn->srn", y.reshape(r, split, f // split),
+                       w.reshape(split, f // split, w.shape[1]),
+                       preferred_element_type=jnp.float32)
+    return (x.astype(jnp.float32) + parts.sum(0)).astype(x.dtype)
+
+
 def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConfig,
-                attention: str = "xla", active=None):
+                attention: str = "xla", active=None, split_down: int = 1):
     """One decode step of r rows. weights from `decoding_weights`; tokens, positions [r] int.
 
     Writes the new keys / values to slot `index` (a scalar, or [r]: each row's own) of the
@@ -522,6 +537,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     `active` ([r] bool, optional: finished samples, whose logits are then meaningless);
     every cache's slots a multiple of 16; the step's rope, its cache write and its attention
     over `cache` are one kernel a layer, `decode_attention.step_attention`).
+    split_down: the down projection as this many GEMMs over slices of mlp_dim
+    (`_down_projection`).
     Returns (float32 logits [r, v], cache).
     """
     r = tokens.shape[0]
@@ -576,6 +593,7 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         x = x + attn.reshape(r, kv * nq * e).astype(dtype) @ p["o"]
         h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
         gate_up = (h @ p["gate_up"]).reshape(r, cfg.mlp_dim, 2)
-        x = x + (jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]) @ p["down"]
+        x = _down_projection(x, jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], p["down"],
+                             split_down)
     logits = logits_from_hidden(weights, x[:, None], cfg)[:, 0]
     return logits, {"k": tuple(new_k), "v": tuple(new_v), "valid": valid}

@@ -76,6 +76,11 @@ class SamplingConfig:
     # Qwen2.5-0.5B shape), xla with the einsum attention (whose einsums as cuBLAS calls made a
     # step 44% longer); BENCHMARKS.md. No effect on other backends.
     gemm: str = "auto"
+    # the decode step's down projection as split_down GEMMs over slices of mlp_dim, summed in
+    # float32 with the residual: at decode's few rows its 896 outputs (Qwen2.5-0.5B) make
+    # about 14 output tiles for an H100's 132 SMs, each looping over all 4864 of K; split_down
+    # times as many tiles, for one more fusion a layer (not yet timed: gpu_sampler_runs.sh 8)
+    split_down: int = 1
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -96,6 +101,8 @@ class SamplingConfig:
             raise ValueError(f"attention={self.attention!r} is not xla/pallas")
         if self.gemm not in ("auto", "cublas", "xla"):
             raise ValueError(f"gemm={self.gemm!r} is not auto/cublas/xla")
+        if self.split_down < 1:
+            raise ValueError(f"split_down={self.split_down} must be >= 1")
         if self.lanes < 0 or self.refill < 0:
             raise ValueError(f"lanes={self.lanes} and refill={self.refill} must be >= 0")
         if self.lanes and self.cache_blocks != 1:
@@ -125,7 +132,8 @@ class SamplingConfig:
         """From the `sampling` section of an rpt_jax config plus the tokenizer's eos / stop ids."""
         c = sampling_config
         tuning = {k: c[k] for k in ("cache_layout", "prefill_chunks", "cache_blocks", "attention",
-                                    "lanes", "refill", "gemm") if k in c}  # optional keys
+                                    "lanes", "refill", "gemm", "split_down")
+                  if k in c}  # optional keys
         return cls(num_samples=int(c.num_samples), temperature=float(c.temperature),
                    top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
                    max_new_tokens=int(c.max_new_tokens),
@@ -436,7 +444,7 @@ def _feed(context, blocks, tokens, u, i: int, model_cfg, cfg: SamplingConfig, ac
     index = u - i * context["block_size"] + (context["offset"] if i == 0 else 0)
     logits, block = model.decode_step(context["weights"], tokens, context["row_pos"] + u,
                                       context["frozen"] + list(blocks[:i]), blocks[i], index,
-                                      model_cfg, cfg.attention, active)
+                                      model_cfg, cfg.attention, active, cfg.split_down)
     return logits, blocks[:i] + (block,) + blocks[i + 1:]
 
 

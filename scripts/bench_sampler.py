@@ -291,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--fuse-step", default="1",
                     help="comma list of decode_attention.FUSE_STEP (1: the pallas step with one "
                          "cache part fuses rope and the cache write into its kernel; 0: apart)")
+    ap.add_argument("--split-down", default="1",
+                    help="comma list of SamplingConfig.split_down (the down GEMM over K slices)")
     ap.add_argument("--prefill-chunks", type=int, default=1)
     ap.add_argument("--cache-blocks", default="1", help="comma list of SamplingConfig.cache_blocks")
     ap.add_argument("--contexts-per-doc", type=int, default=0,
@@ -355,14 +357,13 @@ def main(argv=None):
                                          mcfg.vocab_size, jnp.int32)
             variants = [("", sampling.Prompts(prompts, jnp.ones_like(prompts)), contexts,
                          args.prompt_len)]
-        for layout, blocks, attn, kernel, fuse, gemm, lanes, (label, prompts, prefix_rows,
-                                                              prompt_len) in \
-                itertools.product(args.cache_layout.split(","),
-                                  map(int, args.cache_blocks.split(",")),
-                                  args.decode_attention.split(","), args.kernel.split(","),
-                                  map(int, args.fuse_step.split(",")),
-                                  args.gemm.split(","), map(int, args.lanes.split(",")),
-                                  variants):
+        for layout, blocks, attn, kernel, fuse, gemm, split, lanes, (
+                label, prompts, prefix_rows, prompt_len) in itertools.product(
+                    args.cache_layout.split(","), map(int, args.cache_blocks.split(",")),
+                    args.decode_attention.split(","), args.kernel.split(","),
+                    map(int, args.fuse_step.split(",")), args.gemm.split(","),
+                    map(int, args.split_down.split(",")), map(int, args.lanes.split(",")),
+                    variants):
             if lanes and blocks > 1:
                 continue  # continuous batching keeps each lane's response in one block
             if attn != "pallas" and (kernel != args.kernel.split(",")[0]
@@ -376,7 +377,7 @@ def main(argv=None):
                 num_samples=g, temperature=args.temperature, max_new_tokens=args.new_tokens,
                 cache_dtype=cache_dtype, cache_layout=layout,
                 prefill_chunks=args.prefill_chunks, cache_blocks=blocks, attention=attn,
-                stop_ids=stop_ids, lanes=lanes, gemm=gemm)
+                stop_ids=stop_ids, lanes=lanes, gemm=gemm, split_down=split)
             d, L, b, _ = prompts.check()
             shared = scfg.shared_prompt(L, b // d) and not (lanes and g == 1)
             name = (f"rpt_jax sampler {label + ' ' if label else ''}("
@@ -386,7 +387,8 @@ def main(argv=None):
                     f"{f' {kernel}' if attn == 'pallas' and kernel != 'default' else ''}"
                     f"{', rope and cache write apart' if attn == 'pallas' and not fuse else ''}"
                     f"{f', {lanes} lanes' if lanes else ''}"
-                    f"{f', {gemm} gemms' if gemm != 'auto' else ''}), G={g}")
+                    f"{f', {gemm} gemms' if gemm != 'auto' else ''}"
+                    f"{f', down in {split} K slices' if split > 1 else ''}), G={g}")
             try:
                 runners[name], prepare, lengths[name] = rpt_runners(
                     params, mcfg, scfg, prompts, mesh)

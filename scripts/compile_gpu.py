@@ -142,16 +142,17 @@ def compile_sampler(args, mesh):
     params = abstract(model.param_shapes(mcfg), shards)
     mat, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-    for g, attention, layout, blocks, lanes, gemm in itertools.product(
+    for g, attention, layout, blocks, lanes, gemm, split_down in itertools.product(
             [int(x) for x in args.num_samples.split(",")], args.decode_attention.split(","),
             args.cache_layout.split(","), [int(x) for x in args.cache_blocks.split(",")],
-            [int(x) for x in args.lanes.split(",")], args.gemm.split(",")):
+            [int(x) for x in args.lanes.split(",")], args.gemm.split(","),
+            [int(x) for x in args.split_down.split(",")]):
         if lanes and blocks > 1:
             continue  # not a valid combination (SamplingConfig says why)
         scfg = sampling.SamplingConfig(num_samples=g, temperature=0.8,
                                        max_new_tokens=args.new_tokens, attention=attention,
                                        cache_layout=layout, cache_blocks=blocks, lanes=lanes,
-                                       gemm=gemm)
+                                       gemm=gemm, split_down=split_down)
         tokens = jax.ShapeDtypeStruct((args.batch // g, args.prompt_len), jnp.int32,
                                       sharding=mat)
         prompts = sampling.Prompts(tokens, tokens)
@@ -160,8 +161,8 @@ def compile_sampler(args, mesh):
         with jax.set_mesh(mesh):
             compiled = run.jitted.lower(params, prompts, rng).compile()
         report(f"sampler G={g} attention={attention} cache_layout={layout} "
-               f"cache_blocks={blocks} lanes={lanes} gemm={gemm}", compiled, time.perf_counter() - start,
-               args.dump)
+               f"cache_blocks={blocks} lanes={lanes} gemm={gemm} split_down={split_down}",
+               compiled, time.perf_counter() - start, args.dump)
 
 
 def compile_update(args, mesh):
@@ -219,6 +220,8 @@ def main(argv=None):
     sampler.add_argument("--cache-blocks", default="1", help="comma list")
     sampler.add_argument("--lanes", default="0", help="comma list (continuous batching)")
     sampler.add_argument("--gemm", default="auto", help="comma list (SamplingConfig.gemm)")
+    sampler.add_argument("--split-down", default="1",
+                         help="comma list (SamplingConfig.split_down)")
     update = ap.add_argument_group("update")
     update.add_argument("--seq-len", type=int, default=1024)
     update.add_argument("--group", type=int, default=8, help="G samples per context")

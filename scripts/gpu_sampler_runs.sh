@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sampler's GPU measurements for BENCHMARKS.md, prepared so a session with a GPU runs them
-# as they are: `bash scripts/gpu_sampler_runs.sh 8` first (session 6's unmeasured changes), then
-# 9 and 2 to 5 (each part fits in about 8 minutes on one H100/H200 with jax 0.11; no
+# as they are: `bash scripts/gpu_sampler_runs.sh 8` first (sessions 6-7's unmeasured changes),
+# then 9 and 2 to 5 (each part fits in about 8 minutes on one H100/H200 with jax 0.11; no
 # ml-collections needed; 1 and 6 ran on an H100 in session 5, BENCHMARKS.md). Logs go to $OUT
 # (or /tmp/rpt_gpu_runs), one file per run; a run that fails or times out does not stop the next.
 set -u
@@ -80,12 +80,12 @@ case "${1:-1}" in
     run gemms 150 scripts/bench_decode_gemms.py --preset qwen2_5_0_5b --rows 256
     ;;
   8)
-    # session 6, compiled but not yet timed: the pallas step with rope and the cache write in
-    # its kernel (217 kernels a step instead of 313) against them apart (also alone, where the
-    # "step fused" row's max diff checks the Triton kernel against "step apart"), and the token
-    # choice reading the logits once (one variadic reduction) against twice
-    run issue_fused 240 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
-      --decode-attention pallas --fuse-step 1,0 --profile /tmp/rpt_trace
+    # sessions 6-7, compiled but not yet timed: the pallas step with rope and the cache write in
+    # its kernel (217 kernels a step instead of 313) against them apart, and the down GEMM over
+    # 4 slices of K (sampling.split_down); the kernel check (the "step fused" row's max diff
+    # against "step apart"); the token choice reading the logits once against twice
+    run issue_fused 300 $qwen --prompt-len 128 --new-tokens 256 --num-samples 1,8 \
+      --decode-attention pallas --fuse-step 1,0 --split-down 1,4 --profile /tmp/rpt_trace
     run step_kernel 60 scripts/bench_decode_attention.py --rows 256 --slots 384 --filled 256 \
       --num-samples 1
     run token_choice 60 scripts/bench_token_choice.py --rows 256 --vocab 151936

@@ -69,6 +69,8 @@ def test_paper_recipe_in_14b_preset():
      "sampling.lanes=6 must be 0 or a positive multiple of 4"),
     ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),
     ({"sampling.lanes": 16, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
+    ({"sampling.split_down": 5}, 1, "sampling.split_down=5 must be >= 1 and divide "
+     "model.mlp_dim=384"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")
@@ -89,7 +91,7 @@ def test_sampler_tuning_keys_are_optional():
     """A hand-written config without the sampler's tuning keys still validates (defaults)."""
     c = load("tiny")
     with c.unlocked():
-        for key in ("attention", "cache_layout", "lanes", "refill"):
+        for key in ("attention", "cache_layout", "lanes", "refill", "gemm", "split_down"):
             del c.sampling[key]
     rc.validate(c, 1)
     from rpt_jax.sampling import SamplingConfig

@@ -44,14 +44,18 @@ def _assert_same(got, want, atol=1e-6):
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=atol)
 
 
-@pytest.mark.parametrize("lanes,refill", [(18, 0), (4, 1), (5, 0), (6, 4)])
-def test_lanes_give_the_samples_of_all_rows_at_once(params, prompts, static, lanes, refill):  # noqa: F811
+@pytest.mark.parametrize("lanes,refill,split_down",
+                         [(18, 0, 1), (4, 1, 1), (5, 0, 4), (6, 4, 1)])
+def test_lanes_give_the_samples_of_all_rows_at_once(params, prompts, static, lanes, refill,  # noqa: F811
+                                                    split_down):
     """18 rows (6 contexts x G = 3) through 18, 4, 5 or 6 lanes, refilled one, an eighth
-    (at least one) or four at a time: tokens, lengths and stop flags equal, logprobs to 1e-6."""
+    (at least one) or four at a time: tokens, lengths and stop flags equal, logprobs to 1e-6
+    (1e-5 with the down projection in 4 slices of mlp_dim: float32 sums in another order)."""
     lengths = np.asarray(static.lengths)
     assert len(set(lengths)) >= 4 and lengths.min() < 4 and lengths.max() == 12  # uneven
-    cfg = dataclasses.replace(UNEVEN, lanes=lanes, refill=refill)
-    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static)
+    cfg = dataclasses.replace(UNEVEN, lanes=lanes, refill=refill, split_down=split_down)
+    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static,
+                 1e-6 if split_down == 1 else 1e-5)
 
 
 @pytest.mark.parametrize("lanes,refill", [(18, 0), (6, 1), (9, 2)])
@@ -126,6 +130,13 @@ def test_lanes_config_and_memory():
     assert sampling.SamplingConfig.from_config(ml_collections.ConfigDict(dict(
         num_samples=2, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
              max_new_tokens=4, cache_dtype="float32", lanes=8, refill=2))).lanes == 8
+
+
+def test_split_down_reaches_the_lanes_decode_step(params, prompts):  # noqa: F811
+    cfg = dataclasses.replace(UNEVEN, lanes=4, split_down=5)
+    with pytest.raises(ValueError, match="split_down=5 does not divide mlp_dim=64"):
+        jax.eval_shape(lambda p: continuous.sample(p, prompts, jax.random.key(4), CFG, cfg, 0,
+                                                   1), params)
 
 
 def test_greedy_through_lanes(params, prompts):  # noqa: F811

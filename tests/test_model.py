@@ -161,6 +161,18 @@ def test_rows_read_a_shared_prompt_up_to_their_own_limit(params):
         np.testing.assert_allclose(logits[i], model.forward(params, seq, CFG)[0, -1], atol=1e-5)
 
 
+def test_decode_step_down_projection_split_over_mlp_dim(params):
+    """split_down=4: the same logits (float32 sums in another order); 5 does not divide 384."""
+    weights = model.decoding_weights(params, CFG)
+    cache = model.init_response_cache(CFG, 2, 16, "float32")
+    tokens, positions = jnp.asarray([3, 9], jnp.int32), jnp.asarray([0, 0], jnp.int32)
+    want, _ = model.decode_step(weights, tokens, positions, [], cache, 0, CFG)
+    got, _ = model.decode_step(weights, tokens, positions, [], cache, 0, CFG, split_down=4)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="split_down=5 does not divide mlp_dim=384"):
+        model.decode_step(weights, tokens, positions, [], cache, 0, CFG, split_down=5)
+
+
 def test_segments_do_not_attend_across(params):
     rng = np.random.default_rng(3)
     a = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, 5)), jnp.int32)

@@ -111,10 +111,11 @@ def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_ou
 
 @pytest.mark.parametrize("change", [
     dict(num_samples=1), dict(cache_layout="shared"), dict(cache_blocks=3),
-    dict(cache_blocks=3, cache_layout="shared"), dict(cache_blocks=9)])
+    dict(cache_blocks=3, cache_layout="shared"), dict(cache_blocks=9), dict(split_down=4)])
 def test_cache_layouts_agree(params, ragged, greedy_out, change):
     """greedy_out used the per-sample layout (auto, short prompts) in one block; the shared
-    layout, G=1, and the cache in blocks (9: more blocks than the 7 fed tokens) agree."""
+    layout, G=1, the cache in blocks (9: more blocks than the 7 fed tokens) and the down
+    projection split over mlp_dim agree."""
     tokens, mask, _ = ragged
     cfg = dataclasses.replace(GREEDY, **change)
     out = _sample(params, tokens, mask, jax.random.key(3), CFG, cfg, 0)
@@ -152,12 +153,15 @@ def on_mesh(params, shape, sampling_cfg):
             jax.device_put(params, shards), mesh)
 
 
-@pytest.mark.parametrize("shape", [(4, 1, 2), (2, 2, 2)])
-def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled, shape):
-    """`sampled` ran on one device; the same rng on a (data, fsdp, tensor) mesh of 8."""
+@pytest.mark.parametrize("shape, split_down", [((4, 1, 2), 1), ((2, 2, 2), 1), ((2, 2, 2), 4)])
+def test_same_rng_same_tokens_on_one_and_eight_devices(params, ragged, sampled, shape,
+                                                       split_down):
+    """`sampled` ran on one device; the same rng on a (data, fsdp, tensor) mesh of 8 (also
+    with the down projection's K, split over the tensor axis, in 4 slices)."""
     tokens, mask, _ = ragged
     assert len(jax.devices()) == 8 and len(sampled.tokens.devices()) == 1
-    run, sharded_params, _ = on_mesh(params, shape, SAMPLED)
+    run, sharded_params, _ = on_mesh(params, shape,
+                                     dataclasses.replace(SAMPLED, split_down=split_down))
     got = run(sharded_params, sampling.Prompts(tokens, mask), jax.random.key(4))
     assert got.tokens.sharding.spec[0] == sharding.BATCH and len(got.tokens.devices()) == 8
     np.testing.assert_array_equal(got.tokens, sampled.tokens)
@@ -413,7 +417,7 @@ def test_check_memory():
     assert pallas["per-sample KV cache"] == 256 * 8 * 320 * per_slot
 
 
-def test_config_validation_and_from_config():
+def test_config_validation_and_from_config(params):
     from rpt_jax.config import base_config
     section = base_config().sampling
     cfg = sampling.SamplingConfig.from_config(section, stop_ids=[7, 2, 7])
@@ -430,6 +434,16 @@ def test_config_validation_and_from_config():
     assert sampling.SamplingConfig.from_config(section).gemm == "xla"
     with pytest.raises(ValueError, match="gemm='cutlass' is not auto/cublas/xla"):
         sampling.SamplingConfig(gemm="cutlass")
+    section.split_down = 4
+    assert sampling.SamplingConfig.from_config(section).split_down == 4
+    with pytest.raises(ValueError, match="split_down=0 must be >= 1"):
+        sampling.SamplingConfig(split_down=0)
+    tokens, mask, _ = _ragged_prompts([3, 5], 6)
+    with pytest.raises(ValueError, match="split_down=5 does not divide mlp_dim=64"):
+        jax.eval_shape(lambda p: sampling.sample(p, sampling.Prompts(tokens, mask),
+                                                 jax.random.key(0), CFG,
+                                                 dataclasses.replace(BASE, split_down=5)),
+                       params)
     with pytest.raises(ValueError, match="top_p"):
         sampling.SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
