@@ -2,7 +2,10 @@
 
 256 contexts x G=8, lr 1e-6, AdamW (0.9, 0.999), wd 0.01, clip 0.2, temperature 0.8, prompt 4,096,
 response 8,192, no KL, no entropy bonus, DAPO dynamic sampling from step 500. Sized for a TPU
-slice (e.g. v5p-128: mesh fsdp=16 x tensor=4 x data=rest):
+slice, v5p-128 (64 chips, 16 hosts: mesh fsdp=16 x tensor=4 x data=rest), by compiling it for
+that slice on a CPU machine (scripts/compile_aot.py, BENCHMARKS.md): XLA's estimate is 58 GiB
+a chip for the sampler and 67 GiB for the update with rl.micro_batches=32, of 95 GiB (16 micro-
+batches need 148 GiB). On a larger slice the data axis takes the rest: check it the same way.
 
     python scripts/train.py --config configs/r1_distill_qwen_14b.py --workdir gs://bucket/rpt14b \
         --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-14B \
@@ -26,7 +29,7 @@ def get_config():
     c.sampling.temperature = 0.8
     c.sampling.max_new_tokens = 8192
     c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
-    c.rl.micro_batches = 16
+    c.rl.micro_batches = 32  # 16 does not fit a v5p chip's 95 GiB (compile_aot.py)
     c.rl.dynamic_sampling_start = 500
     c.num_steps = 1000
     return c

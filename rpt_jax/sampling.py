@@ -538,6 +538,10 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
     live and are updated in place inside the one compiled call. With sampling_cfg.lanes the
     rows go through that many lanes instead (`rpt_jax.continuous`).
     """
+    platform = mesh.devices.flat[0].platform
+    if sampling_cfg.attention == "pallas" and platform == "tpu":
+        raise ValueError("sampling.attention='pallas' is a GPU (Triton) kernel; set "
+                         "sampling.attention='xla' on TPUs")
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
     repl = sharding.replicated(mesh)
@@ -549,7 +553,6 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
                                      mesh.shape["data"] * mesh.shape["fsdp"])
         return sample(params, prompts, rng, model_cfg, sampling_cfg, pad_id)
 
-    platform = mesh.devices.flat[0].platform
     if sampling_cfg.attention == "pallas" and platform == "cpu":
         log.warning("sampling.attention='pallas' runs in Pallas' interpreter on CPU, many times "
                     "slower than 'xla' (the GPU presets set it; use --config.sampling."

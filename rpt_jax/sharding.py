@@ -33,11 +33,22 @@ RULES = {
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh of a config over `devices` (default: all), Auto axis types."""
+    """The (data, fsdp, tensor) mesh of a config over `devices` (default: all), Auto axis types.
+
+    Devices follow the TPU slice's physical axes. A mesh axis that no product of whole
+    physical axes matches (tensor=4 on a v6e 8x8) splits a physical axis instead of failing,
+    as jax.make_mesh does for v5e only.
+    """
     from rpt_jax.config import mesh_shape  # late import: config imports nothing of ours
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(config, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    types = (AxisType.Auto,) * 3
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # no assignment of whole physical axes
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, AXES, axis_types=types)
 
 
 def spec(logical: tuple, shape=None, mesh=None) -> P:

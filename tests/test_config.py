@@ -11,7 +11,7 @@ from rpt_jax import model
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {  # preset file -> a device count it is meant for
     "tiny": 1, "smollm2_135m": 1, "qwen2_5_0_5b": 8, "r1_distill_qwen_1_5b": 8,
-    "r1_distill_qwen_14b": 128,
+    "r1_distill_qwen_14b": 64,  # v5p-128: 64 chips
 }
 
 

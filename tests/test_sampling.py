@@ -484,3 +484,11 @@ def test_make_sampler_compiles_with_the_configs_options(monkeypatch, caplog, par
     prompts = sampling.Prompts(*_left_pad([[5, 6, 7], [8, 9]], 4))
     out = run(jax.device_put(params, shards), prompts, jax.random.key(0))
     assert out.tokens.shape == (4, N)
+
+
+def test_pallas_attention_is_refused_for_tpu_meshes():
+    """Before anything is traced (the Triton kernel has no TPU lowering)."""
+    from types import SimpleNamespace
+    tpu_mesh = SimpleNamespace(devices=np.array([SimpleNamespace(platform="tpu")]))
+    with pytest.raises(ValueError, match="attention='pallas' is a GPU .*attention='xla' on TPUs"):
+        sampling.make_sampler(tpu_mesh, CFG, dataclasses.replace(BASE, attention="pallas"), None)

@@ -32,6 +32,19 @@ def test_mesh_axes_and_auto_types():
     assert dict(sharding.make_mesh(c).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
+def test_mesh_splits_physical_axes_when_whole_ones_do_not_fit(monkeypatch):
+    """jax.make_mesh refuses (NotImplementedError) a mesh axis that no product of whole physical
+    axes matches, e.g. tensor=4 on a v6e 8x8 (scripts/compile_aot.py showed it); make_mesh then
+    lays the devices out splitting physical axes, in their order."""
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Failed to find assignment for logical_axis_index 2")
+    monkeypatch.setattr(jax, "make_mesh", refuse)
+    mesh = mesh_of(1, 2, 4)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+
+
 def test_every_param_gets_its_prescribed_spec():
     mesh = mesh_of(2, 2, 2)
     shardings = sharding.param_shardings(mesh, model.logical_axes(CFG), model.param_shapes(CFG))

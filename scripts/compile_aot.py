@@ -1,21 +1,29 @@
-"""Compile the sampler and the GRPO update for an NVIDIA GPU on a machine without one.
+"""Compile the sampler and the GRPO update for a GPU or a TPU slice on a machine without one.
 
-XLA compiles for a GPU it knows only from a description (scripts/gpu_targets/*.txtpb), so a
-CPU machine can check what a GPU session would otherwise spend its minutes finding out: that
-the Pallas decode-attention kernel goes through Triton to machine code, that the cuDNN attention
-calls are accepted, and how many kernels one decode step launches, by kind. No timing and no
-autotuning: GEMM tilings come from XLA's heuristics, so a real GPU may pick others.
+XLA compiles for a device it knows only from a description, so a CPU machine can check what a
+device session would otherwise spend its minutes (or a slice's hours) finding out: that the
+programs compile for that device and mesh, that they fit its memory (XLA's estimate of the peak
+per device), and how many kernels (GPU) or ops (TPU) one decode step runs, by kind.
+- GPUs (`--target h100_sxm`, `h200`: scripts/gpu_targets/*.txtpb; the CUDA plugin, no GPU):
+  the Pallas decode-attention kernel goes through Triton to machine code, the cuDNN attention
+  calls are accepted. --devices N: N GPUs of one host.
+- TPUs (`--target v5e:2x2`, `v6e:4x4`, `v5p:4x4x4`, `v4:2x2x1`: any topology libtpu knows,
+  multi-host slices included; libtpu, no TPU): the slice's chips, their hosts and links.
+No timing and no autotuning: a real device may pick other GEMM tilings or fusions.
 
-    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"  # no GPU needed
-    python scripts/compile_gpu.py sampler --preset qwen2_5_0_5b --batch 256 --prompt-len 128 \
+    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"  # or jax[tpu]
+    python scripts/compile_aot.py sampler --preset qwen2_5_0_5b --batch 256 --prompt-len 128 \
         --new-tokens 256 --num-samples 1,8 --decode-attention xla,pallas
-    python scripts/compile_gpu.py update --preset qwen2_5_0_5b --batch 16 --seq-len 1024 \
+    python scripts/compile_aot.py update --preset qwen2_5_0_5b --batch 16 --seq-len 1024 \
         --prompt-len 512 --attention cudnn --share-prompt 0,1
+    python scripts/compile_aot.py update --target v5p:4x4x4 --mesh 1,16,4 \
+        --preset r1_distill_qwen_14b --batch 2048 --seq-len 12288 --prompt-len 4096 \
+        --micro-batches 32 --remat full --share-prompt 1  # the paper's update on a v5p-128
 
---devices N compiles for N GPUs of one host (mesh data=N). Prints, per variant, the compile
-time, the custom calls of the program, and for every loop the kernels its body launches per
-iteration (the sampler's decode loop: kernels per decode step), and XLA's estimate of the
-peak device memory. --dump DIR writes the HLO.
+--mesh data,fsdp,tensor lays the devices out as a config's mesh section does (-1: the rest).
+Prints, per variant, the compile time, the peak device memory against the device's memory,
+the custom calls, and for every loop the kernels its body launches per iteration (the
+sampler's decode loop: kernels per decode step). --dump DIR writes the HLO.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin must not look for a GPU
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugins must not look for a device
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -44,19 +52,48 @@ NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
                "opt-barrier", "partition-id", "replica-id"}
 
 
-def gpu_mesh(target: str, devices: int) -> jax.sharding.Mesh:
-    """A (data=devices, 1, 1) mesh of compile-only devices of the described GPU."""
+# GiB of memory per device (compile-only devices do not report it)
+DEVICE_GIB = {"H100": 80, "H200": 141, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
+              "TPU v5p": 95, "TPU v6 lite": 32}
+
+
+def target_devices(target: str, devices: int = 1) -> list:
+    """Compile-only devices: `devices` GPUs of one host for a GPU description in gpu_targets/,
+    else the chips of the TPU topology named `target` (e.g. v5e:2x2)."""
     from jax.experimental import topologies
-    with open(os.path.join(TARGETS, f"{target}.txtpb")) as f:
-        spec = f.read()
+    path = os.path.join(TARGETS, f"{target}.txtpb")
+    if os.path.exists(path):
+        with open(path) as f:
+            spec = f.read()
+        try:
+            return topologies.get_topology_desc("rpt", "cuda", target_config=spec,
+                                                topology=f"1x1x{devices}").devices
+        except Exception as e:  # the CUDA plugin is missing, or cannot read the description
+            raise SystemExit(f"no compile-only CUDA devices ({type(e).__name__}: {e}); install "
+                             f"the CUDA plugin: pip install 'jax[cuda12]=={jax.__version__}'")
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", target):
+        gpus = sorted(f[:-6] for f in os.listdir(TARGETS) if f.endswith(".txtpb"))
+        raise SystemExit(f"--target {target!r}: neither a GPU description ({', '.join(gpus)}) "
+                         f"nor a TPU topology such as v5e:2x2 or v5p:4x4x4")
     try:
-        topo = topologies.get_topology_desc("rpt", "cuda", target_config=spec,
-                                            topology=f"1x1x{devices}")
-    except Exception as e:  # the CUDA plugin is missing, or cannot read the description
-        raise SystemExit(f"no compile-only CUDA devices ({type(e).__name__}: {e}); install "
-                         f"the CUDA plugin: pip install 'jax[cuda12]=={jax.__version__}'")
-    return jax.sharding.Mesh(np.array(topo.devices).reshape(devices, 1, 1), sharding.AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        return topologies.get_topology_desc(topology_name=target, platform="tpu").devices
+    except Exception as e:  # libtpu is missing, or does not know the topology
+        raise SystemExit(f"no compile-only TPU devices for {target!r} ({type(e).__name__}: "
+                         f"{str(e)[:300]}); install libtpu: pip install "
+                         f"'jax[tpu]=={jax.__version__}'")
+
+
+def target_mesh(devices: list, layout: str) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of `devices` for --mesh "d,f,t" (-1: the devices left)."""
+    d, f, t = (int(x) for x in layout.split(","))
+    return sharding.make_mesh(SimpleNamespace(mesh=SimpleNamespace(data=d, fsdp=f, tensor=t)),
+                              devices)
+
+
+def device_gib(device) -> float | None:
+    kind = device.device_kind
+    return next((v for k, v in sorted(DEVICE_GIB.items(), key=lambda kv: -len(kv[0]))
+                 if k in kind), None)
 
 
 def computations(hlo: str) -> dict:
@@ -111,19 +148,21 @@ def loop_kernels(hlo: str) -> list[tuple[str, str, collections.Counter]]:
     return loops
 
 
-def report(name: str, compiled, seconds: float, dump: str):
+def report(name: str, compiled, seconds: float, dump: str, mesh):
     hlo = compiled.as_text()
     calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
     memory = compiled.memory_analysis()
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (
         memory.argument_size_in_bytes + memory.output_size_in_bytes
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {peak / 2**30:.2f} GiB "
-          f"(XLA's estimate); custom calls: "
+    gib = device_gib(mesh.devices.flat[0])
+    print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {peak / 2**30:.2f} GiB a "
+          f"device (XLA's estimate){f' of {gib} GiB' if gib else ''}; custom calls: "
           f"{', '.join(f'{k} x{v}' for k, v in sorted(calls.items())) or 'none'}")
     for body, trip, kinds in loop_kernels(hlo):
         top = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
-        print(f"loop {body} (trips {trip}): {sum(kinds.values())} kernels per iteration: {top}")
+        unit = "ops" if mesh.devices.flat[0].platform == "tpu" else "kernels"
+        print(f"loop {body} (trips {trip}): {sum(kinds.values())} {unit} per iteration: {top}")
     if dump:
         os.makedirs(dump, exist_ok=True)
         with open(os.path.join(dump, re.sub(r"[^\w.=-]+", "_", name) + ".hlo.txt"), "w") as f:
@@ -133,6 +172,20 @@ def report(name: str, compiled, seconds: float, dump: str):
 def abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+def compile_one(name: str, lower, args, mesh):
+    """Report lower().compile(); a variant that fails (one that does not fit the device's
+    memory: RESOURCE_EXHAUSTED) is reported in a line and the next one runs."""
+    start = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = lower().compile()
+    except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower common type)
+        print(f"\n## {name}\nFAILED after {time.perf_counter() - start:.1f} s: "
+              f"{type(e).__name__}: {str(e).splitlines()[0][:400]}", flush=True)
+        return
+    report(name, compiled, time.perf_counter() - start, args.dump, mesh)
 
 
 def compile_sampler(args, mesh):
@@ -156,13 +209,10 @@ def compile_sampler(args, mesh):
         tokens = jax.ShapeDtypeStruct((args.batch // g, args.prompt_len), jnp.int32,
                                       sharding=mat)
         prompts = sampling.Prompts(tokens, tokens)
-        run = sampling.make_sampler(mesh, mcfg, scfg, shards)
-        start = time.perf_counter()
-        with jax.set_mesh(mesh):
-            compiled = run.jitted.lower(params, prompts, rng).compile()
-        report(f"sampler G={g} attention={attention} cache_layout={layout} "
-               f"cache_blocks={blocks} lanes={lanes} gemm={gemm} split_down={split_down}",
-               compiled, time.perf_counter() - start, args.dump)
+        compile_one(f"sampler G={g} attention={attention} cache_layout={layout} "
+                    f"cache_blocks={blocks} lanes={lanes} gemm={gemm} split_down={split_down}",
+                    lambda: sampling.make_sampler(mesh, mcfg, scfg, shards).jitted.lower(
+                        params, prompts, rng), args, mesh)
 
 
 def compile_update(args, mesh):
@@ -192,19 +242,20 @@ def compile_update(args, mesh):
             jnp.zeros((n, R), jnp.int32), jnp.zeros((n, R)), jnp.full((n,), R),
             jnp.zeros((n,)), G))
         batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))
-        start = time.perf_counter()
-        with jax.set_mesh(mesh):
-            compiled = step.jitted.lower(state, batch, p).compile()
-        report(f"update attention={attention} remat={remat} share_prompt={int(share)}",
-               compiled, time.perf_counter() - start, args.dump)
+        compile_one(f"update attention={attention} remat={remat} share_prompt={int(share)} "
+                    f"micro_batches={args.micro_batches}",
+                    lambda: step.jitted.lower(state, batch, p), args, mesh)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("sampler", "update"))
     ap.add_argument("--target", default="h100_sxm",
-                    choices=sorted(f[:-6] for f in os.listdir(TARGETS) if f.endswith(".txtpb")))
-    ap.add_argument("--devices", type=int, default=1, help="GPUs of one host (mesh data axis)")
+                    help="a GPU description in scripts/gpu_targets (h100_sxm, h200) or a TPU "
+                         "topology (v5e:2x2, v6e:4x4, v5p:4x4x4, ...)")
+    ap.add_argument("--devices", type=int, default=1, help="GPU targets: GPUs of one host")
+    ap.add_argument("--mesh", default="-1,1,1",
+                    help="data,fsdp,tensor, -1: the devices left (--mesh=-1,16,4)")
     ap.add_argument("--preset", default="qwen2_5_0_5b", choices=sorted(MODEL_SHAPES))
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--batch", type=int, default=None,
@@ -215,7 +266,8 @@ def main(argv=None):
     sampler = ap.add_argument_group("sampler")
     sampler.add_argument("--new-tokens", type=int, default=256)
     sampler.add_argument("--num-samples", default="1", help="G, comma list")
-    sampler.add_argument("--decode-attention", default="xla,pallas", help="comma list")
+    sampler.add_argument("--decode-attention", default=None,
+                         help="comma list (default: xla,pallas on GPUs, xla on TPUs)")
     sampler.add_argument("--cache-layout", default="auto", help="comma list")
     sampler.add_argument("--cache-blocks", default="1", help="comma list")
     sampler.add_argument("--lanes", default="0", help="comma list (continuous batching)")
@@ -231,9 +283,14 @@ def main(argv=None):
     ap.add_argument("--dump", default="", help="folder for the compiled HLO texts")
     args = ap.parse_args(argv)
     args.batch = args.batch or (256 if args.what == "sampler" else 16)
-    mesh = gpu_mesh(args.target, args.devices)
-    print(f"# {args.target} x{args.devices} (compile only), jax {jax.__version__}, "
-          f"{args.preset} {args.dtype}")
+    devices = target_devices(args.target, args.devices)
+    mesh = target_mesh(devices, args.mesh)
+    tpu = devices[0].platform == "tpu"
+    args.decode_attention = args.decode_attention or ("xla" if tpu else "xla,pallas")
+    hosts = len({d.process_index for d in devices})
+    print(f"# {args.target}: {len(devices)} x {devices[0].device_kind} on {hosts} host(s) "
+          f"(compile only), mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}, "
+          f"jax {jax.__version__}, {args.preset} {args.dtype}")
     (compile_sampler if args.what == "sampler" else compile_update)(args, mesh)
 
 

@@ -1,13 +1,15 @@
-"""scripts/compile_gpu.py's kernel count per loop iteration, on CPU-compiled programs (the GPU
-compile itself needs the CUDA plugin and is run by hand: BENCHMARKS.md)."""
+"""scripts/compile_aot.py's kernel count per loop iteration, on CPU-compiled programs, and its
+targets and meshes (the GPU and TPU compiles themselves need the CUDA plugin or libtpu and are
+run by hand: BENCHMARKS.md)."""
 import os
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-import compile_gpu  # noqa: E402
+import compile_aot  # noqa: E402
 
 
 def _loops(inner_matmul: bool):
@@ -20,7 +22,7 @@ def _loops(inner_matmul: bool):
 
     hlo = jax.jit(lambda x: jax.lax.fori_loop(0, 5, outer, x)).lower(
         jnp.ones((64, 64))).compile().as_text()
-    return {trip: sum(kinds.values()) for _, trip, kinds in compile_gpu.loop_kernels(hlo)}
+    return {trip: sum(kinds.values()) for _, trip, kinds in compile_aot.loop_kernels(hlo)}
 
 
 def test_each_loop_counts_its_own_body_once():
@@ -52,6 +54,25 @@ ENTRY %main (a: bf16[8,64]) -> bf16[8,64] {
 def test_gpu_kernel_kinds():
     """The fusion kinds and custom-call targets of a GPU module (text as XLA:GPU prints it):
     one GEMM, one loop fusion, one Triton call; bitcasts, tuples and parameters launch nothing."""
-    [(body, trip, kinds)] = compile_gpu.loop_kernels(GPU_LOOP)
+    [(body, trip, kinds)] = compile_aot.loop_kernels(GPU_LOOP)
     assert (body, trip) == ("body", "7")
     assert kinds == {"__triton_nested_gemm_fusion": 1, "kLoop": 1, "__gpu$xla.gpu.triton": 1}
+
+
+def test_targets_meshes_and_device_memory():
+    """Unknown targets stop with a message naming the choices; a TPU topology without libtpu
+    (as on CI) names the install; --mesh lays out devices as a config's mesh section does."""
+    import importlib.util
+    import pytest
+    with pytest.raises(SystemExit, match="'h300': neither a GPU description .*h100_sxm"):
+        compile_aot.target_devices("h300")
+    if importlib.util.find_spec("libtpu") is None:
+        with pytest.raises(SystemExit, match=r"install libtpu: pip install 'jax\[tpu\]=="):
+            compile_aot.target_devices("v5e:2x2")
+    mesh = compile_aot.target_mesh(jax.devices(), "2,-1,2")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        compile_aot.target_mesh(jax.devices(), "3,-1,1")
+    kinds = {"TPU v5 lite": 16, "TPU v5": 95, "NVIDIA H100 80GB HBM3": 80, "cpu": None}
+    for kind, gib in kinds.items():
+        assert compile_aot.device_gib(SimpleNamespace(device_kind=kind)) == gib
