@@ -20,5 +20,8 @@ def get_config():
     # the fused decode-attention kernel (GPU; "xla" on TPU or CPU): with sampling.gemm="auto"
     # (cuBLAS matmuls) 1.18x the einsum path's new tokens/s on an H100 (BENCHMARKS.md)
     c.sampling.attention = "pallas"
+    # 512 samples of up to 1,024 + 2,048 tokens: XLA's estimate for the update on one H100 is
+    # 793 GiB in one slice, 74 GiB in 16, 41 GiB in 32 (scripts/compile_aot.py, BENCHMARKS.md)
+    c.rl.micro_batches = 32
     c.num_steps = 1000
     return c
