@@ -216,16 +216,17 @@ def compile_sampler(args, mesh):
 
 
 def compile_update(args, mesh):
-    for attention, remat, share in itertools.product(
+    for attention, remat, share, micro in itertools.product(
             args.attention.split(","), args.remat.split(","),
-            [bool(int(x)) for x in args.share_prompt.split(",")]):
+            [bool(int(x)) for x in args.share_prompt.split(",")],
+            [int(x) for x in args.micro_batches.split(",")]):
         cfg = model.ModelConfig(**MODEL_SHAPES[args.preset], dtype=args.dtype,
                                 param_dtype="float32", remat=remat, attention=attention)
         G, R = args.group, args.seq_len - args.prompt_len
         config = SimpleNamespace(
             sampling=SimpleNamespace(temperature=0.8, num_samples=G, max_new_tokens=R),
             rl=SimpleNamespace(loss_agg="token_mean", clip_low=0.2, clip_high=0.2, kl_coef=0.0,
-                               entropy_coef=0.0, micro_batches=args.micro_batches,
+                               entropy_coef=0.0, micro_batches=micro,
                                share_prompt=share),
             optim=SimpleNamespace(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
                                   grad_clip=1.0, warmup_steps=0, schedule="constant"))
@@ -243,7 +244,7 @@ def compile_update(args, mesh):
             jnp.zeros((n,)), G))
         batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))
         compile_one(f"update attention={attention} remat={remat} share_prompt={int(share)} "
-                    f"micro_batches={args.micro_batches}",
+                    f"micro_batches={micro}",
                     lambda: step.jitted.lower(state, batch, p), args, mesh)
 
 
@@ -278,7 +279,7 @@ def main(argv=None):
     update.add_argument("--seq-len", type=int, default=1024)
     update.add_argument("--group", type=int, default=8, help="G samples per context")
     update.add_argument("--remat", default="dots", help="comma list")
-    update.add_argument("--micro-batches", type=int, default=1)
+    update.add_argument("--micro-batches", default="1", help="comma list")
     update.add_argument("--share-prompt", default="0,1", help="comma list of 0/1")
     ap.add_argument("--dump", default="", help="folder for the compiled HLO texts")
     args = ap.parse_args(argv)

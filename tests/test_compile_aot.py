@@ -76,3 +76,27 @@ def test_targets_meshes_and_device_memory():
     kinds = {"TPU v5 lite": 16, "TPU v5": 95, "NVIDIA H100 80GB HBM3": 80, "cpu": None}
     for kind, gib in kinds.items():
         assert compile_aot.device_gib(SimpleNamespace(device_kind=kind)) == gib
+
+
+def test_script_compiles_every_variant_and_reports_failures(monkeypatch, capsys):
+    """The whole script on 4 CPU devices standing in for a target: the update for 1 and 2
+    micro-batches, and 3, which does not split 8 rows: reported as FAILED, the rest still run;
+    then the sampler's decode loop."""
+    monkeypatch.setattr(compile_aot, "target_devices", lambda target, n=1: jax.devices()[:4])
+    common = ["--preset", "tiny", "--dtype", "float32", "--mesh", "2,2,1", "--prompt-len", "8"]
+    compile_aot.main(["update", *common, "--batch", "8", "--seq-len", "16", "--group", "2",
+                      "--micro-batches", "1,3,2", "--share-prompt", "1"])
+    compile_aot.main(["sampler", *common, "--batch", "8", "--new-tokens", "4",
+                      "--num-samples", "2", "--decode-attention", "xla"])
+    out = capsys.readouterr().out
+    assert "mesh (data, fsdp, tensor) = (2, 2, 1)" in out
+    blocks = out.split("\n## ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [
+        "update attention=xla remat=dots share_prompt=1 micro_batches=1",
+        "update attention=xla remat=dots share_prompt=1 micro_batches=3",
+        "update attention=xla remat=dots share_prompt=1 micro_batches=2",
+        "sampler G=2 attention=xla cache_layout=auto cache_blocks=1 lanes=0 gemm=auto "
+        "split_down=1"]
+    assert "FAILED" in blocks[1] and "rl.micro_batches=3" in blocks[1]
+    assert all("peak memory" in b for b in blocks[:1] + blocks[2:])
+    assert "kernels per iteration" in blocks[3]  # the decode loop
