@@ -42,7 +42,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from rpt_jax import model, objective, sampling, sharding, train_step  # noqa: E402
 from rpt_jax.config import MODEL_SHAPES  # noqa: E402
@@ -193,7 +192,7 @@ def compile_sampler(args, mesh):
                              param_dtype=args.dtype, attention=args.attention)
     shards = sharding.param_shardings(mesh, model.logical_axes(mcfg))
     params = abstract(model.param_shapes(mcfg), shards)
-    mat, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    mat = sharding.batch_sharding(mesh, 2)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
     for g, attention, layout, blocks, lanes, gemm, split_down in itertools.product(
             [int(x) for x in args.num_samples.split(",")], args.decode_attention.split(","),

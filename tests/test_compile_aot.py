@@ -1,12 +1,14 @@
 """scripts/compile_aot.py's kernel count per loop iteration, on CPU-compiled programs, and its
 targets and meshes (the GPU and TPU compiles themselves need the CUDA plugin or libtpu and are
 run by hand: BENCHMARKS.md)."""
+import importlib.util
 import os
 import sys
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import compile_aot  # noqa: E402
@@ -62,8 +64,6 @@ def test_gpu_kernel_kinds():
 def test_targets_meshes_and_device_memory():
     """Unknown targets stop with a message naming the choices; a TPU topology without libtpu
     (as on CI) names the install; --mesh lays out devices as a config's mesh section does."""
-    import importlib.util
-    import pytest
     with pytest.raises(SystemExit, match="'h300': neither a GPU description .*h100_sxm"):
         compile_aot.target_devices("h300")
     if importlib.util.find_spec("libtpu") is None:
