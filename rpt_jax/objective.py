@@ -112,6 +112,19 @@ def make_train_batch(prompt_tokens, prompt_mask, sample_tokens, sample_logprobs,
     }
 
 
+def train_batch_shapes(B: int, P: int, R: int, G: int, ref_logprobs: bool = False) -> dict:
+    """ShapeDtypeStructs of `make_train_batch`'s output for B contexts, prompt P, R response
+    tokens, G samples each (plus ref_logprobs [B*G, P+R] with a KL reference): what the update
+    compiles for."""
+    n = B * G
+    out = jax.eval_shape(lambda: make_train_batch(
+        jnp.zeros((B, P), jnp.int32), jnp.ones((B, P), bool), jnp.zeros((n, R), jnp.int32),
+        jnp.zeros((n, R), jnp.float32), jnp.full((n,), R), jnp.zeros((n,)), G))
+    if ref_logprobs:
+        out["ref_logprobs"] = out["old_logprobs"]
+    return out
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 def _logprobs_from_logits(logits, targets, temperature, entropy_grad):

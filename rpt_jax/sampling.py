@@ -527,16 +527,17 @@ def sample(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
 
 
 def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig,
-                 param_shardings, pad_id: int = 0):
+                 param_shardings, pad_id: int = 0, reserved_bytes: int = 0):
     """`sample` jitted on `mesh`: (params, prompts: Prompts, rng) -> SampleOutput.
 
     Params keep `param_shardings` (the training layout); prompts and outputs are split over the
     data axes (document-grouped prompts need their prefix rows divisible by data * fsdp, so each
     device holds whole documents). One compile per prompt shape (the caller pads to a few
     buckets); before it, the memory estimate is checked against the devices' reported memory
-    (`check_memory`). Nothing is donated: no input matches an output's shape, and the caches
-    live and are updated in place inside the one compiled call. With sampling_cfg.lanes the
-    rows go through that many lanes instead (`rpt_jax.continuous`).
+    (`check_memory`), less `reserved_bytes` (all devices together) that the caller keeps on
+    them meanwhile, such as the optimizer state. Nothing is donated: no input matches an
+    output's shape, and the caches live and are updated in place inside the one compiled call.
+    With sampling_cfg.lanes the rows go through that many lanes instead (`rpt_jax.continuous`).
     """
     platform = mesh.devices.flat[0].platform
     if sampling_cfg.attention == "pallas" and platform == "tpu":
@@ -570,10 +571,10 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
             if d % split:
                 raise ValueError(f"{d} prompt rows are not divisible by the mesh's data axes "
                                  f"(data*fsdp={split})")
-            available = device_bytes(mesh)
+            available = sharding.device_bytes(mesh)
             if available is not None:
-                check_memory(model_cfg, sampling_cfg, b, L, available, mesh.shape["fsdp"],
-                             prefix_rows=d, tail_len=T)
+                check_memory(model_cfg, sampling_cfg, b, L, available - reserved_bytes,
+                             mesh.shape["fsdp"], prefix_rows=d, tail_len=T)
             checked.add((d, L, b, T))
         with jax.set_mesh(mesh):
             return jitted(params, prompts, rng)
@@ -587,9 +588,11 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
 def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, fsdp: int = 1, prefix_rows: int | None = None,
                  tail_len: int = 1) -> dict:
-    """Bytes the sampler holds at once (all devices together), by part. batch = contexts b;
-    prompt_len = L and prefix_rows = D (default b) of the prefix rows, tail_len = T (Prompts);
-    fsdp: size of the mesh's fsdp axis (gather_weights keeps a weight copy per fsdp shard)."""
+    """Bytes the sampler allocates (all devices together), by part; the prefill's activations
+    are gone before the per-sample caches and sampling buffers exist (`peak_bytes`). batch =
+    contexts b; prompt_len = L and prefix_rows = D (default b) of the prefix rows, tail_len = T
+    (Prompts); fsdp: size of the mesh's fsdp axis (gather_weights keeps a weight copy per fsdp
+    shard)."""
     m, s = model_cfg, sampling_cfg
     n_params = model.num_params(m)
     compute_b = jnp.dtype(m.dtype).itemsize
@@ -622,6 +625,18 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     }
 
 
+PREFILL_PARTS = ("prefill activations",)
+DECODE_PARTS = ("per-sample KV cache", "logits and sampling buffers")
+
+
+def peak_bytes(parts: dict) -> int:
+    """The most of `memory_bytes`' parts alive at once: what both phases hold, plus the larger
+    of the prefill's and the decode loop's own."""
+    phase = lambda names: sum(parts[k] for k in names)  # noqa: E731
+    both = sum(v for k, v in parts.items() if k not in PREFILL_PARTS + DECODE_PARTS)
+    return int(both + max(phase(PREFILL_PARTS), phase(DECODE_PARTS)))
+
+
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, bytes_available: int, fsdp: int = 1,
                  prefix_rows: int | None = None, tail_len: int = 1) -> int:
@@ -632,12 +647,12 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     Returns the estimate in bytes.
     """
     def need(cfg):
-        return int(sum(memory_bytes(model_cfg, cfg, batch, prompt_len, fsdp, prefix_rows,
-                                    tail_len).values()))
+        return peak_bytes(memory_bytes(model_cfg, cfg, batch, prompt_len, fsdp, prefix_rows,
+                                       tail_len))
 
     parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp, prefix_rows,
                          tail_len)
-    total = int(sum(parts.values()))
+    total = peak_bytes(parts)
     if total > bytes_available:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
         # the most lanes (continuous batching) that fit, in slots of num_samples
@@ -660,16 +675,3 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
             f"({detail}); lower data.batch_size, sampling.num_samples, "
             f"sampling.max_new_tokens or the prompt bucket, or use a bf16 cache_dtype{hint}")
     return total
-
-
-def device_bytes(mesh) -> int | None:
-    """Memory of the mesh's devices together, or None where the backend does not report it.
-    Only this process's devices can be asked; the other processes' are taken to be alike."""
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    total = 0
-    for d in local:
-        stats = d.memory_stats()
-        if not stats or "bytes_limit" not in stats:
-            return None
-        total += stats["bytes_limit"]
-    return total * mesh.devices.size // len(local)

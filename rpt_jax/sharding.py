@@ -128,3 +128,28 @@ def host_local_batch_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
     """Assemble a global batch from each host's slice (rows of this process, in process order)."""
     sharding = batch_sharding(mesh, local.ndim)
     return jax.make_array_from_process_local_data(sharding, local)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def device_bytes(mesh: Mesh) -> int | None:
+    """Memory of the mesh's devices together, or None where the backend does not report it.
+    Only this process's devices can be asked; the other processes' are taken to be alike."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    total = 0
+    for d in local:
+        stats = d.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return None
+        total += stats["bytes_limit"]
+    return total * mesh.devices.size // len(local)
+
+
+def peak_bytes(compiled, platform: str) -> int:
+    """XLA's estimate of a compiled program's peak memory on one `platform` device, in bytes:
+    the peak of its buffer schedule (GPU, TPU; below the sum on TPUs), else arguments + outputs
+    + temporaries - donated (XLA:CPU's reported peak leaves out the temporaries)."""
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total if platform == "cpu" else getattr(m, "peak_memory_in_bytes", 0) or total

@@ -259,6 +259,23 @@ def _memory() -> dict:
     return out
 
 
+def check_update_memory(config, update, abstract, mesh) -> int:
+    """Compile the update (`train_step.make_train_step`'s) for the largest prompt bucket the
+    data can produce, and raise ValueError now, before any weights load or sampling, when it
+    cannot fit a device (its `check_memory`). Returns XLA's peak estimate, bytes a device."""
+    P = min(b for b in config.sampling.prompt_buckets if b >= config.data.max_prompt_len)
+    batch = objective.train_batch_shapes(
+        int(config.data.batch_size), P, int(config.sampling.max_new_tokens),
+        int(config.sampling.num_samples), ref_logprobs=bool(config.rl.kl_coef))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=sharding.batch_sharding(mesh, v.ndim))
+             for k, v in batch.items()}  # as the rollout hands it over: no second compile
+    peak = update.check_memory(abstract, batch, P)
+    log.info("update compiled for prompt bucket %d: %.3g GiB a device by XLA's estimate", P,
+             peak / 2**30)
+    return peak
+
+
 # ----------------------------------------------------------------------------- evaluation hook
 
 def run_eval(state_params, config, model_cfg, tokenizer, mesh, workdir, data_dir, step,
@@ -306,14 +323,18 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     log.info("mesh (data, fsdp, tensor) = %s over %d devices", mesh_shape, jax.device_count())
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
 
-    tokenizer = load_run_tokenizer(config, workdir)
-    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
     p_shapes = model_lib.param_shapes(model_cfg)
     p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
     tx = train_step.make_optimizer(config.optim, config.num_steps)
     s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
     abstract = abstract_state(model_cfg, tx, s_shardings)
+    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
+                                        logits_chunk=int(config.rl.logits_chunk))
+    check_update_memory(config, update, abstract, mesh)  # before any data or weights load
+
+    tokenizer = load_run_tokenizer(config, workdir)
+    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=config.checkpoint.keep, every=config.checkpoint.every)
@@ -342,11 +363,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
     sampling_cfg = sampling.SamplingConfig.from_config(
         config.sampling, evaluation.stop_ids(config, tokenizer))
+    # what stays on the devices while they sample: optimizer state, KL reference
+    kept = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+        (abstract.opt_state, abstract.params if reference is not None else ())))
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
-                                    pad_id=tokenizer.pad_id)
+                                    pad_id=tokenizer.pad_id, reserved_bytes=kept)
     rollout = make_rollout(config, model_cfg, mesh)
-    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
-                                        logits_chunk=int(config.rl.logits_chunk))
     table = jax.device_put(evaluation.padded_byte_table(tokenizer, model_cfg.vocab_size),
                            sharding.replicated(mesh))
     schedule = train_step.make_schedule(config.optim, config.num_steps)

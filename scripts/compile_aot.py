@@ -147,16 +147,19 @@ def loop_kernels(hlo: str) -> list[tuple[str, str, collections.Counter]]:
     return loops
 
 
-def report(name: str, compiled, seconds: float, dump: str, mesh):
+def size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def report(name: str, compiled, seconds: float, dump: str, mesh, estimate=None):
+    """estimate: bytes a device by rpt_jax's own pre-compile check (the sampler's), or None."""
     hlo = compiled.as_text()
     calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo))
-    memory = compiled.memory_analysis()
-    peak = getattr(memory, "peak_memory_in_bytes", 0) or (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    peak = sharding.peak_bytes(compiled, mesh.devices.flat[0].platform)
     gib = device_gib(mesh.devices.flat[0])
-    print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {peak / 2**30:.2f} GiB a "
-          f"device (XLA's estimate){f' of {gib} GiB' if gib else ''}; custom calls: "
+    ours = f"; pre-compile estimate {size(estimate)}" if estimate else ""
+    print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {size(peak)} a "
+          f"device (XLA's estimate){f' of {gib} GiB' if gib else ''}{ours}; custom calls: "
           f"{', '.join(f'{k} x{v}' for k, v in sorted(calls.items())) or 'none'}")
     for body, trip, kinds in loop_kernels(hlo):
         top = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
@@ -173,7 +176,7 @@ def abstract(tree, shardings):
                         tree, shardings)
 
 
-def compile_one(name: str, lower, args, mesh):
+def compile_one(name: str, lower, args, mesh, estimate=None):
     """Report lower().compile(); a variant that fails (one that does not fit the device's
     memory: RESOURCE_EXHAUSTED) is reported in a line and the next one runs."""
     start = time.perf_counter()
@@ -184,7 +187,7 @@ def compile_one(name: str, lower, args, mesh):
         print(f"\n## {name}\nFAILED after {time.perf_counter() - start:.1f} s: "
               f"{type(e).__name__}: {str(e).splitlines()[0][:400]}", flush=True)
         return
-    report(name, compiled, time.perf_counter() - start, args.dump, mesh)
+    report(name, compiled, time.perf_counter() - start, args.dump, mesh, estimate)
 
 
 def compile_sampler(args, mesh):
@@ -211,7 +214,10 @@ def compile_sampler(args, mesh):
         compile_one(f"sampler G={g} attention={attention} cache_layout={layout} "
                     f"cache_blocks={blocks} lanes={lanes} gemm={gemm} split_down={split_down}",
                     lambda: sampling.make_sampler(mesh, mcfg, scfg, shards).jitted.lower(
-                        params, prompts, rng), args, mesh)
+                        params, prompts, rng), args, mesh,
+                    sampling.peak_bytes(sampling.memory_bytes(
+                        mcfg, scfg, args.batch // g, args.prompt_len, mesh.shape["fsdp"]))
+                    // mesh.devices.size)
 
 
 def compile_update(args, mesh):
@@ -237,10 +243,7 @@ def compile_update(args, mesh):
         state = abstract(jax.eval_shape(lambda p: train_step.TrainState(
             p, tx.init(p), jnp.zeros((), jnp.int32)), shapes), shards)
         n, p = args.batch, args.prompt_len
-        batch = jax.eval_shape(lambda: objective.make_train_batch(
-            jnp.zeros((n // G, p), jnp.int32), jnp.ones((n // G, p), bool),
-            jnp.zeros((n, R), jnp.int32), jnp.zeros((n, R)), jnp.full((n,), R),
-            jnp.zeros((n,)), G))
+        batch = objective.train_batch_shapes(n // G, p, R, G)
         batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))
         compile_one(f"update attention={attention} remat={remat} share_prompt={int(share)} "
                     f"micro_batches={micro}",

@@ -417,6 +417,31 @@ def test_check_memory():
     assert pallas["per-sample KV cache"] == 256 * 8 * 320 * per_slot
 
 
+
+def test_sampler_checks_memory_less_what_the_caller_keeps(monkeypatch, params):
+    """make_sampler's check gets the devices' memory less reserved_bytes (the trainer's
+    optimizer state), before compiling."""
+    seen = []
+
+    class Checked(Exception):
+        pass
+
+    def spy(model_cfg, sampling_cfg, batch, prompt_len, bytes_available, *args, **kwargs):
+        seen.append((batch, prompt_len, bytes_available))
+        raise Checked
+
+    monkeypatch.setattr(sampling.sharding, "device_bytes", lambda mesh: 10_000)
+    monkeypatch.setattr(sampling, "check_memory", spy)
+    mesh = jax.make_mesh((1, 1, 1), sharding.AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shards = sharding.param_shardings(mesh, model.logical_axes(CFG))
+    prompts = sampling.Prompts(*_ragged_prompts([3, 5, 2], 6)[:2])
+    with pytest.raises(Checked):
+        sampling.make_sampler(mesh, CFG, BASE, shards, reserved_bytes=1_234)(
+            params, prompts, jax.random.key(0))
+    _, L, b, _ = prompts.check()
+    assert seen == [(b, L, 10_000 - 1_234)]
+
 def test_config_validation_and_from_config(params):
     from rpt_jax.config import base_config
     section = base_config().sampling

@@ -1,5 +1,8 @@
 """Train step: the on-policy gradient equals REINFORCE with a group baseline, micro-batches and
-meshes give the same update, prompt and padding do not matter, bad batches are skipped."""
+meshes give the same update, prompt and padding do not matter, bad batches are skipped, an
+update that cannot fit is refused before it runs."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -322,3 +325,71 @@ def test_schedule_and_weight_decay_mask():
     g = jax.tree.map(lambda x: x * 10 / optax.global_norm(g), g)
     _, state = tx.update(g, tx.init(params), params)
     np.testing.assert_allclose(optax.global_norm(state[1][0].mu), 1 - optim.b1, rtol=1e-5)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+def test_memory_check_compiles_once_and_names_the_fix(caplog):
+    """check_memory compiles the update for shapes alone; the first real step with those
+    shapes compiles nothing more; over the limit, the error names the key and its next value."""
+    step, fresh, _ = build(make_config(micro_batches=1))
+    state = fresh(random_params(0))
+    abstract = _abstract(state)
+    shapes = objective.train_batch_shapes(B, P, R, G)
+    prompt, pmask, samples, lengths, rewards, logp = sampled(1)
+    batch = to_batch(prompt, pmask, samples, lengths, rewards - 0.5, logp)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype), batch)
+
+    def compiles():
+        return sum("Finished XLA compilation of jit(step)" in r.getMessage()
+                   for r in caplog.records)
+
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+        peak = step.check_memory(abstract, shapes, P)
+        assert compiles() == 1
+        step(state, batch, P)
+        assert compiles() == 1
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    assert peak >= state_bytes  # the state is an argument (donated, so not counted twice)
+    assert step.check_memory(abstract, shapes, P, bytes_per_device=peak) == peak
+    with pytest.raises(ValueError, match=r"16 rows x 12 tokens in rl.micro_batches=1 slices .* "
+                                         r"needs .* GiB a device .*next valid: 2\)"):
+        step.check_memory(abstract, shapes, P, bytes_per_device=peak - 1)
+
+
+def test_micro_batches_lower_the_update_peak():
+    """XLA's peak estimate falls with rl.micro_batches (activations of one slice at a time)."""
+    peaks = []
+    for micro in (1, 8):
+        step, fresh, _ = build(make_config(micro_batches=micro))
+        abstract = _abstract(fresh(random_params(0)))
+        peaks.append(step.check_memory(abstract, objective.train_batch_shapes(16, P, 64, G), P))
+    assert peaks[1] < 0.5 * peaks[0], peaks
+
+
+def test_update_the_compiler_refuses_is_a_clear_error(monkeypatch):
+    """A TPU compiler refuses programs over HBM: that becomes a ValueError naming the fix;
+    other compiler errors pass through unchanged."""
+    step, fresh, _ = build(make_config(micro_batches=2))
+    abstract = _abstract(fresh(random_params(0)))
+    shapes = objective.train_batch_shapes(B, P, R, G)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used "
+                           "99.1G of 95.7G hbm.")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+    with pytest.raises(ValueError, match=r"micro_batches=2 slices .* the compiler refused it "
+                                         r"\(RESOURCE_EXHAUSTED: .*next valid: 4\)"):
+        step.check_memory(abstract, shapes, P)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", broken)
+    with pytest.raises(RuntimeError, match="INTERNAL: something else"):
+        step.check_memory(abstract, shapes, P)

@@ -245,10 +245,11 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
 def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
     """data.contexts_per_doc=2: the sampler gets one prefix row per document (8 for 16
     contexts), the run trains, and nothing recompiles."""
-    seen = []
+    seen, reserved = [], []
     make = trainer.sampling.make_sampler
 
     def spy(*args, **kwargs):
+        reserved.append(kwargs["reserved_bytes"])
         run = make(*args, **kwargs)
 
         def wrapped(params, prompts, rng):
@@ -268,12 +269,28 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
     workdir = str(tmp_path / "grouped")
     result = trainer.train_and_evaluate(grouped, workdir, progress=False)
     assert result.status == "done" and result.step == 2
+    # the sampler's memory check leaves room for Adam's two float32 moments (and its counts)
+    n = model_lib.num_params(model_lib.ModelConfig.from_config(grouped.model))
+    assert 8 * n <= reserved[0] <= 8 * n + 64, (reserved, n)
     assert len(seen) == 2 and all(is_grouped for _, is_grouped in seen)
     assert {(d, b) for (d, _, b, _), _ in seen} == {(8, 16)}
     assert shared and shared[0][0] == grouped.sampling.num_samples
     train = metrics_writer.read_metrics(workdir, "train")
     assert {r["compiles"] for r in train} == {3}
     assert all(np.isfinite(r["loss"]) and 0 < r["response_len"] <= 12 for r in train)
+
+
+def test_an_update_that_cannot_fit_stops_before_any_weights_load(config, tmp_path,
+                                                                monkeypatch):
+    """Devices too small for the update: the run stops in its memory check, naming the keys
+    to change, before it builds a tokenizer or data, loads weights or writes anything."""
+    monkeypatch.setattr(trainer.sharding, "device_bytes", lambda mesh: 1000 * mesh.devices.size)
+    monkeypatch.setattr(trainer, "initial_params", lambda *a: pytest.fail("weights loaded"))
+    workdir = tmp_path / "small"
+    with pytest.raises(ValueError, match=r"rl.micro_batches=1 slices .* needs .* GiB a device .* "
+                                         r"a device has 9.31e-07 GiB; raise rl.micro_batches"):
+        trainer.train_and_evaluate(config, str(workdir), progress=False)
+    assert os.listdir(workdir) == []  # no tokenizer, data, checkpoint or metrics yet
 
 
 def test_kl_to_the_starting_policy_and_its_resume(data_dir, tmp_path):
