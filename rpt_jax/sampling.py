@@ -574,7 +574,8 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
             available = sharding.device_bytes(mesh)
             if available is not None:
                 check_memory(model_cfg, sampling_cfg, b, L, available - reserved_bytes,
-                             mesh.shape["fsdp"], prefix_rows=d, tail_len=T)
+                             mesh.shape["fsdp"], prefix_rows=d, tail_len=T,
+                             data=mesh.shape["data"])
             checked.add((d, L, b, T))
         with jax.set_mesh(mesh):
             return jitted(params, prompts, rng)
@@ -587,12 +588,12 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
 
 def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, fsdp: int = 1, prefix_rows: int | None = None,
-                 tail_len: int = 1) -> dict:
+                 tail_len: int = 1, data: int = 1) -> dict:
     """Bytes the sampler allocates (all devices together), by part; the prefill's activations
     are gone before the per-sample caches and sampling buffers exist (`peak_bytes`). batch =
     contexts b; prompt_len = L and prefix_rows = D (default b) of the prefix rows, tail_len = T
-    (Prompts); fsdp: size of the mesh's fsdp axis (gather_weights keeps a weight copy per fsdp
-    shard)."""
+    (Prompts); fsdp, data: sizes of the mesh's axes (the weights are whole on each of `data`
+    replicas; gather_weights keeps a decoding copy per fsdp shard too)."""
     m, s = model_cfg, sampling_cfg
     n_params = model.num_params(m)
     compute_b = jnp.dtype(m.dtype).itemsize
@@ -606,8 +607,8 @@ def memory_bytes(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
                     + (s.cache_blocks - 1) * _round_up(c, s.slot_multiple))
     decoding = s.lanes or rows  # rows decoded at once (continuous batching: the lanes)
     return {
-        "params": n_params * jnp.dtype(m.param_dtype).itemsize,
-        "decoding weights (compute-dtype copy)": n_params * compute_b * (
+        "params": n_params * jnp.dtype(m.param_dtype).itemsize * data,
+        "decoding weights (compute-dtype copy)": n_params * compute_b * data * (
             fsdp if s.gather_weights else 1),
         # every prefix row once, plus each lane slot's copy (continuous batching, shared)
         "prompt KV cache": (prefix_rows + (s.lanes // s.num_samples if shared and s.lanes
@@ -639,7 +640,7 @@ def peak_bytes(parts: dict) -> int:
 
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, bytes_available: int, fsdp: int = 1,
-                 prefix_rows: int | None = None, tail_len: int = 1) -> int:
+                 prefix_rows: int | None = None, tail_len: int = 1, data: int = 1) -> int:
     """Raise ValueError before compiling when sampling cannot fit in `bytes_available`.
 
     batch: contexts (rows = batch * num_samples); bytes_available: the memory of all devices
@@ -648,10 +649,10 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     """
     def need(cfg):
         return peak_bytes(memory_bytes(model_cfg, cfg, batch, prompt_len, fsdp, prefix_rows,
-                                       tail_len))
+                                       tail_len, data))
 
     parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp, prefix_rows,
-                         tail_len)
+                         tail_len, data)
     total = peak_bytes(parts)
     if total > bytes_available:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())

@@ -363,9 +363,11 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
     sampling_cfg = sampling.SamplingConfig.from_config(
         config.sampling, evaluation.stop_ids(config, tokenizer))
-    # what stays on the devices while they sample: optimizer state, KL reference
-    kept = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-        (abstract.opt_state, abstract.params if reference is not None else ())))
+    # what stays on the devices while they sample: optimizer state, KL reference (bytes on
+    # all devices together, replicas included)
+    kept = mesh.devices.size * int(sum(
+        np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(
+            (abstract.opt_state, abstract.params if reference is not None else ()))))
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
                                     pad_id=tokenizer.pad_id, reserved_bytes=kept)
     rollout = make_rollout(config, model_cfg, mesh)

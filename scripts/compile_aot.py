@@ -216,7 +216,8 @@ def compile_sampler(args, mesh):
                     lambda: sampling.make_sampler(mesh, mcfg, scfg, shards).jitted.lower(
                         params, prompts, rng), args, mesh,
                     sampling.peak_bytes(sampling.memory_bytes(
-                        mcfg, scfg, args.batch // g, args.prompt_len, mesh.shape["fsdp"]))
+                        mcfg, scfg, args.batch // g, args.prompt_len, mesh.shape["fsdp"],
+                        data=mesh.shape["data"]))
                     // mesh.devices.size)
 
 

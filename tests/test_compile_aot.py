@@ -104,5 +104,6 @@ def test_script_compiles_every_variant_and_reports_failures(monkeypatch, capsys)
     tiny = compile_aot.model.ModelConfig(**compile_aot.MODEL_SHAPES["tiny"], dtype="float32",
                                           param_dtype="float32")
     cfg = compile_aot.sampling.SamplingConfig(num_samples=2, temperature=0.8, max_new_tokens=4)
-    ours = compile_aot.sampling.peak_bytes(compile_aot.sampling.memory_bytes(tiny, cfg, 4, 8, 2))
+    ours = compile_aot.sampling.peak_bytes(compile_aot.sampling.memory_bytes(tiny, cfg, 4, 8, 2,
+                                                                             data=2))
     assert f"pre-compile estimate {ours / 4 / 2**20:.1f} MiB" in blocks[3]

@@ -403,6 +403,10 @@ def test_check_memory():
                                 fsdp=4)
     key = "decoding weights (compute-dtype copy)"
     assert split[key] == 4 * one[key] == 4 * model.num_params(big) * 2
+    # 2 data-parallel replicas: the weights twice, the caches and buffers split between them
+    both = sampling.memory_bytes(big, short, 256, 4096, fsdp=4, data=2)
+    assert both["params"] == 2 * split["params"] and both[key] == 2 * split[key]
+    assert all(both[k] == split[k] for k in split if k not in ("params", key))
     # 256 contexts from 32 documents of 4096 tokens: one prompt cache per document, and the
     # per-sample caches hold only the 4-token tail and the response (shared layout)
     per_slot = 24 * 2 * 2 * 64 * 2
