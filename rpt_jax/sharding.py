@@ -145,6 +145,13 @@ def device_bytes(mesh: Mesh) -> int | None:
     return total * mesh.devices.size // len(local)
 
 
+def stored_bytes(tree) -> int:
+    """Bytes a tree of sharded arrays or ShapeDtypeStructs takes on all its devices together,
+    replicas included (a data-parallel mesh holds each param once per device)."""
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   * len(x.sharding.device_set) for x in jax.tree.leaves(tree)))
+
+
 def peak_bytes(compiled, platform: str) -> int:
     """XLA's estimate of a compiled program's peak memory on one `platform` device, in bytes:
     the peak of its buffer schedule (GPU, TPU; below the sum on TPUs), else arguments + outputs

@@ -259,18 +259,36 @@ def _memory() -> dict:
     return out
 
 
-def check_update_memory(config, update, abstract, mesh) -> int:
-    """Compile the update (`train_step.make_train_step`'s) for the largest prompt bucket the
-    data can produce, and raise ValueError now, before any weights load or sampling, when it
-    cannot fit a device (its `check_memory`). Returns XLA's peak estimate, bytes a device."""
-    P = min(b for b in config.sampling.prompt_buckets if b >= config.data.max_prompt_len)
+def make_update(config, mesh):
+    """(model config, param shardings, optimizer, abstract TrainState, update fn) of a run."""
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    p_shapes = model_lib.param_shapes(model_cfg)
+    p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
+    tx = train_step.make_optimizer(config.optim, config.num_steps)
+    s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
+    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
+                                        logits_chunk=int(config.rl.logits_chunk))
+    return model_cfg, p_shardings, tx, abstract_state(model_cfg, tx, s_shardings), update
+
+
+def largest_prompt(config) -> int:
+    """The widest prompt bucket the data can produce."""
+    return min(b for b in config.sampling.prompt_buckets if b >= config.data.max_prompt_len)
+
+
+def check_update_memory(config, update, abstract, mesh, bytes_per_device=None) -> int:
+    """Compile the update (`make_update`'s) for the largest prompt bucket, and raise
+    ValueError now, before any weights load or sampling, when it cannot fit a device (its
+    `check_memory`; bytes_per_device: default what the devices report). Returns XLA's peak
+    estimate, bytes a device."""
+    P = largest_prompt(config)
     batch = objective.train_batch_shapes(
         int(config.data.batch_size), P, int(config.sampling.max_new_tokens),
         int(config.sampling.num_samples), ref_logprobs=bool(config.rl.kl_coef))
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                      sharding=sharding.batch_sharding(mesh, v.ndim))
              for k, v in batch.items()}  # as the rollout hands it over: no second compile
-    peak = update.check_memory(abstract, batch, P)
+    peak = update.check_memory(abstract, batch, P, bytes_per_device)
     log.info("update compiled for prompt bucket %d: %.3g GiB a device by XLA's estimate", P,
              peak / 2**30)
     return peak
@@ -323,14 +341,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     log.info("mesh (data, fsdp, tensor) = %s over %d devices", mesh_shape, jax.device_count())
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
 
-    model_cfg = model_lib.ModelConfig.from_config(config.model)
-    p_shapes = model_lib.param_shapes(model_cfg)
-    p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
-    tx = train_step.make_optimizer(config.optim, config.num_steps)
-    s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
-    abstract = abstract_state(model_cfg, tx, s_shardings)
-    update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
-                                        logits_chunk=int(config.rl.logits_chunk))
+    model_cfg, p_shardings, tx, abstract, update = make_update(config, mesh)
     check_update_memory(config, update, abstract, mesh)  # before any data or weights load
 
     tokenizer = load_run_tokenizer(config, workdir)
@@ -363,11 +374,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
     sampling_cfg = sampling.SamplingConfig.from_config(
         config.sampling, evaluation.stop_ids(config, tokenizer))
-    # what stays on the devices while they sample: optimizer state, KL reference (bytes on
-    # all devices together, replicas included)
-    kept = mesh.devices.size * int(sum(
-        np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(
-            (abstract.opt_state, abstract.params if reference is not None else ()))))
+    # what stays on the devices while they sample: optimizer state, KL reference
+    kept = sharding.stored_bytes(
+        (abstract.opt_state, abstract.params if reference is not None else ()))
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
                                     pad_id=tokenizer.pad_id, reserved_bytes=kept)
     rollout = make_rollout(config, model_cfg, mesh)

@@ -19,6 +19,12 @@ No timing and no autotuning: a real device may pick other GEMM tilings or fusion
     python scripts/compile_aot.py update --target v5p:4x4x4 --mesh 1,16,4 \
         --preset r1_distill_qwen_14b --batch 2048 --seq-len 12288 --prompt-len 4096 \
         --micro-batches 32 --remat full --share-prompt 1  # the paper's update on a v5p-128
+    python scripts/compile_aot.py config --config configs/r1_distill_qwen_14b.py \
+        --target v5p:4x4x4 --set rl.micro_batches=16  # a config's own update and sampler
+
+`config` compiles what `scripts/train.py --config` would run, through the trainer's own memory
+checks (against the target chip's memory): the update for the largest prompt bucket, then the
+sampler, beside the optimizer state. `--set key=value` overrides the config (Python literals).
 
 --mesh data,fsdp,tensor lays the devices out as a config's mesh section does (-1: the rest).
 Prints, per variant, the compile time, the peak device memory against the device's memory,
@@ -251,9 +257,76 @@ def compile_update(args, mesh):
                     lambda: step.jitted.lower(state, batch, p), args, mesh)
 
 
+def load_config(path: str, overrides: list[str]):
+    """A configs/*.py file's get_config() with --set key=value overrides (Python literals)."""
+    import ast
+    import runpy
+    config = runpy.run_path(path)["get_config"]()
+    for item in overrides:
+        key, _, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def compile_config(args, devices):
+    """A config's own programs on the target, through the trainer's own checks: the update for
+    the largest prompt bucket (trainer.check_update_memory against the chip's memory), then
+    the sampler (its pre-compile formula, less the optimizer state, and XLA's estimate)."""
+    from rpt_jax import config as config_lib, trainer  # ml-collections
+    config = load_config(args.config, args.set)
+    config_lib.validate(config, len(devices))
+    mesh = sharding.make_mesh(config, devices)
+    gib = device_gib(devices[0])
+    limit = int(gib * 2**30) if gib else None
+    print(f"# {args.config}{''.join(' ' + s for s in args.set)}: mesh (data, fsdp, tensor) = "
+          f"{tuple(mesh.shape.values())}, {config.model.preset}")
+    model_cfg, p_shardings, _, abstract, update = trainer.make_update(config, mesh)
+    P = trainer.largest_prompt(config)
+    start = time.perf_counter()
+    try:
+        peak = trainer.check_update_memory(config, update, abstract, mesh, limit)
+        print(f"\n## update, prompt bucket {P}\nfits: {size(peak)} a device (XLA's estimate)"
+              f"{f' of {gib} GiB' if gib else ''}, compiled in {time.perf_counter() - start:.1f} s")
+    except ValueError as e:
+        print(f"\n## update, prompt bucket {P}\nDOES NOT FIT: {e}")
+    scfg = sampling.SamplingConfig.from_config(config.sampling)
+    B = int(config.data.batch_size)
+    if int(config.data.contexts_per_doc) > 1:
+        print("(the sampler is compiled for one prompt row per context; document-grouped rows "
+              "are checked when the run starts)")
+    kept = sharding.stored_bytes(abstract.opt_state)
+    if limit:
+        try:
+            sampling.check_memory(model_cfg, scfg, B, P, limit * mesh.devices.size - kept,
+                                  mesh.shape["fsdp"], data=mesh.shape["data"])
+        except ValueError as e:
+            print(f"\n## sampler, prompt bucket {P}\nDOES NOT FIT by the pre-compile formula: {e}")
+            return
+    estimate = sampling.peak_bytes(sampling.memory_bytes(
+        model_cfg, scfg, B, P, mesh.shape["fsdp"], data=mesh.shape["data"])) // mesh.devices.size
+    tokens = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    params = abstract.params
+    compile_one(f"sampler, prompt bucket {P} (with the optimizer state beside it: "
+                f"{size(kept // mesh.devices.size)} a device)",
+                lambda: sampling.make_sampler(mesh, model_cfg, scfg, p_shardings).jitted.lower(
+                    params, sampling.Prompts(tokens, tokens), rng), args, mesh, estimate)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=("sampler", "update"))
+    ap.add_argument("what", choices=("sampler", "update", "config"))
+    ap.add_argument("--config", help="config: a configs/*.py file")
+    ap.add_argument("--set", action="append", default=[],
+                    help="config: key=value override, e.g. --set rl.micro_batches=16")
     ap.add_argument("--target", default="h100_sxm",
                     help="a GPU description in scripts/gpu_targets (h100_sxm, h200) or a TPU "
                          "topology (v5e:2x2, v6e:4x4, v5p:4x4x4, ...)")
@@ -288,6 +361,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.batch = args.batch or (256 if args.what == "sampler" else 16)
     devices = target_devices(args.target, args.devices)
+    if args.what == "config":
+        if not args.config:
+            ap.error("config needs --config configs/<name>.py")
+        return compile_config(args, devices)
     mesh = target_mesh(devices, args.mesh)
     tpu = devices[0].platform == "tpu"
     args.decode_attention = args.decode_attention or ("xla" if tpu else "xla,pallas")

@@ -107,3 +107,25 @@ def test_script_compiles_every_variant_and_reports_failures(monkeypatch, capsys)
     ours = compile_aot.sampling.peak_bytes(compile_aot.sampling.memory_bytes(tiny, cfg, 4, 8, 2,
                                                                              data=2))
     assert f"pre-compile estimate {ours / 4 / 2**20:.1f} MiB" in blocks[3]
+
+
+def test_config_mode_runs_the_trainers_checks_for_a_config(monkeypatch, capsys):
+    """`compile_aot.py config`: a config file with overrides, on 8 CPU devices standing in for
+    a target's chips. With chips of 2 GiB both programs fit; with chips of 2 MiB the update's
+    error names rl.micro_batches' next valid value and the sampler's formula refuses first."""
+    monkeypatch.setattr(compile_aot, "target_devices", lambda target, n=1: jax.devices()[:8])
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    argv = ["config", "--config", tiny, "--set", "mesh.fsdp=2", "--set", "rl.micro_batches=2",
+            "--set", "sampling.prompt_buckets=(32, 64)"]
+    monkeypatch.setattr(compile_aot, "device_gib", lambda device: 2)
+    compile_aot.main(argv)
+    out = capsys.readouterr().out
+    assert "mesh (data, fsdp, tensor) = (4, 2, 1)" in out
+    assert "## update, prompt bucket 64\nfits: " in out and " of 2 GiB" in out
+    assert "## sampler, prompt bucket 64" in out and "pre-compile estimate" in out
+    monkeypatch.setattr(compile_aot, "device_gib", lambda device: 2 / 1024)
+    compile_aot.main(argv)
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT: the update of 64 rows x 88 tokens in rl.micro_batches=2 slices" in out
+    assert "next valid: 4" in out
+    assert "## sampler, prompt bucket 64\nDOES NOT FIT by the pre-compile formula" in out
