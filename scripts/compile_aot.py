@@ -268,11 +268,12 @@ def load_config(path: str, overrides: list[str]):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare string
-        *path, leaf = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+        node, parts = config, key.split(".")
+        for part in parts:
+            if not hasattr(node, "keys") or part not in node:
+                raise SystemExit(f"--set {item}: the config has no key {key!r}")
+            parent, node = node, node[part]
+        parent[parts[-1]] = value
     return config
 
 

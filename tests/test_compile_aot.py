@@ -129,3 +129,5 @@ def test_config_mode_runs_the_trainers_checks_for_a_config(monkeypatch, capsys):
     assert "DOES NOT FIT: the update of 64 rows x 88 tokens in rl.micro_batches=2 slices" in out
     assert "next valid: 4" in out
     assert "## sampler, prompt bucket 64\nDOES NOT FIT by the pre-compile formula" in out
+    with pytest.raises(SystemExit, match="the config has no key 'rl.micro_batch'"):
+        compile_aot.main(argv + ["--set", "rl.micro_batch=4"])  # a typo is not a new key
