@@ -147,7 +147,11 @@ def base_config(model: str = "tiny"):
     c.eval = ml_collections.ConfigDict(dict(
         every=100, num_examples=200, num_samples=8, split="validation",
         thresholds=(0.5, 1.0, 1.5), proxy_checkpoint=""))
-    c.logging = ml_collections.ConfigDict(dict(every=1, tensorboard=True, jsonl=True))
+    c.logging = ml_collections.ConfigDict(dict(
+        every=1, tensorboard=True, jsonl=True,
+        # jax.profiler trace of steps profile_start .. + profile_steps - 1 into
+        # <workdir>/profile (rpt_jax.profiling); -1: none; step 0 includes the compilations
+        profile_start=-1, profile_steps=3))
     return c
 
 
@@ -190,6 +194,9 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
             continue
         if _get(config, key) not in allowed:
             raise ValueError(f"{key}={_get(config, key)!r} is not one of {allowed}")
+    if config.logging.profile_start >= 0 and config.logging.profile_steps < 1:
+        raise ValueError(f"logging.profile_steps={config.logging.profile_steps} must be >= 1 "
+                         f"when logging.profile_start={config.logging.profile_start} traces")
     m = config.model
     if m.preset not in MODEL_SHAPES:
         model_shape(m.preset)

@@ -15,6 +15,7 @@ Workdir layout:
   tokenizer/            the run's tokenizer (the built-in BPE is trained once, then read)
   tfds/                 prepared corpora, unless data.data_dir is set
   eval/                 the cached eval set
+  profile/              jax.profiler traces of logging.profile_start.. (rpt_jax.profiling)
   metrics.jsonl, tensorboard/   (rpt_jax.metrics_writer)
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from rpt_jax import checkpoint, contexts, evaluation, metrics_writer, objective
 from rpt_jax import config as config_lib
 from rpt_jax import model as model_lib
 from rpt_jax import reward as reward_lib
-from rpt_jax import sampling, sharding, train_step, warmup
+from rpt_jax import profiling, sampling, sharding, train_step, warmup
 from rpt_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,8 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     eval_set, status, last = None, "done", {}
     bad_in_a_row = bad_total = 0
     compiles_seen = None
+    profiler = profiling.StepProfiler(os.path.join(workdir, "profile"),
+                                      config.logging.profile_start, config.logging.profile_steps)
 
     from tqdm import tqdm
     bar = tqdm(total=num_steps, initial=start, desc="rpt", unit="step", dynamic_ncols=True,
@@ -418,16 +421,17 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                 status = "preempted"
                 break
             step = done
-            batch = contexts.to_global({k: v for k, v in next(train_iter).items()
-                                        if k in ROLLOUT_KEYS + GROUPED_KEYS}, mesh)
             use_keep = bool(config.rl.dynamic_sampling) and step >= config.rl.dynamic_sampling_start
-            samples = sampler(state.params, sampling.Prompts.from_batch(batch),
-                              step_key(config.seed, step))
-            batch = {k: batch[k] for k in ROLLOUT_KEYS}
-            train_batch, roll = rollout(state.params, samples, batch, table,
-                                        jnp.asarray(use_keep), reference)
-            state, upd = update(state, train_batch, batch["prompt_tokens"].shape[1])
-            roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
+            with profiler.step(step):
+                batch = contexts.to_global({k: v for k, v in next(train_iter).items()
+                                            if k in ROLLOUT_KEYS + GROUPED_KEYS}, mesh)
+                samples = sampler(state.params, sampling.Prompts.from_batch(batch),
+                                  step_key(config.seed, step))
+                batch = {k: batch[k] for k in ROLLOUT_KEYS}
+                train_batch, roll = rollout(state.params, samples, batch, table,
+                                            jnp.asarray(use_keep), reference)
+                state, upd = update(state, train_batch, batch["prompt_tokens"].shape[1])
+                roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
             done = step + 1
 
             now = time.time()
@@ -469,6 +473,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             if status == "done" and eval_every > 0 and done % eval_every and done > start:
                 evaluate(done)
     finally:  # also on an exception: let pending checkpoint writes finish
+        profiler.close()
         ckpt.close()
         writer.close()
     log.info("%s at step %d (checkpoints in %s)", status, done, ckpt.directory)

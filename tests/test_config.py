@@ -71,6 +71,8 @@ def test_paper_recipe_in_14b_preset():
     ({"sampling.lanes": 16, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
     ({"sampling.split_down": 5}, 1, "sampling.split_down=5 must be >= 1 and divide "
      "model.mlp_dim=384"),
+    ({"logging.profile_start": 2, "logging.profile_steps": 0}, 1,
+     "logging.profile_steps=0 must be >= 1"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")

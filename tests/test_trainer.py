@@ -244,7 +244,7 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
 
 def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
     """data.contexts_per_doc=2: the sampler gets one prefix row per document (8 for 16
-    contexts), the run trains, and nothing recompiles."""
+    contexts), the run trains, and nothing recompiles; step 1 is traced (logging.profile_*)."""
     seen, reserved = [], []
     make = trainer.sampling.make_sampler
 
@@ -265,10 +265,13 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
                         lambda *a: shared.append(a[-2:]) or real(*a))
     grouped = load_config(data_dir, "--config.data.contexts_per_doc=2",
                           "--config.data.batch_size=16", "--config.num_steps=2",
-                          "--config.warmup.steps=0", "--config.eval.every=0")
+                          "--config.warmup.steps=0", "--config.eval.every=0",
+                          "--config.logging.profile_start=1", "--config.logging.profile_steps=1")
     workdir = str(tmp_path / "grouped")
     result = trainer.train_and_evaluate(grouped, workdir, progress=False)
     assert result.status == "done" and result.step == 2
+    # logging.profile_start=1: a jax.profiler trace of step 1
+    assert list(pathlib.Path(workdir, "profile").glob("plugins/profile/*/*.xplane.pb"))
     # the sampler's memory check leaves room for Adam's two float32 moments (and its counts),
     # whole on each device of this data-parallel mesh
     n = model_lib.num_params(model_lib.ModelConfig.from_config(grouped.model))
