@@ -573,9 +573,9 @@ def make_sampler(mesh, model_cfg: model.ModelConfig, sampling_cfg: SamplingConfi
                                  f"(data*fsdp={split})")
             available = sharding.device_bytes(mesh)
             if available is not None:
-                check_memory(model_cfg, sampling_cfg, b, L, available - reserved_bytes,
-                             mesh.shape["fsdp"], prefix_rows=d, tail_len=T,
-                             data=mesh.shape["data"])
+                check_memory(model_cfg, sampling_cfg, b, L, available, mesh.shape["fsdp"],
+                             prefix_rows=d, tail_len=T, data=mesh.shape["data"],
+                             reserved_bytes=reserved_bytes)
             checked.add((d, L, b, T))
         with jax.set_mesh(mesh):
             return jitted(params, prompts, rng)
@@ -640,13 +640,16 @@ def peak_bytes(parts: dict) -> int:
 
 def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, batch: int,
                  prompt_len: int, bytes_available: int, fsdp: int = 1,
-                 prefix_rows: int | None = None, tail_len: int = 1, data: int = 1) -> int:
+                 prefix_rows: int | None = None, tail_len: int = 1, data: int = 1,
+                 reserved_bytes: int = 0) -> int:
     """Raise ValueError before compiling when sampling cannot fit in `bytes_available`.
 
     batch: contexts (rows = batch * num_samples); bytes_available: the memory of all devices
-    the sampler runs on, together (the data are split evenly); the rest as in `memory_bytes`.
-    Returns the estimate in bytes.
+    the sampler runs on, together (the data are split evenly), of which the caller keeps
+    `reserved_bytes` (the optimizer state); the rest as in `memory_bytes`. Returns the
+    estimate in bytes.
     """
+    free = bytes_available - reserved_bytes
     def need(cfg):
         return peak_bytes(memory_bytes(model_cfg, cfg, batch, prompt_len, fsdp, prefix_rows,
                                        tail_len, data))
@@ -654,7 +657,7 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     parts = memory_bytes(model_cfg, sampling_cfg, batch, prompt_len, fsdp, prefix_rows,
                          tail_len, data)
     total = peak_bytes(parts)
-    if total > bytes_available:
+    if total > free:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
         # the most lanes (continuous batching) that fit, in slots of num_samples
         g, lanes = sampling_cfg.num_samples, 0
@@ -662,17 +665,19 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
         while lo <= hi:
             mid = (lo + hi) // 2
             cfg = dataclasses.replace(sampling_cfg, lanes=mid * g, cache_blocks=1)
-            if need(cfg) <= bytes_available:
+            if need(cfg) <= free:
                 lanes, lo = mid * g, mid + 1
             else:
                 hi = mid - 1
         hint = (f", or decode through sampling.lanes={lanes} (continuous batching, "
                 f"cache_blocks=1; a multiple of num_samples x the data axes)"
                 if lanes and lanes < (sampling_cfg.lanes or batch * g) else "")
+        kept = (f" ({bytes_available / 2**30:.2f} GiB less {reserved_bytes / 2**30:.2f} GiB "
+                f"of optimizer state)" if reserved_bytes else "")
         raise ValueError(
             f"sampling batch={batch} x num_samples={sampling_cfg.num_samples}, prompt_len="
             f"{prompt_len}, max_new_tokens={sampling_cfg.max_new_tokens} needs about "
-            f"{total / 2**30:.2f} GiB but {bytes_available / 2**30:.2f} GiB are available "
+            f"{total / 2**30:.2f} GiB but {free / 2**30:.2f} GiB are available{kept} "
             f"({detail}); lower data.batch_size, sampling.num_samples, "
             f"sampling.max_new_tokens or the prompt bucket, or use a bf16 cache_dtype{hint}")
     return total

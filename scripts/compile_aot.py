@@ -306,8 +306,8 @@ def compile_config(args, devices):
     kept = sharding.stored_bytes(abstract.opt_state)
     if limit:
         try:
-            sampling.check_memory(model_cfg, scfg, B, P, limit * mesh.devices.size - kept,
-                                  mesh.shape["fsdp"], data=mesh.shape["data"])
+            sampling.check_memory(model_cfg, scfg, B, P, limit * mesh.devices.size,
+                                  mesh.shape["fsdp"], data=mesh.shape["data"], reserved_bytes=kept)
         except ValueError as e:
             print(f"\n## sampler, prompt bucket {P}\nDOES NOT FIT by the pre-compile formula: {e}")
             return

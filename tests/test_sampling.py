@@ -389,6 +389,11 @@ def test_check_memory():
         sampling.check_memory(big, dataclasses.replace(fits, lanes=lanes + 8), batch=32,
                               prompt_len=1024, bytes_available=20 * 2**30)
     need = sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30)
+    # what fits alone does not beside optimizer state that leaves less than it needs
+    with pytest.raises(ValueError, match=r"GiB are available \(80.00 GiB less 79.00 GiB of "
+                                         r"optimizer state\)"):
+        sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30,
+                              reserved_bytes=79 * 2**30)
     # params f32 (494M x 4) + bf16 copy (x 2) + response cache (8 x 8192 x 24 x 2 x 2 x 64 x 2)
     assert need > 494e6 * 6 + 8 * 8192 * 24 * 2 * 2 * 64 * 2
     # prefilling 256 prompts of 4096 tokens in 16 slices removes most of the activations
@@ -431,7 +436,7 @@ def test_sampler_checks_memory_less_what_the_caller_keeps(monkeypatch, params):
         pass
 
     def spy(model_cfg, sampling_cfg, batch, prompt_len, bytes_available, *args, **kwargs):
-        seen.append((batch, prompt_len, bytes_available))
+        seen.append((batch, prompt_len, bytes_available, kwargs["reserved_bytes"]))
         raise Checked
 
     monkeypatch.setattr(sampling.sharding, "device_bytes", lambda mesh: 10_000)
@@ -444,7 +449,7 @@ def test_sampler_checks_memory_less_what_the_caller_keeps(monkeypatch, params):
         sampling.make_sampler(mesh, CFG, BASE, shards, reserved_bytes=1_234)(
             params, prompts, jax.random.key(0))
     _, L, b, _ = prompts.check()
-    assert seen == [(b, L, 10_000 - 1_234)]
+    assert seen == [(b, L, 10_000, 1_234)]
 
 def test_config_validation_and_from_config(params):
     from rpt_jax.config import base_config
