@@ -127,7 +127,9 @@ def base_config(model: str = "tiny"):
         clip_low=0.2, clip_high=0.2,
         kl_coef=0.0, entropy_coef=0.0,
         loss_agg="token_mean",
-        micro_batches=1,  # gradient accumulation over this many slices of the batch
+        # gradient accumulation over this many slices of the batch; 0: the fewest that fit the
+        # devices' memory, found by compiling the update at start-up (trainer.fit_update)
+        micro_batches=1,
         logits_chunk=256,  # positions per LM-head chunk in the loss (memory vs speed)
         # compute each context's prompt once for its G samples in the update's forward and
         # backward instead of once per sample (G / micro_batches per micro-batch; whole rows
@@ -222,7 +224,8 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                          f"divisible by the mesh's data axes (data*fsdp={data * fsdp}), so each "
                          f"device samples whole documents")
     samples = config.data.batch_size * config.sampling.num_samples
-    if samples % config.rl.micro_batches or (samples // config.rl.micro_batches) % (data * fsdp):
+    micro = config.rl.micro_batches
+    if micro < 0 or micro and (samples % micro or (samples // micro) % (data * fsdp)):
         raise ValueError(f"data.batch_size*sampling.num_samples={samples} must split into "
                          f"rl.micro_batches={config.rl.micro_batches} slices, each divisible by "
                          f"data*fsdp={data * fsdp}")

@@ -24,6 +24,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rpt_jax import model, objective, sharding
 
 
+class DoesNotFit(ValueError):
+    """The update cannot fit a device's memory (`check_memory`)."""
+
+
+def micro_batch_choices(rows: int, split: int) -> list[int]:
+    """The rl.micro_batches values that cut `rows` into slices divisible by `split` (the
+    mesh's data * fsdp), ascending."""
+    return [m for m in range(1, rows + 1) if rows % m == 0 and (rows // m) % split == 0]
+
+
 class TrainState(NamedTuple):
     params: Any  # float32 weights, model.init's tree
     opt_state: Any  # optax state, sharded like the params it mirrors
@@ -210,7 +220,7 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
 
     def check_memory(state, batch, prompt_len: int = 0, bytes_per_device: int | None = None):
         """Compile the update for these shapes (arrays or ShapeDtypeStructs) and raise
-        ValueError, before anything runs, when it cannot fit: XLA's peak estimate over a
+        DoesNotFit (a ValueError), before anything runs, when it cannot fit: XLA's peak estimate over a
         device's memory (`bytes_per_device`; default what the devices report, no check where
         they report nothing, as on CPU), or a compiler that refuses it (TPU). jit keeps the
         compiled program, so the first real call with these shapes compiles nothing new.
@@ -219,8 +229,8 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
         what = (f"the update of {N} rows x {S} tokens in rl.micro_batches={M} slices "
                 f"(rl.logits_chunk={logits_chunk}, model.remat={model_cfg.remat!r}) on mesh "
                 f"{dict(mesh.shape)}")
-        split = mesh.shape["data"] * mesh.shape["fsdp"]
-        more = [m for m in range(M + 1, N + 1) if N % m == 0 and (N // m) % split == 0]
+        more = [m for m in micro_batch_choices(N, mesh.shape["data"] * mesh.shape["fsdp"])
+                if m > M]
         advice = (f"raise rl.micro_batches{f' (next valid: {more[0]})' if more else ''}, lower "
                   f"rl.logits_chunk, set model.remat='full', or spread the state over more "
                   f"devices (mesh.fsdp)")
@@ -230,14 +240,14 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
         except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower common type)
             if not any(k in str(e) for k in ("RESOURCE_EXHAUSTED", "ut of memory")):
                 raise
-            raise ValueError(f"{what} does not fit: the compiler refused it "
+            raise DoesNotFit(f"{what} does not fit: the compiler refused it "
                              f"({str(e).splitlines()[0][:300]}); {advice}") from e
         peak = sharding.peak_bytes(compiled, mesh.devices.flat[0].platform)
         if bytes_per_device is None:
             total = sharding.device_bytes(mesh)
             bytes_per_device = total and total // mesh.devices.size
         if bytes_per_device and peak > bytes_per_device:
-            raise ValueError(f"{what} needs {peak / 2**30:.3g} GiB a device by XLA's estimate "
+            raise DoesNotFit(f"{what} needs {peak / 2**30:.3g} GiB a device by XLA's estimate "
                              f"but a device has {bytes_per_device / 2**30:.3g} GiB; {advice}")
         return peak
 

@@ -260,16 +260,22 @@ def _memory() -> dict:
     return out
 
 
-def make_update(config, mesh):
-    """(model config, param shardings, optimizer, abstract TrainState, update fn) of a run."""
+def make_state(config, mesh):
+    """(model config, param shardings, optimizer, TrainState shardings, abstract TrainState)."""
     model_cfg = model_lib.ModelConfig.from_config(config.model)
     p_shapes = model_lib.param_shapes(model_cfg)
     p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
     tx = train_step.make_optimizer(config.optim, config.num_steps)
     s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
+    return model_cfg, p_shardings, tx, s_shardings, abstract_state(model_cfg, tx, s_shardings)
+
+
+def make_update(config, mesh):
+    """(model config, param shardings, optimizer, abstract TrainState, update fn) of a run."""
+    model_cfg, p_shardings, tx, s_shardings, abstract = make_state(config, mesh)
     update = train_step.make_train_step(config, model_cfg, mesh, s_shardings, tx,
                                         logits_chunk=int(config.rl.logits_chunk))
-    return model_cfg, p_shardings, tx, abstract_state(model_cfg, tx, s_shardings), update
+    return model_cfg, p_shardings, tx, abstract, update
 
 
 def largest_prompt(config) -> int:
@@ -293,6 +299,38 @@ def check_update_memory(config, update, abstract, mesh, bytes_per_device=None) -
     log.info("update compiled for prompt bucket %d: %.3g GiB a device by XLA's estimate", P,
              peak / 2**30)
     return peak
+
+
+def fit_update(config, mesh, bytes_per_device=None):
+    """`make_update`, checked by `check_update_memory`. With rl.micro_batches=0, the fewest
+    micro-batches whose update fits: a bisection over `train_step.micro_batch_choices`, one
+    compile a probe (on devices that report no memory, as CPUs, the first choice: 1).
+    Returns (config with that count, make_update's tuple, XLA's peak estimate in bytes a
+    device); raises train_step.DoesNotFit."""
+    if int(config.rl.micro_batches):
+        parts = make_update(config, mesh)
+        return config, parts, check_update_memory(config, parts[4], parts[3], mesh,
+                                                  bytes_per_device)
+    rows = int(config.data.batch_size) * int(config.sampling.num_samples)
+    choices = train_step.micro_batch_choices(rows, mesh.shape["data"] * mesh.shape["fsdp"])
+    lo, hi, best, error = 0, len(choices) - 1, None, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        trial = config.copy_and_resolve_references()
+        trial.rl.micro_batches = choices[mid]
+        parts = make_update(trial, mesh)
+        try:
+            peak = check_update_memory(trial, parts[4], parts[3], mesh, bytes_per_device)
+        except train_step.DoesNotFit as e:
+            lo, error = mid + 1, e
+            continue
+        best, hi = (trial, parts, peak), mid - 1
+    if best is None:
+        raise train_step.DoesNotFit(f"rl.micro_batches=0: none of {choices} fits; the most: "
+                                    f"{error}")
+    log.info("rl.micro_batches=0: %d micro-batches, the fewest of %s whose update fits",
+             best[0].rl.micro_batches, choices)
+    return best
 
 
 # ----------------------------------------------------------------------------- evaluation hook
@@ -342,8 +380,8 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     log.info("mesh (data, fsdp, tensor) = %s over %d devices", mesh_shape, jax.device_count())
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
 
-    model_cfg, p_shardings, tx, abstract, update = make_update(config, mesh)
-    check_update_memory(config, update, abstract, mesh)  # before any data or weights load
+    # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
+    config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
 
     tokenizer = load_run_tokenizer(config, workdir)
     train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)

@@ -289,15 +289,17 @@ def compile_config(args, devices):
     limit = int(gib * 2**30) if gib else None
     print(f"# {args.config}{''.join(' ' + s for s in args.set)}: mesh (data, fsdp, tensor) = "
           f"{tuple(mesh.shape.values())}, {config.model.preset}")
-    model_cfg, p_shardings, _, abstract, update = trainer.make_update(config, mesh)
     P = trainer.largest_prompt(config)
     start = time.perf_counter()
     try:
-        peak = trainer.check_update_memory(config, update, abstract, mesh, limit)
-        print(f"\n## update, prompt bucket {P}\nfits: {size(peak)} a device (XLA's estimate)"
-              f"{f' of {gib} GiB' if gib else ''}, compiled in {time.perf_counter() - start:.1f} s")
-    except ValueError as e:
+        config, (model_cfg, p_shardings, _, abstract, _), peak = trainer.fit_update(
+            config, mesh, limit)
+        print(f"\n## update, prompt bucket {P}, rl.micro_batches={config.rl.micro_batches}\n"
+              f"fits: {size(peak)} a device (XLA's estimate){f' of {gib} GiB' if gib else ''}, "
+              f"compiled in {time.perf_counter() - start:.1f} s")
+    except train_step.DoesNotFit as e:
         print(f"\n## update, prompt bucket {P}\nDOES NOT FIT: {e}")
+        model_cfg, p_shardings, _, _, abstract = trainer.make_state(config, mesh)
     scfg = sampling.SamplingConfig.from_config(config.sampling)
     B = int(config.data.batch_size)
     if int(config.data.contexts_per_doc) > 1:

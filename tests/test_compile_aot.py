@@ -121,7 +121,7 @@ def test_config_mode_runs_the_trainers_checks_for_a_config(monkeypatch, capsys):
     compile_aot.main(argv)
     out = capsys.readouterr().out
     assert "mesh (data, fsdp, tensor) = (4, 2, 1)" in out
-    assert "## update, prompt bucket 64\nfits: " in out and " of 2 GiB" in out
+    assert "## update, prompt bucket 64, rl.micro_batches=2\nfits: " in out and " of 2 GiB" in out
     assert "## sampler, prompt bucket 64" in out and "pre-compile estimate" in out
     monkeypatch.setattr(compile_aot, "device_gib", lambda device: 2 / 1024)
     compile_aot.main(argv)

@@ -61,6 +61,7 @@ def test_paper_recipe_in_14b_preset():
     ({"sampling.top_p": 0.0}, 1, "sampling.top_p"),
     ({"data.max_prompt_len": 4096}, 1, "sampling.prompt_buckets"),
     ({"rl.micro_batches": 3}, 1, "rl.micro_batches=3"),
+    ({"rl.micro_batches": -1}, 1, "rl.micro_batches=-1"),
     ({"model.attention": "cudnn"}, 1, "model.attention='cudnn' needs model.dtype bfloat16"),
     ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
     ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),

@@ -298,6 +298,30 @@ def test_an_update_that_cannot_fit_stops_before_any_weights_load(config, tmp_pat
     assert os.listdir(workdir) == []  # no tokenizer, data, checkpoint or metrics yet
 
 
+def test_zero_micro_batches_means_the_fewest_that_fit(config):
+    """rl.micro_batches=0: fit_update bisects the valid counts (32 rows over 8 devices: 1, 2,
+    4) for the fewest whose update fits a device's memory."""
+    mesh = sharding.make_mesh(config)
+    long = config.copy_and_resolve_references()
+    long.sampling.max_new_tokens = 192  # activations, which micro-batches cut, dominate the peak
+    peaks = {}
+    for m in (1, 2, 4):
+        fixed = long.copy_and_resolve_references()
+        fixed.rl.micro_batches = m
+        peaks[m] = trainer.fit_update(fixed, mesh)[2]
+    assert peaks[1] > peaks[2] > peaks[4], peaks
+    auto = long.copy_and_resolve_references()
+    auto.rl.micro_batches = 0
+    for limit, want in [(None, 1), (peaks[1] - 1, 2), (peaks[4], 4)]:
+        chosen, parts, peak = trainer.fit_update(auto, mesh, limit)
+        assert (chosen.rl.micro_batches, peak) == (want, peaks[want]), limit
+        assert parts[4].check_memory  # the update of that count, compiled already
+    assert auto.rl.micro_batches == 0  # the caller's config is left as it was
+    with pytest.raises(train_step.DoesNotFit, match=r"none of \[1, 2, 4\] fits; the most: .*"
+                                                    r"rl.micro_batches=4 slices"):
+        trainer.fit_update(auto, mesh, peaks[4] - 1)
+
+
 def test_kl_to_the_starting_policy_and_its_resume(data_dir, tmp_path):
     """rl.kl_coef > 0: the reference is the policy RL starts from (after the warm-up), saved in
     <workdir>/reference; the KL is 0 at the first update (policy == reference) and grows after;
