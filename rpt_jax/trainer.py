@@ -16,11 +16,14 @@ Workdir layout:
   tfds/                 prepared corpora, unless data.data_dir is set
   eval/                 the cached eval set
   profile/              jax.profiler traces of logging.profile_start.. (rpt_jax.profiling)
+  config.json           the run's config (rl.micro_batches=0 resolved); a resume that changes
+                        it says which keys changed
   metrics.jsonl, tensorboard/   (rpt_jax.metrics_writer)
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -301,6 +304,38 @@ def check_update_memory(config, update, abstract, mesh, bytes_per_device=None) -
     return peak
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def save_config(config, workdir: str) -> list[str]:
+    """Write <workdir>/config.json (process 0). When a run in this workdir wrote one before,
+    warn about every key whose value differs (a resume with another config is not the same
+    run) and return those keys."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    changed = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = _flat(json.load(f))
+        new = _flat(json.loads(text))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            log.warning("the config differs from the one in %s: %s", path, "; ".join(
+                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in changed))
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    return changed
+
+
 def fit_update(config, mesh, bytes_per_device=None):
     """`make_update`, checked by `check_update_memory`. With rl.micro_batches=0, the fewest
     micro-batches whose update fits: a bisection over `train_step.micro_batch_choices`, one
@@ -382,6 +417,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
     # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
     config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
+    save_config(config, workdir)
 
     tokenizer = load_run_tokenizer(config, workdir)
     train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)

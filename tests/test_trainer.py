@@ -104,6 +104,25 @@ def test_run_logs_checkpoints_and_does_not_recompile(uninterrupted):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ck.all_steps() == [8, 10, 12]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["num_steps"] == NUM_STEPS
+
+
+def test_config_json_says_what_a_resume_changed(config, tmp_path, caplog):
+    """save_config writes the run's config; a later start with other values warns, key by key."""
+    assert trainer.save_config(config, str(tmp_path)) == []
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    assert saved["sampling"]["prompt_buckets"] == [64] and saved["data"]["batch_size"] == 8
+    assert trainer.save_config(config, str(tmp_path)) == []  # the same config: silent
+    changed = config.copy_and_resolve_references()
+    changed.optim.lr, changed.num_steps = 0.5, 99
+    with caplog.at_level("WARNING"):
+        assert trainer.save_config(changed, str(tmp_path)) == ["num_steps", "optim.lr"]
+    assert f"optim.lr: {config.optim.lr!r} -> 0.5" in caplog.text
+    assert f"num_steps: {NUM_STEPS} -> 99" in caplog.text
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["optim"]["lr"] == 0.5  # the newest start's config
 
 
 def test_resume_after_corrupt_latest_equals_uninterrupted(config, uninterrupted, tmp_path, caplog):
