@@ -348,6 +348,8 @@ def fit_update(config, mesh, bytes_per_device=None):
                                                   bytes_per_device)
     rows = int(config.data.batch_size) * int(config.sampling.num_samples)
     choices = train_step.micro_batch_choices(rows, mesh.shape["data"] * mesh.shape["fsdp"])
+    if bytes_per_device is None and sharding.device_bytes(mesh) is None:
+        choices = choices[:1]  # nothing to fit: no bisection
     lo, hi, best, error = 0, len(choices) - 1, None, None
     while lo <= hi:
         mid = (lo + hi) // 2
