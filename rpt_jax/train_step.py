@@ -5,8 +5,10 @@ Params and optimizer state live in float32, sharded by `sharding.RULES`; the mod
 into `rl.micro_batches` slices; a `lax.scan` carries (grad_sum, loss_sum, count) over them and
 divides once at the end, so the update equals the one-slice update exactly (up to float
 summation order). The LM head and the loss run fused per chunk of positions
-(`objective.fused_policy_loss`): no [N, S, V] logits, no recompute of them. A step whose loss or gradient is not finite leaves the state untouched and
-says so in its metrics; the trainer decides when to stop.
+(`objective.fused_policy_loss`): no [N, S, V] logits, no recompute of them. A step whose loss
+or gradient is not finite leaves the state untouched and says so in its metrics; the trainer
+decides when to stop. `check_memory` compiles the update from shapes alone and refuses one that
+cannot fit (`DoesNotFit`).
 
 Config fields read: optim.{lr, b1, b2, eps, weight_decay, grad_clip, warmup_steps, schedule};
 rl.{loss_agg, clip_low, clip_high, kl_coef, entropy_coef, micro_batches}; sampling.{temperature,
@@ -129,9 +131,9 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
 
     batch: objective.make_train_batch's dict, rows sharded over the mesh's data axes (plus
     ref_logprobs [N, S] when rl.kl_coef > 0). logits_chunk: positions per LM-head chunk, the
-    memory knob: [rows per device, logits_chunk, V] float32 logits exist at once. metrics: scalars (loss, clip_frac, approx_kl, logp_gap,
-    logp_gap_max, entropy, kl_ref if used, grad_norm, zero_adv_group_frac, loss_tokens,
-    finite, applied).
+    memory knob: [rows per device, logits_chunk, V] float32 logits exist at once. metrics:
+    scalars (loss, clip_frac, approx_kl, logp_gap, logp_gap_max, entropy, kl_ref if used,
+    grad_norm, zero_adv_group_frac, loss_tokens, finite, applied).
     """
     rl, temperature = config.rl, float(config.sampling.temperature)
     G, M = int(config.sampling.num_samples), int(rl.micro_batches)
@@ -220,11 +222,11 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
 
     def check_memory(state, batch, prompt_len: int = 0, bytes_per_device: int | None = None):
         """Compile the update for these shapes (arrays or ShapeDtypeStructs) and raise
-        DoesNotFit (a ValueError), before anything runs, when it cannot fit: XLA's peak estimate over a
-        device's memory (`bytes_per_device`; default what the devices report, no check where
-        they report nothing, as on CPU), or a compiler that refuses it (TPU). jit keeps the
-        compiled program, so the first real call with these shapes compiles nothing new.
-        Returns the peak estimate in bytes per device."""
+        DoesNotFit (a ValueError), before anything runs, when it cannot fit: XLA's peak
+        estimate over a device's memory (`bytes_per_device`; default what the devices report,
+        no check where they report nothing, as on CPU), or a compiler that refuses it (TPU).
+        jit keeps the compiled program, so the first real call with these shapes compiles
+        nothing new. Returns the peak estimate in bytes per device."""
         N, S = batch["tokens"].shape
         what = (f"the update of {N} rows x {S} tokens in rl.micro_batches={M} slices "
                 f"(rl.logits_chunk={logits_chunk}, model.remat={model_cfg.remat!r}) on mesh "

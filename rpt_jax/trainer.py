@@ -288,7 +288,7 @@ def largest_prompt(config) -> int:
 
 def check_update_memory(config, update, abstract, mesh, bytes_per_device=None) -> int:
     """Compile the update (`make_update`'s) for the largest prompt bucket, and raise
-    ValueError now, before any weights load or sampling, when it cannot fit a device (its
+    train_step.DoesNotFit now, before any weights load or sampling, when it cannot fit (its
     `check_memory`; bytes_per_device: default what the devices report). Returns XLA's peak
     estimate, bytes a device."""
     P = largest_prompt(config)
