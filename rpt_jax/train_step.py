@@ -91,13 +91,26 @@ def state_shardings(mesh, tx, param_shapes, param_shardings) -> TrainState:
         step=sharding.replicated(mesh))
 
 
+def fresh_state(params, tx) -> TrainState:
+    """The TrainState of `params` before any update."""
+    return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
 def init_train_state(params, tx, mesh, param_shardings) -> TrainState:
     """A fresh TrainState built on device with its final shardings (nothing replicated first)."""
     shapes = jax.eval_shape(lambda p: p, params)
     out = state_shardings(mesh, tx, shapes, param_shardings)
-    init = jax.jit(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)),
-                   in_shardings=(param_shardings,), out_shardings=out)
+    init = jax.jit(lambda p: fresh_state(p, tx), in_shardings=(param_shardings,),
+                   out_shardings=out)
     return init(params)
+
+
+def abstract_state(model_cfg: model.ModelConfig, tx, shardings: TrainState) -> TrainState:
+    """The TrainState as jax.ShapeDtypeStructs with their shardings (a restore or compile
+    target)."""
+    shapes = jax.eval_shape(lambda p: fresh_state(p, tx), model.param_shapes(model_cfg))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
 
 
 # ----------------------------------------------------------------------------- step

@@ -98,15 +98,6 @@ def check_hf_shape(config, folder: str) -> None:
                                      for k, (a, b) in diff.items()))
 
 
-def abstract_state(model_cfg, tx, state_shardings) -> train_step.TrainState:
-    """The TrainState as jax.ShapeDtypeStructs with their shardings (a restore target)."""
-    def fresh(p):
-        return train_step.TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
-    shapes = jax.eval_shape(fresh, model_lib.param_shapes(model_cfg))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, state_shardings)
-
-
 def initial_params(config, model_cfg, p_shardings):
     """Params of a fresh run: model.hf_checkpoint, else random init from the seed."""
     if config.model.hf_checkpoint:
@@ -270,7 +261,8 @@ def make_state(config, mesh):
     p_shardings = sharding.param_shardings(mesh, model_lib.logical_axes(model_cfg), p_shapes)
     tx = train_step.make_optimizer(config.optim, config.num_steps)
     s_shardings = train_step.state_shardings(mesh, tx, p_shapes, p_shardings)
-    return model_cfg, p_shardings, tx, s_shardings, abstract_state(model_cfg, tx, s_shardings)
+    abstract = train_step.abstract_state(model_cfg, tx, s_shardings)
+    return model_cfg, p_shardings, tx, s_shardings, abstract
 
 
 def make_update(config, mesh):

@@ -247,8 +247,7 @@ def compile_update(args, mesh):
         tx = train_step.make_optimizer(config.optim, 1000)
         shards = train_step.state_shardings(mesh, tx, shapes, ps)
         step = train_step.make_train_step(config, cfg, mesh, shards, tx)
-        state = abstract(jax.eval_shape(lambda p: train_step.TrainState(
-            p, tx.init(p), jnp.zeros((), jnp.int32)), shapes), shards)
+        state = train_step.abstract_state(cfg, tx, shards)
         n, p = args.batch, args.prompt_len
         batch = objective.train_batch_shapes(n // G, p, R, G)
         batch = abstract(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh, 1), batch))

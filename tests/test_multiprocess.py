@@ -153,7 +153,8 @@ def restore(workdir, num_steps):
     config, mesh, cfg, p_sh = _model(num_steps)
     shapes = model_lib.param_shapes(cfg)
     tx = train_step.make_optimizer(config.optim, config.num_steps)
-    abstract = trainer.abstract_state(cfg, tx, train_step.state_shardings(mesh, tx, shapes, p_sh))
+    abstract = train_step.abstract_state(cfg, tx,
+                                         train_step.state_shardings(mesh, tx, shapes, p_sh))
     ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         return ck.all_steps(), ck.restore(abstract)

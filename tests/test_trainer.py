@@ -71,7 +71,8 @@ def final_state(config, workdir):
     shapes = model_lib.param_shapes(cfg)
     p_sh = sharding.param_shardings(mesh, model_lib.logical_axes(cfg), shapes)
     tx = train_step.make_optimizer(config.optim, config.num_steps)
-    abstract = trainer.abstract_state(cfg, tx, train_step.state_shardings(mesh, tx, shapes, p_sh))
+    abstract = train_step.abstract_state(cfg, tx,
+                                         train_step.state_shardings(mesh, tx, shapes, p_sh))
     return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).restore(abstract)
 
 
