@@ -29,6 +29,8 @@ MODEL_SHAPES = {
         tie_embeddings=False),
 }
 
+HF_PRESET = "hf_checkpoint"  # model.preset of a config whose architecture came from a checkpoint
+
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -52,7 +54,7 @@ def model_shape(name: str) -> dict:
     """The architecture fields of a named model shape; raises on an unknown name."""
     if name not in MODEL_SHAPES:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_SHAPES)}")
-    return dict(MODEL_SHAPES[name])
+    return {"rope_scaling": "", **MODEL_SHAPES[name]}  # plain RoPE (rpt_jax.rope)
 
 
 def base_config(model: str = "tiny"):
@@ -157,6 +159,18 @@ def base_config(model: str = "tiny"):
     return c
 
 
+def use_hf_checkpoint(config, folder: str):
+    """Start config from the Hugging Face checkpoint `folder`: model.hf_checkpoint, and the
+    architecture fields (RoPE scaling included) from its config.json, model.preset
+    "hf_checkpoint". Raises naming the file and key for what rpt_jax.model cannot run."""
+    from rpt_jax import hf  # numpy, safetensors
+    for key, value in hf.model_config_from_hf(folder).items():
+        config.model[key] = value
+    config.model.preset = HF_PRESET
+    config.model.hf_checkpoint = str(folder)
+    return config
+
+
 def _get(config, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -200,8 +214,13 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
         raise ValueError(f"logging.profile_steps={config.logging.profile_steps} must be >= 1 "
                          f"when logging.profile_start={config.logging.profile_start} traces")
     m = config.model
-    if m.preset not in MODEL_SHAPES:
+    if m.preset == HF_PRESET and not m.hf_checkpoint:
+        raise ValueError(f"model.preset={HF_PRESET!r} needs model.hf_checkpoint (the folder whose "
+                         f"config.json gave the architecture)")
+    if m.preset not in (*MODEL_SHAPES, HF_PRESET):
         model_shape(m.preset)
+    from rpt_jax import rope  # numpy + jax.numpy only
+    rope.parse(m.rope_scaling, "model.rope_scaling")
     data, fsdp, tensor = mesh_shape(config, num_devices)
     if m.attention == "cudnn" and m.dtype == "float32":
         raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16")

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rpt_jax import model as model_lib
+from rpt_jax import rope as rope_lib
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 # Class defaults of transformers' LlamaConfig / Qwen2Config for keys a config.json may omit.
@@ -62,8 +63,8 @@ def _read_json(path: pathlib.Path) -> dict:
 def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
-    Supports LlamaForCausalLM and Qwen2ForCausalLM (qkv biases) with plain RoPE and full
-    attention; raises ValueError naming the key for anything rpt_jax.model does not compute.
+    Supports LlamaForCausalLM and Qwen2ForCausalLM (qkv biases) with full attention and plain,
+    linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything rpt_jax.model does not compute.
     """
     if isinstance(folder_or_config_json, dict):
         hf, where = folder_or_config_json, "config dict"
@@ -94,13 +95,19 @@ def model_config_from_hf(folder_or_config_json) -> dict:
                "Llama attention bias includes o_proj, which rpt_jax.model has not")
     reject(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor",
            "RoPE rotates the whole head")
-    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters.
+    # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters (both may be
+    # present, and the same); an original_max_position_embeddings left out defaults as in HF.
+    scalings = set()
     for key in ("rope_scaling", "rope_parameters"):
-        rope = hf.get(key) or {}
+        rope = hf.get(key)
+        if not rope:
+            continue
         reject(any(isinstance(v, dict) for v in rope.values()), key, "per-layer-type RoPE")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        reject(kind != "default", key, f"RoPE scaling {kind!r}: rpt_jax.model implements default "
-               "RoPE only, so long-context scaled models would give wrong logits")
+        old = hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        rope = {"original_max_position_embeddings": old, **rope}
+        scalings.add(rope_lib.canonical(rope, f"{where}: {key}"))
+    if len(scalings) > 1:
+        raise ValueError(f"{where}: rope_scaling and rope_parameters disagree: {sorted(scalings)}")
     layer_types = hf.get("layer_types") or []
     reject(any(t != "full_attention" for t in layer_types), "layer_types",
            "only full attention; sliding-window layers are not implemented")
@@ -120,6 +127,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         head_dim=hf.get("head_dim") or need("hidden_size") // heads,
         mlp_dim=need("intermediate_size"),
         rope_theta=float(theta or _DEFAULTS["rope_theta"]),
+        rope_scaling=scalings.pop() if scalings else "",
         rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"])),
         qkv_bias=arch == "Qwen2ForCausalLM",
         tie_embeddings=bool(hf.get("tie_word_embeddings", _DEFAULTS["tie_word_embeddings"])),
@@ -381,13 +389,15 @@ def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
-        # Both spellings: transformers <5 reads rope_theta, >=5 rope_parameters.
+        # Both spellings: transformers <5 reads rope_theta (+ rope_scaling), >=5 rope_parameters.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope_lib.hf_params(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
         "initializer_range": cfg.init_std, "use_cache": True,
         "torch_dtype": dtype, "dtype": dtype,
     }
+    if cfg.rope_scaling:
+        out["rope_scaling"] = rope_lib.parse(cfg.rope_scaling)
     if qwen:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
     else:

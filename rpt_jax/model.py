@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rpt_jax import decode_attention, sharding
+from rpt_jax import decode_attention, rope, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class ModelConfig:
     head_dim: int
     mlp_dim: int
     rope_theta: float = 10_000.0
+    rope_scaling: str = ""  # "" plain RoPE, else a scaling's canonical JSON (rpt_jax.rope)
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
     tie_embeddings: bool = True
@@ -122,22 +123,6 @@ def rms_norm(x, weight, eps):
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope(x, positions, theta):
-    """Rotary embedding, rotate-half layout (Hugging Face Llama/Qwen2). x [b, t, n, e]; positions [b, t]."""
-    cos, sin = rope_angles(positions, x.shape[-1], theta)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-def rope_angles(positions, e: int, theta):
-    """(cos, sin) [..., e / 2] float32 of the rope angles at integer positions [...]."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
 def _dense(x, p, spec, dtype):
     y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
     if "bias" in p:
@@ -150,7 +135,7 @@ def _qkv(p, x, positions, cfg):
     q = _dense(x, p["q_proj"], "btd,dhe->bthe", dtype)
     k = _dense(x, p["k_proj"], "btd,dke->btke", dtype)
     v = _dense(x, p["v_proj"], "btd,dke->btke", dtype)
-    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+    return rope.apply(q, positions, cfg), rope.apply(k, positions, cfg), v
 
 
 def _attend(q, k, v, allowed):
@@ -482,12 +467,6 @@ def _decode_attend(q, parts):
     return out / denom
 
 
-def _rope_rows(x, positions, theta):
-    """rope for one token per row: x [r, ..., e], positions [r]."""
-    flat = x.reshape(x.shape[0], 1, -1, x.shape[-1])
-    return rope(flat, positions[:, None], theta).reshape(x.shape)
-
-
 def _decode_attend_pallas(q, parts, own=(), **kernel):
     """`_decode_attend` with the fused kernel (decode_attention): parts are (keys, values,
     (valid [b, s], limit [b, g * nq])); own: (out [r, k, q, e], lse [r, k, q]) of parts already
@@ -565,7 +544,7 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
     if fused:
         slot = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (r,))
         read = slot if active is None else jnp.where(active, slot, 0)
-        cos, sin = rope_angles(positions, e, cfg.rope_theta)  # [r, e/2]
+        cos, sin = rope.angles(positions, cfg)  # [r, e/2]
     x = weights["embed_tokens"][tokens]  # [r, d]
     new_k, new_v = [], []
     for i, p in enumerate(weights["layers"]):
@@ -584,8 +563,8 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
             else:
                 attn, ck, cv = step()
         else:
-            q = _rope_rows(qkv[:, :, :nq], positions, cfg.rope_theta)  # [r, k, q, e]
-            k = _rope_rows(qkv[:, :, nq:nq + 1], positions, cfg.rope_theta)  # [r, k, 1, e]
+            q = rope.apply_rows(qkv[:, :, :nq], positions, cfg)  # [r, k, q, e]
+            k = rope.apply_rows(qkv[:, :, nq:nq + 1], positions, cfg)  # [r, k, 1, e]
             ck, cv = write(cache["k"][i], k), write(cache["v"][i], qkv[:, :, nq + 1:])
             attn = attend(q, others + [(ck, cv, reads[-1])])
         new_k.append(ck)

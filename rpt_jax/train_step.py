@@ -209,7 +209,7 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
 
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         metrics = objective.finalize_stats(stats)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         applied = finite & (count > 0)  # all groups dropped: nothing to learn from
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

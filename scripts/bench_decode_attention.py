@@ -26,12 +26,13 @@ import argparse
 import functools
 import itertools
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
-from rpt_jax import decode_attention, model  # noqa: E402
+from rpt_jax import decode_attention, model, rope  # noqa: E402
 from bench_sampler import bandwidth, interleaved, print_table  # noqa: E402  (same discipline)
 
 SWEEP = {"block_k": (32, 64, 128), "num_warps": (2, 4), "num_stages": (2, 3),
@@ -77,7 +78,8 @@ def step_runners(rows, parts, filled, kv, nq, e, dtype, rng):
     qkv = jax.random.normal(rng, (rows, kv, nq + 2, e), dtype)
     positions = jnp.full((rows,), 1000 + filled, jnp.int32)
     slot = jnp.full((rows,), filled, jnp.int32)
-    cos, sin = model.rope_angles(positions, e, 1e6)
+    spec = types.SimpleNamespace(head_dim=e, rope_theta=1e6, rope_scaling="")  # rope.angles' fields
+    cos, sin = rope.angles(positions, spec)
 
     def fused(qkv, layers):
         return jnp.stack([decode_attention.step_attention(qkv, cos, sin, k, v, valid, slot,
@@ -85,8 +87,8 @@ def step_runners(rows, parts, filled, kv, nq, e, dtype, rng):
                           for ((k, v, (valid, _)),) in layers])
 
     def apart(qkv, layers):
-        q = model._rope_rows(qkv[:, :, :nq], positions, 1e6)
-        new_k = model._rope_rows(qkv[:, :, nq:nq + 1], positions, 1e6)
+        q = rope.apply_rows(qkv[:, :, :nq], positions, spec)
+        new_k = rope.apply_rows(qkv[:, :, nq:nq + 1], positions, spec)
         write = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, filled, 0))  # noqa: E731
         return jnp.stack([model._decode_attend_pallas(q, [(
             write(k, new_k), write(v, qkv[:, :, nq + 1:]),

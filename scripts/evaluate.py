@@ -53,15 +53,6 @@ def _is_hf(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _hf_config(config, folder):
-    """The config with model fields from the HF folder's config.json (its architecture wins)."""
-    from rpt_jax import hf
-    config = config.copy_and_resolve_references()
-    for k, v in hf.model_config_from_hf(folder).items():
-        config.model[k] = v
-    return config
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -83,7 +74,8 @@ def main(argv):
     hf_folder = _is_hf(path)
     if _WORKDIR.value and hf_folder:
         raise app.UsageError(f"--workdir {path} is an HF folder; use --checkpoint")
-    config = _hf_config(_CONFIG.value, path) if hf_folder else _CONFIG.value
+    config = (config_lib.use_hf_checkpoint(_CONFIG.value.copy_and_resolve_references(), path)
+              if hf_folder else _CONFIG.value)
     config_lib.validate(config, jax.device_count())
     output = os.path.abspath(_OUTPUT.value or (
         os.path.join(path, "evaluation") if not hf_folder

@@ -1,6 +1,8 @@
 """Configs: every preset loads through config_flags with overrides and validates; bad ones fail by key."""
+import dataclasses
 import pathlib
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -15,8 +17,8 @@ PRESETS = {  # preset file -> a device count it is meant for
 }
 
 
-def load(name, *overrides):
-    argv = ["prog", f"--config={ROOT / 'configs' / name}.py", *overrides]
+def load(name, *overrides, suffix=""):
+    argv = ["prog", f"--config={ROOT / 'configs' / name}.py{suffix}", *overrides]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config", flag_values=fv, lock_config=True,
                                     sys_argv=argv)  # overrides are read from argv, not sys.argv
@@ -58,6 +60,8 @@ def test_paper_recipe_in_14b_preset():
     ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "at most one of"),
     ({"rl.loss_agg": "mean"}, 1, "rl.loss_agg='mean' is not one of"),
     ({"model.preset": "gpt5"}, 1, "unknown model preset 'gpt5'"),
+    ({"model.preset": "hf_checkpoint"}, 1, "model.preset='hf_checkpoint' needs model.hf_checkpoint"),
+    ({"model.rope_scaling": '{"rope_type": "dynamic"}'}, 1, "model.rope_scaling: RoPE scaling"),
     ({"sampling.top_p": 0.0}, 1, "sampling.top_p"),
     ({"data.max_prompt_len": 4096}, 1, "sampling.prompt_buckets"),
     ({"rl.micro_batches": 3}, 1, "rl.micro_batches=3"),
@@ -99,3 +103,27 @@ def test_sampler_tuning_keys_are_optional():
     rc.validate(c, 1)
     from rpt_jax.sampling import SamplingConfig
     assert SamplingConfig.from_config(c.sampling).attention == "xla"
+
+
+def test_hf_checkpoint_config_takes_the_folders_architecture(tmp_path, smol):
+    """configs/hf_checkpoint.py:<folder>: shape and RoPE scaling from its config.json, the chat
+    template when its tokenizer has one; command-line overrides still apply."""
+    import jax
+
+    from rpt_jax import hf, rope
+    yarn = rope.canonical({"rope_type": "yarn", "factor": 4.0,
+                           "original_max_position_embeddings": 64})
+    cfg = model.ModelConfig(**{**rc.model_shape("tiny"), "vocab_size": 49152, "rope_scaling": yarn})
+    params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+    smol[1].save(tmp_path / "tok")
+    folder = hf.save_params(params, cfg, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    c = load("hf_checkpoint", "--config.data.batch_size=8", suffix=f":{folder}")
+    assert (c.model.preset, c.model.hf_checkpoint, c.data.chat_template) == (
+        "hf_checkpoint", str(folder), True)
+    assert c.data.batch_size == 8
+    got = model.ModelConfig.from_config(c.model)
+    assert dataclasses.replace(got, remat="none", dtype="float32") == cfg
+    rc.validate(c, 1)
+    with pytest.raises(flags.IllegalFlagValueError, match="needs the checkpoint folder"):
+        load("hf_checkpoint")

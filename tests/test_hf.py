@@ -3,6 +3,7 @@
 The SmolLM2 fixture materialises the checkpoint once (scripts/prepare_smollm2.py, cached in
 hf.default_smollm2_dir(); ~30 s the first time).
 """
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rpt_jax import config as config_lib
-from rpt_jax import hf, model, sharding
+from rpt_jax import hf, model, rope, sharding
 
 # The Gettysburg Address (Lincoln, 1863; public domain): ~330 SmolLM2 tokens of real English.
 TEXT = (
@@ -248,6 +249,55 @@ def test_qwen2_export_round_trip(tmp_path, qwen2, qwen2_params):
     assert _tree_equal(hf.load_params(out16, cfg16), rounded)
 
 
+# ----------------------------------------------------------------------------- RoPE scalings
+
+# Llama 3.x's, linear interpolation's and YaRN's parameters, with a short original context so
+# that the 40 positions of the check reach the scaled frequencies.
+SCALINGS = {
+    "llama3": dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),
+    "linear": dict(factor=2.0),
+    "yarn": dict(factor=4.0, original_max_position_embeddings=16, beta_fast=16.0),
+}
+
+
+@pytest.mark.parametrize("kind, model_type", [("llama3", "llama"), ("linear", "llama"),
+                                              ("yarn", "qwen2")])
+def test_scaled_rope_matches_transformers(tmp_path, kind, model_type):
+    """Logits of a random checkpoint with a RoPE scaling, loaded and exported: transformers'
+    logits, the same config from old-style (rope_theta + rope_scaling) config.json files."""
+    torch.manual_seed(0)
+    shape = {k: v for k, v in QWEN.items() if k != "rope_theta"}
+    hf_cfg = transformers.AutoConfig.for_model(
+        model_type, **shape, rope_parameters=dict(SCALINGS[kind], rope_type=kind, rope_theta=5e4))
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf_model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    cfg = model.ModelConfig(**hf.model_config_from_hf(tmp_path / "in"))
+    assert rope.parse(cfg.rope_scaling) == dict(SCALINGS[kind], rope_type=kind)
+    params = hf.load_params(tmp_path / "in", cfg)
+    ids = _ids(cfg, t=40)
+    ours = np.asarray(forward(params, jnp.asarray(ids), cfg))
+    np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+    plain = np.asarray(forward(params, jnp.asarray(ids), dataclasses.replace(cfg, rope_scaling="")))
+    assert np.abs(plain - ours).max() > 50 * 2e-5  # the scaling matters at these positions
+
+    out = hf.save_params(params, cfg, tmp_path / "out")
+    assert model.ModelConfig(**hf.model_config_from_hf(out)) == cfg
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_torch_logits(reloaded, ids), ours, atol=2e-5, rtol=0)
+
+    # transformers < 5 wrote rope_theta + rope_scaling ("type" in older files), with
+    # original_max_position_embeddings left to default to max_position_embeddings
+    written = json.loads((tmp_path / "in" / "config.json").read_text())
+    written.pop("rope_parameters")
+    old = dict(SCALINGS[kind], type=kind)
+    default = old.pop("original_max_position_embeddings", None)
+    if default:
+        written["max_position_embeddings"] = default
+    old_style = hf.model_config_from_hf({**written, "rope_theta": 5e4, "rope_scaling": old})
+    assert model.ModelConfig(**old_style) == cfg
+
+
 # ----------------------------------------------------------------------------- errors
 
 @pytest.fixture
@@ -318,8 +368,12 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
 
 @pytest.mark.parametrize("change, error, pattern", [
     ({"architectures": ["MistralForCausalLM"]}, ValueError, "MistralForCausalLM"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError, "rope_scaling.*llama3"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, ValueError, "rope_parameters.*yarn"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError,
+     r"rope_scaling: RoPE scaling 'llama3' needs \['low_freq_factor', 'high_freq_factor'\]"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, ValueError,
+     "rope_parameters: RoPE scaling 'dynamic' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0},
+      "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, ValueError, "disagree"),
     ({"use_sliding_window": True, "max_window_layers": 1}, ValueError, "use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ValueError, "layer_types"),
     ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, ValueError, "per-layer-type"),
@@ -338,7 +392,9 @@ def test_unsupported_configs_are_named(qwen2, change, error, pattern):
 def test_config_json_round_trip(qwen2, smollm2_dir):
     """hf_config -> transformers' config class -> model_config_from_hf gives the same fields."""
     _, _, cfg = qwen2
-    for source in (cfg, model.ModelConfig(**hf.model_config_from_hf(smollm2_dir))):
+    scaled = [dataclasses.replace(cfg, rope_scaling=rope.canonical(dict(s, rope_type=kind)))
+              for kind, s in SCALINGS.items()]
+    for source in (cfg, model.ModelConfig(**hf.model_config_from_hf(smollm2_dir)), *scaled):
         written = hf.hf_config(source, "float32")
         hf_cfg = transformers.AutoConfig.for_model(written.pop("model_type"), **written).to_dict()
         fields = hf.model_config_from_hf({**hf_cfg, "architectures": written["architectures"]})

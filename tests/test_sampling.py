@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rpt_jax import model, sampling, sharding
+from rpt_jax import model, rope, sampling, sharding
 
 CFG = model.ModelConfig(vocab_size=96, num_layers=2, hidden_size=32, num_heads=4,
                         num_kv_heads=2, head_dim=8, mlp_dim=64, rope_theta=10_000.0,
@@ -54,19 +54,19 @@ def _sample(params, tokens, mask, rng, cfg, sampling_cfg, pad_id):
 
 
 WIDTH = 32  # the reference forward runs on one fixed length (causal: later tokens do not matter)
-_forward = jax.jit(lambda params, seq: model.forward(params, seq, CFG)[0])
+_forward = jax.jit(lambda params, seq, cfg: model.forward(params, seq, cfg)[0], static_argnums=2)
 
 
-def _full_logits(params, seq):
+def _full_logits(params, seq, cfg=CFG):
     """Float32 logits [len(seq), v] of the unpadded sequence from the full forward."""
     padded = np.zeros((1, WIDTH), np.int32)
     padded[0, :len(seq)] = seq
-    return np.asarray(_forward(params, jnp.asarray(padded)))[:len(seq)]
+    return np.asarray(_forward(params, jnp.asarray(padded), cfg))[:len(seq)]
 
 
-def _rescore(params, prompt, response, temperature):
+def _rescore(params, prompt, response, temperature, cfg=CFG):
     """log_softmax(forward / T) of each response token given the unpadded prompt: [len]."""
-    logits = _full_logits(params, np.concatenate([prompt, response]))[len(prompt) - 1:-1]
+    logits = _full_logits(params, np.concatenate([prompt, response]), cfg)[len(prompt) - 1:-1]
     logp = jax.nn.log_softmax(jnp.asarray(logits) / temperature, axis=-1)
     return np.asarray(jnp.take_along_axis(logp, jnp.asarray(response)[:, None], -1)[:, 0])
 
@@ -91,22 +91,39 @@ def greedy_out(params, ragged):
     return _sample(params, tokens, mask, jax.random.key(3), CFG, GREEDY, 0)
 
 
-def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_out):
-    """Every row (ragged, left padded, fanned out to G) equals its prompt decoded alone."""
-    _, _, rows = ragged
-    g = GREEDY.num_samples
+def _check_greedy(params, rows, out, g, cfg=CFG):
+    """out's rows (G = g of each prompt) equal each prompt decoded alone by the full forward."""
     for i, prompt in enumerate(rows):
         seq = list(prompt)
         for _ in range(N):
-            seq.append(int(np.argmax(_full_logits(params, seq)[-1])))
+            seq.append(int(np.argmax(_full_logits(params, seq, cfg)[-1])))
         want = np.asarray(seq[len(prompt):])
         for j in range(g):
-            np.testing.assert_array_equal(greedy_out.tokens[i * g + j], want)
-            np.testing.assert_allclose(greedy_out.logprobs[i * g + j],
-                                       _rescore(params, prompt, want, GREEDY.temperature),
+            np.testing.assert_array_equal(out.tokens[i * g + j], want)
+            np.testing.assert_allclose(out.logprobs[i * g + j],
+                                       _rescore(params, prompt, want, GREEDY.temperature, cfg),
                                        atol=1e-4)
-    np.testing.assert_array_equal(greedy_out.lengths, N)
-    assert not greedy_out.finished.any()
+    np.testing.assert_array_equal(out.lengths, N)
+    assert not out.finished.any()
+
+
+def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_out):
+    """Every row (ragged, left padded, fanned out to G) equals its prompt decoded alone."""
+    _check_greedy(params, ragged[2], greedy_out, GREEDY.num_samples)
+
+
+# YaRN scales cos and sin (by 1.14) and changes the frequencies: RoPE scalings reach the sampler
+YARN = dataclasses.replace(CFG, rope_scaling=rope.canonical(
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}))
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])  # pallas: the fused step's own rope
+def test_scaled_rope_greedy_equals_full_forward(params, ragged, greedy_out, attention):
+    tokens, mask, rows = ragged
+    cfg = dataclasses.replace(GREEDY, num_samples=1, attention=attention)
+    out = _sample(params, tokens, mask, jax.random.key(3), YARN, cfg, 0)
+    _check_greedy(params, rows, out, 1, YARN)
+    assert not np.allclose(out.logprobs, greedy_out.logprobs[::GREEDY.num_samples])
 
 
 @pytest.mark.parametrize("change", [

@@ -1,6 +1,7 @@
 """The training loop on a 1-layer model: a short run, resume equals uninterrupted (bitwise, after
 a corrupt latest checkpoint too), SIGTERM saves and exits cleanly, kill -9 resumes, a non-finite
 step is skipped and K in a row stop the run."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -240,25 +241,32 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, t
 
 
 def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
-    """model.hf_checkpoint: the weights (and the folder's tokenizer) are the run's start; with
-    lr 0 the one update leaves them bitwise as loaded. A shape mismatch fails before compiling."""
-    from rpt_jax import hf
+    """config.use_hf_checkpoint (as configs/hf_checkpoint.py): the folder's architecture, a
+    Llama 3 RoPE scaling included, its weights and its tokenizer are the run's start; with lr 0
+    the one update leaves them bitwise as loaded. A config that differs fails before compiling."""
+    from rpt_jax import config as config_lib
+    from rpt_jax import hf, rope
     from rpt_jax import tokenizer as tokenizer_lib
-    cfg = model_lib.ModelConfig.from_config(config.model)
+    cfg = dataclasses.replace(model_lib.ModelConfig.from_config(config.model), rope_scaling=(
+        rope.canonical({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})))
     params = model_lib.init(cfg, jax.random.key(7))
     tok_dir = str(tmp_path / "tok")
     tokenizer_lib.load_tokenizer(config).save(tok_dir)
     folder = str(hf.save_params(params, cfg, tmp_path / "hf", tokenizer_dir=tok_dir))
-    hf_config = load_config(data_dir, f"--config.model.hf_checkpoint={folder}",
-                            "--config.num_steps=1", "--config.warmup.steps=0",
-                            "--config.eval.every=0", "--config.optim.lr=0.0")
+    hf_config = config_lib.use_hf_checkpoint(
+        load_config(data_dir, "--config.num_steps=1", "--config.warmup.steps=0",
+                    "--config.eval.every=0", "--config.optim.lr=0.0"), folder)
+    assert (hf_config.model.preset, hf_config.model.rope_scaling) == ("hf_checkpoint",
+                                                                     cfg.rope_scaling)
     result = trainer.train_and_evaluate(hf_config, str(tmp_path / "run"), progress=False)
     assert result.status == "done" and result.step == 1
     assert_bitwise_equal(result.state.params, params)
 
     wrong = load_config(data_dir, f"--config.model.hf_checkpoint={folder}",
                         "--config.model.mlp_dim=128")
-    with pytest.raises(ValueError, match="model.mlp_dim=128 but the checkpoint has 64"):
+    with pytest.raises(ValueError, match="model.mlp_dim=128 but the checkpoint has 64, "
+                                         "model.rope_scaling='' but the checkpoint has '{"):
         trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
 
 
