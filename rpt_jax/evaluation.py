@@ -226,8 +226,9 @@ def _sampler(mesh, cfg: model_lib.ModelConfig, sampling_cfg: sampling.SamplingCo
 
 
 def stop_ids(config, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus every sampling.stop_strings entry that is one token."""
-    ids = {tokenizer.eos_id}
+    """The tokenizer's end ids (EOS, generation_config.json's) plus every sampling.stop_strings
+    entry that is one token."""
+    ids = set(tokenizer.end_ids)
     ids |= {i for i in map(tokenizer.token_to_id, config.sampling.stop_strings) if i is not None}
     return tuple(sorted(ids))
 

@@ -21,6 +21,7 @@ import tokenizers
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+GENERATION_CONFIG = "generation_config.json"  # eos_token_id: the ids HF generate stops on
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers>=4.47 saves the template here
 
 # ChatML, used by the built-in tokenizer (SmolLM2 and Qwen2 use the same markers).
@@ -76,7 +77,8 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special-token and chat-template settings of its folder."""
 
     def __init__(self, tok: tokenizers.Tokenizer, config: dict | None = None,
-                 chat_template: str | None = None, source: str = "<memory>"):
+                 chat_template: str | None = None, source: str = "<memory>",
+                 end_ids: tuple[int, ...] = ()):
         self._tok = tok
         self._config = dict(config or {})
         self.source = source
@@ -104,11 +106,17 @@ class Tokenizer:
             raise ValueError(f"{source}: no eos_token in {TOKENIZER_CONFIG} and none of "
                              f"{_FALLBACK_EOS} in the vocabulary")
         self.eos_id: int = eos
+        bad = [i for i in end_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{source}: {GENERATION_CONFIG} eos_token_id {bad} is outside the "
+                             f"vocabulary of {self.vocab_size} ids")
+        # where a sample ends: EOS and the checkpoint's other end ids (Llama 3's <|eot_id|>, ...)
+        self.end_ids: tuple[int, ...] = tuple(sorted({eos, *end_ids}))
         self.bos_id: int | None = lookup("bos_token")
         pad = lookup("pad_token")
         self.pad_id: int = self.eos_id if pad is None else pad
         ids = {i for i, a in self._added.items() if a.get("special")}
-        ids |= {i for i in (self.eos_id, self.bos_id, self.pad_id) if i is not None}
+        ids |= {i for i in (*self.end_ids, self.bos_id, self.pad_id) if i is not None}
         ids |= set(range(self.vocab_size)) - set(vocab.values())  # holes never match text
         self.special_ids: frozenset[int] = frozenset(ids)
 
@@ -134,7 +142,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, chat_template.jinja,
+        and generation_config.json's eos_token_id (an id or a list)."""
         path = os.fspath(path)
         tj = os.path.join(path, TOKENIZER_JSON)
         if not os.path.isfile(tj):
@@ -149,7 +158,14 @@ class Tokenizer:
         if os.path.isfile(jinja):
             with open(jinja) as f:
                 template = f.read()
-        return cls(tokenizers.Tokenizer.from_file(tj), config, template, source=path)
+        end_ids = ()
+        gen = os.path.join(path, GENERATION_CONFIG)
+        if os.path.isfile(gen):
+            with open(gen) as f:
+                eos = json.load(f).get("eos_token_id")
+            end_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return cls(tokenizers.Tokenizer.from_file(tj), config, template, source=path,
+                   end_ids=end_ids)
 
     def save(self, folder) -> None:
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
@@ -164,6 +180,9 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         with open(os.path.join(folder, TOKENIZER_CONFIG), "w") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+        if self.end_ids != (self.eos_id,):
+            with open(os.path.join(folder, GENERATION_CONFIG), "w") as f:
+                json.dump({"eos_token_id": list(self.end_ids)}, f, indent=2)
 
     # ------------------------------------------------------------------ text <-> ids
     def encode(self, text: str, allow_special: bool = True) -> list[int]:

@@ -1,5 +1,6 @@
 """rpt_jax.tokenizer against transformers' SmolLM2 tokenizer on real multi-byte text, a
 hand-built SentencePiece-style (Metaspace + byte fallback) vocabulary, and the built-in BPE."""
+import json
 
 import numpy as np
 import pytest
@@ -89,6 +90,30 @@ def test_save_round_trip(smol, tmp_path):
     hf2 = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf2.encode(EXTRA, add_special_tokens=False) == tok.encode(EXTRA)
     assert hf2.eos_token_id == tok.eos_id
+
+
+def test_generation_config_end_ids(smol, tmp_path):
+    """generation_config.json's eos_token_id (Llama 3 Instruct lists <|eot_id|> besides EOS) ends
+    samples too: end_ids, special, the sampler's stop ids; saved and read back; ids outside the
+    vocabulary are named."""
+    from rpt_jax import config as config_lib
+    from rpt_jax import evaluation
+    _, tok = smol
+    tok.save(tmp_path)
+    assert tok_lib.Tokenizer.from_dir(tmp_path).end_ids == (tok.eos_id,)
+    assert not (tmp_path / "generation_config.json").exists()
+    im_start = tok.token_to_id("<|im_start|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_start, 2]}))
+    again = tok_lib.Tokenizer.from_dir(tmp_path)
+    assert again.end_ids == tuple(sorted({tok.eos_id, im_start, 2}))
+    assert im_start in again.special_ids
+    config = config_lib.base_config("smollm2_135m")
+    assert set(again.end_ids) <= set(evaluation.stop_ids(config, again))
+    again.save(tmp_path / "copy")
+    assert tok_lib.Tokenizer.from_dir(tmp_path / "copy").end_ids == again.end_ids
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(ValueError, match=r"generation_config.json eos_token_id \[1000000\]"):
+        tok_lib.Tokenizer.from_dir(tmp_path)
 
 
 def _metaspace_tokenizer():
