@@ -165,7 +165,9 @@ class ExampleSpec:
 
 
 def template_ids(tokenizer, name: str, chat: bool) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt text before and after the context, tokenised separately."""
+    """Token ids of the prompt text before and after the context, tokenised separately. The
+    prompt starts as transformers would start it: with the chat template's own BOS, else with
+    the tokenizer's leading ids (Llama's BOS)."""
     if name not in TEMPLATES:
         raise ValueError(f"data.template={name!r} is not one of {sorted(TEMPLATES)}")
     text = TEMPLATES[name]
@@ -177,7 +179,8 @@ def template_ids(tokenizer, name: str, chat: bool) -> tuple[list[int], list[int]
         if rendered.count(_SENTINEL) != 1:
             raise ValueError("the chat template altered the user text; cannot place the context")
         before, after = rendered.split(_SENTINEL)
-    return tokenizer.encode(before), tokenizer.encode(after)
+        return tokenizer.encode(before), tokenizer.encode(after)
+    return [*tokenizer.leading_ids, *tokenizer.encode(before)], tokenizer.encode(after)
 
 
 def _left_pad(rows: list, width: int, fill: int, dtype) -> tuple[np.ndarray, np.ndarray]:

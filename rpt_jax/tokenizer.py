@@ -202,6 +202,15 @@ class Tokenizer:
         finally:
             self._tok.encode_special_tokens = False
 
+    @functools.cached_property
+    def leading_ids(self) -> tuple[int, ...]:
+        """The ids the tokenizer's post-processor puts before a text, as transformers'
+        `tokenizer(text)` does: Llama's BOS; none for Qwen2 or SmolLM2."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        start = next(i for i in range(len(full) + 1) if full[i:i + len(plain)] == plain)
+        return tuple(full[:start])
+
     def decode(self, ids) -> str:
         """Text of ids, special tokens included."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

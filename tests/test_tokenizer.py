@@ -147,6 +147,21 @@ def test_metaspace_byte_fallback_bytes():
         assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode("utf-8")
 
 
+def test_prompts_start_as_transformers_starts_them(smol):
+    """A tokenizer whose post-processor adds BOS (Llama's) starts a plain prompt with it, as
+    transformers' tokenizer(text) does; SmolLM2's adds nothing."""
+    from rpt_jax import contexts
+    llama_like = _metaspace_tokenizer()
+    llama_like._tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)])
+    for tok, lead in ((llama_like, (1,)), (smol[1], ())):
+        assert tok.leading_ids == lead
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok._tok)
+        before = contexts.TEMPLATES["short"].split(contexts.PROMPT_CONTENT)[0]
+        prefix, _ = contexts.template_ids(tok, "short", chat=False)
+        assert prefix == hf(before).input_ids
+
+
 def test_unsupported_vocabulary_and_missing_files(tmp_path):
     wp = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     wp.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
