@@ -139,13 +139,14 @@ class ExampleSpec:
     buckets: tuple
     target_window: int
     target_tokens: int
+    lead: tuple = ()  # ids a plain context starts with (the tokenizer's leading_ids: Llama's BOS)
 
     @classmethod
     def from_config(cls, config, tokenizer) -> "ExampleSpec":
         prefix, suffix = template_ids(tokenizer, config.data.template, config.data.chat_template)
         spec = cls(tuple(prefix), tuple(suffix), tokenizer.pad_id, config.data.max_prompt_len,
                    tuple(sorted(config.sampling.prompt_buckets)), config.data.target_window,
-                   config.data.target_tokens)
+                   config.data.target_tokens, tuple(tokenizer.leading_ids))
         if spec.budget < 1:
             raise ValueError(f"template {config.data.template!r} takes {len(prefix) + len(suffix)} "
                              f"tokens, leaving no room for context in data.max_prompt_len="
@@ -214,7 +215,8 @@ def make_batch(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, toke
     caller passes the global batch's, so every host has the same shapes).
 
     Returns prompt_tokens / prompt_mask [B, P] (left-padded), context_tokens / context_mask
-    [B, C] (left-padded, the last data.max_prompt_len corpus tokens), target_bytes [B, W] uint8,
+    [B, C] (left-padded: spec.lead, then the last corpus tokens, data.max_prompt_len in all;
+    the standard next-token accuracy reads them as transformers would), target_bytes [B, W] uint8,
     target_len [B], boundaries [B, K] (byte ends of the continuation's tokens, 0 past the window),
     target_tokens [B, K] (-1 past the document), entropy [B] (NaN without entropies), doc_index,
     position [B]. With group_size = m > 1, rows j*m .. j*m+m-1 must be one document's positions
@@ -240,7 +242,8 @@ def make_batch(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, toke
         ids = docs.doc(d)
         ctx = ids[max(0, t - spec.budget):t]
         prompts.append(np.concatenate([spec.prefix, ctx, spec.suffix]).astype(np.int32))
-        contexts.append(ids[max(0, t - spec.max_prompt_len):t])
+        keep = spec.max_prompt_len - len(spec.lead)
+        contexts.append(np.concatenate([spec.lead, ids[max(0, t - keep):t]]).astype(np.int32))
         cont = ids[t:t + k]
         target_tokens[i, :len(cont)] = cont
         buf, total = bytearray(), 0

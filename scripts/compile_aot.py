@@ -257,10 +257,13 @@ def compile_update(args, mesh):
 
 
 def load_config(path: str, overrides: list[str]):
-    """A configs/*.py file's get_config() with --set key=value overrides (Python literals)."""
+    """A configs/*.py file's get_config() with --set key=value overrides (Python literals);
+    `file.py:arg` calls get_config(arg), as config_flags does (configs/hf_checkpoint.py:DIR)."""
     import ast
     import runpy
-    config = runpy.run_path(path)["get_config"]()
+    path, colon, arg = path.partition(".py:")
+    get_config = runpy.run_path(path + ".py" if colon else path)["get_config"]
+    config = get_config(arg) if colon else get_config()
     for item in overrides:
         key, _, text = item.partition("=")
         try:
@@ -326,7 +329,7 @@ def compile_config(args, devices):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("sampler", "update", "config"))
-    ap.add_argument("--config", help="config: a configs/*.py file")
+    ap.add_argument("--config", help="config: a configs/*.py file (file.py:arg: get_config(arg))")
     ap.add_argument("--set", action="append", default=[],
                     help="config: key=value override, e.g. --set rl.micro_batches=16")
     ap.add_argument("--target", default="h100_sxm",

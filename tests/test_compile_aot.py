@@ -131,3 +131,13 @@ def test_config_mode_runs_the_trainers_checks_for_a_config(monkeypatch, capsys):
     assert "## sampler, prompt bucket 64\nDOES NOT FIT by the pre-compile formula" in out
     with pytest.raises(SystemExit, match="the config has no key 'rl.micro_batch'"):
         compile_aot.main(argv + ["--set", "rl.micro_batch=4"])  # a typo is not a new key
+
+
+def test_load_config_passes_what_follows_the_file_to_get_config(tmp_path):
+    """`--config file.py:arg` calls get_config(arg), as train.py's config_flags does."""
+    path = tmp_path / "seeded.py"
+    path.write_text("from rpt_jax.config import base_config\n\n\n"
+                    "def get_config(seed='0'):\n    c = base_config()\n    c.seed = int(seed)\n"
+                    "    return c\n")
+    assert compile_aot.load_config(f"{path}:7", []).seed == 7
+    assert compile_aot.load_config(str(path), ["seed=3"]).seed == 3

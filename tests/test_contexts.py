@@ -288,6 +288,11 @@ def test_make_batch_groups_and_errors(builtin):
         np.testing.assert_array_equal(batch[key], plain[key])
     wide = contexts.make_batch(docs, d, t, spec, token_bytes, group_size=3, doc_width=128)
     assert wide["doc_tokens"].shape == (2, 128)
+    lead = dataclasses.replace(spec, lead=(1,))  # a tokenizer that starts texts with BOS = 1
+    with_bos = contexts.make_batch(docs, d, t, lead, token_bytes)
+    for i, (doc, pos) in enumerate(zip(d, t)):
+        ctx = with_bos["context_tokens"][i][with_bos["context_mask"][i] == 1].tolist()
+        assert ctx == [1] + docs.doc(doc).tolist()[max(0, pos - spec.max_prompt_len + 1):pos]
     with pytest.raises(ValueError, match="groups of data.contexts_per_doc=4"):
         contexts.make_batch(docs, d, t, spec, token_bytes, group_size=4)
     with pytest.raises(ValueError, match=r"rows 0\.\.1 hold documents \[0, 2\]"):
