@@ -64,7 +64,8 @@ def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
     Supports LlamaForCausalLM and Qwen2ForCausalLM (qkv biases) with full attention and plain,
-    linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything rpt_jax.model does not compute.
+    linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything
+    rpt_jax.model does not compute.
     """
     if isinstance(folder_or_config_json, dict):
         hf, where = folder_or_config_json, "config dict"
