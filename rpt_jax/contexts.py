@@ -541,7 +541,8 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
 
     Returns one float32 array per document: entry t is the entropy of the proxy's prediction of
     token t from x_<t (NaN for t = 0). Documents are cut into windows of `window` tokens (long
-    ones overlapping by half), packed into rows with segment ids, and run in batches of
+    ones overlapping by half), each after the tokenizer's leading ids (Llama's BOS), as
+    transformers would read them, packed into rows with segment ids, and run in batches of
     `batch_rows` rows sharded over the mesh's data axes. With `cache_dir`, a finished result there
     is loaded instead, and a new one is saved there (.npy + meta.json).
     """
@@ -557,26 +558,29 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_rows = -(-batch_rows // shards) * shards
 
-    # Pack windows into rows: (row, column, segment, doc, start, end, keep_from) per window.
+    # Pack windows into rows: (row, column, segment, doc, start, end, keep_from) per window; a
+    # window's tokens are lead + doc[start:end].
+    lead = np.asarray(tokenizer.leading_ids, np.int32)
+    a = len(lead)
     placed, row, col, seg = [], 0, 0, 0
     for d, n in enumerate(docs.lengths):
         if n < 2:
             continue
-        for start, end, keep in _pieces(int(n), window):
-            if col + end - start > window:
+        for start, end, keep in _pieces(int(n), window - a):
+            if col + a + end - start > window:
                 row, col, seg = row + 1, 0, 0
             seg += 1
             placed.append((row, col, seg, d, start, end, keep))
-            col += end - start
+            col += a + end - start
     num_rows = row + 1 if placed else 0
     num_batches = -(-num_rows // batch_rows)
     tokens = np.zeros((num_batches * batch_rows, window), np.int32)
     positions = np.zeros_like(tokens)
     segments = np.zeros_like(tokens)
     for r, c, seg, d, start, end, _ in placed:
-        tokens[r, c:c + end - start] = docs.doc(d)[start:end]
-        positions[r, c:c + end - start] = np.arange(end - start)
-        segments[r, c:c + end - start] = seg
+        tokens[r, c:c + a + end - start] = np.concatenate([lead, docs.doc(d)[start:end]])
+        positions[r, c:c + a + end - start] = np.arange(a + end - start)
+        segments[r, c:c + a + end - start] = seg
 
     fn = _scorer(model_cfg, top_k, chunk, mesh)
     in_sharding = sharding.batch_sharding(mesh, 2)
@@ -591,12 +595,13 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
 
     out = [np.full(int(n), np.nan, np.float32) for n in docs.lengths]
     for r, c, _, d, start, end, keep in placed:
-        # Column c + j predicts token start + j + 1.
+        # Column c + a + j predicts token start + j + 1.
         targets = np.arange(start + 1, end)
         sel = targets >= keep
-        out[d][targets[sel]] = scores[r, c:c + end - start - 1][sel]
+        out[d][targets[sel]] = scores[r, c + a:c + a + end - start - 1][sel]
     if cache_dir:
-        save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window))
+        save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window,
+                                                  lead=lead.tolist()))
     return out
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -453,20 +454,37 @@ def scored(builtin):
     return texts, docs, params, mesh, ent
 
 
-def test_score_corpus_matches_numpy_reference(scored):
-    _, docs, params, _, ent = scored
-    # Reference: each window alone, unpacked, on one device (right padding cannot change
-    # earlier positions under the causal mask).
+def _window_entropies(docs, params, lead=()):
+    """Reference: each window (after `lead`) alone, unpacked, on one device (right padding
+    cannot change earlier positions under the causal mask)."""
+    a = len(lead)
     windows = [(d, start, end, keep) for d in range(len(docs))
-               for start, end, keep in contexts._pieces(int(docs.lengths[d]), WINDOW)]
+               for start, end, keep in contexts._pieces(int(docs.lengths[d]), WINDOW - a)]
     tokens = np.zeros((len(windows), WINDOW), np.int32)
     for i, (d, start, end, _) in enumerate(windows):
-        tokens[i, :end - start] = docs.doc(d)[start:end]
+        tokens[i, :a + end - start] = list(lead) + docs.doc(d)[start:end].tolist()
     logits = np.asarray(jax.jit(lambda p, x: model_lib.forward(p, x, TINY))(params, tokens))
     refs = [np.full(n, np.nan) for n in docs.lengths]
     for i, (d, start, end, keep) in enumerate(windows):
         for p in range(max(start + 1, keep), end):
-            refs[d][p] = np_topk_entropy(logits[i, p - start - 1], 16)
+            refs[d][p] = np_topk_entropy(logits[i, a + p - start - 1], 16)
+    return refs
+
+
+def test_score_corpus_with_a_leading_bos(scored, builtin):
+    """A tokenizer that starts texts with BOS (Llama's): every window is read after it."""
+    _, docs, params, mesh, plain = scored
+    bos = types.SimpleNamespace(vocab_size=builtin.vocab_size, source="bos", leading_ids=(1,))
+    ent = contexts.score_corpus(params, TINY, bos, docs, mesh=mesh, window=WINDOW, batch_rows=8,
+                                progress=False)
+    for got, want in zip(ent, _window_entropies(docs, params, lead=(1,))):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert not np.allclose(np.concatenate(ent)[1:], np.concatenate(plain)[1:], equal_nan=True)
+
+
+def test_score_corpus_matches_numpy_reference(scored):
+    _, docs, params, _, ent = scored
+    refs = _window_entropies(docs, params)
     for d in range(len(docs)):
         assert len(ent[d]) == docs.lengths[d] and np.isnan(ent[d][0])
         assert np.isfinite(ent[d][1:]).all()
