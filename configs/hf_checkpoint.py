@@ -1,5 +1,6 @@
-"""RPT from any local Hugging Face Llama / Qwen2 checkpoint folder, whose config.json gives the
-architecture (Llama 3.x and DeepSeek-R1-Distill-Llama RoPE scaling and Qwen2.5 YaRN included):
+"""RPT from any local Hugging Face Llama / Qwen2 / Qwen3 checkpoint folder, whose config.json
+gives the architecture (Llama 3.x and DeepSeek-R1-Distill-Llama RoPE scaling and Qwen2.5 YaRN
+included):
 
     python scripts/train.py --config configs/hf_checkpoint.py:/models/Llama-3.2-1B-Instruct \
         --workdir /tmp/rpt_llama --config.mesh.fsdp=4

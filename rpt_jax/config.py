@@ -54,7 +54,7 @@ def model_shape(name: str) -> dict:
     """The architecture fields of a named model shape; raises on an unknown name."""
     if name not in MODEL_SHAPES:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_SHAPES)}")
-    return {"rope_scaling": "", **MODEL_SHAPES[name]}  # plain RoPE (rpt_jax.rope)
+    return {"rope_scaling": "", "qk_norm": False, **MODEL_SHAPES[name]}  # Llama / Qwen2 defaults
 
 
 def base_config(model: str = "tiny"):

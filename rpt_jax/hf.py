@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 checkpoint folders <-> rpt_jax params (see rpt_jax.model's layout).
+"""Hugging Face Llama / Qwen2 / Qwen3 checkpoint folders <-> rpt_jax params (rpt_jax.model's layout).
 
 Import streams: every param is built with `jax.make_array_from_callback`, whose callback reads
 only the block of the safetensors file(s) that one device shard needs, layer by layer, so no host
@@ -8,7 +8,7 @@ size, plus config.json and the tokenizer files. Only numpy and safetensors at ru
 
 HF layouts (per layer; rpt_jax stacks layers on a leading axis l):
   q/k/v_proj.weight [h*e, d] -> kernel [d, h, e];  q/k/v_proj.bias [h*e] -> bias [h, e]
-  o_proj.weight [d, h*e] -> kernel [h, e, d]
+  o_proj.weight [d, h*e] -> kernel [h, e, d];     q/k_norm.weight [e] (Qwen3) -> [e]
   gate/up_proj.weight [f, d] -> kernel [d, f];     down_proj.weight [d, f] -> kernel [f, d]
   lm_head.weight [v, d] -> lm_head [d, v];         embed_tokens, norms: same layout
 """
@@ -31,7 +31,8 @@ from safetensors.numpy import save_file
 from rpt_jax import model as model_lib
 from rpt_jax import rope as rope_lib
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 # Class defaults of transformers' LlamaConfig / Qwen2Config for keys a config.json may omit.
 _DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 # Buffers some old checkpoints store; they are recomputed from rope_theta.
@@ -63,8 +64,8 @@ def _read_json(path: pathlib.Path) -> dict:
 def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
-    Supports LlamaForCausalLM and Qwen2ForCausalLM (qkv biases) with full attention and plain,
-    linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything
+    Supports LlamaForCausalLM, Qwen2ForCausalLM (qkv biases) and Qwen3ForCausalLM (q / k norms)
+    with full attention and plain, linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything
     rpt_jax.model does not compute.
     """
     if isinstance(folder_or_config_json, dict):
@@ -91,9 +92,9 @@ def model_config_from_hf(folder_or_config_json) -> dict:
 
     reject(hf.get("hidden_act", "silu") != "silu", "hidden_act", "rpt_jax's MLP is SwiGLU with silu")
     reject(hf.get("mlp_bias", False), "mlp_bias", "MLP projections have no bias")
-    if arch == "LlamaForCausalLM":
+    if arch != "Qwen2ForCausalLM":
         reject(hf.get("attention_bias", False), "attention_bias",
-               "Llama attention bias includes o_proj, which rpt_jax.model has not")
+               "this attention bias includes o_proj, which rpt_jax.model has not")
     reject(hf.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor",
            "RoPE rotates the whole head")
     # transformers <5 writes rope_theta + rope_scaling; >=5 writes rope_parameters (both may be
@@ -131,6 +132,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         rope_scaling=scalings.pop() if scalings else "",
         rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"])),
         qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_norm=arch == "Qwen3ForCausalLM",
         tie_embeddings=bool(hf.get("tie_word_embeddings", _DEFAULTS["tie_word_embeddings"])),
     )
 
@@ -168,6 +170,9 @@ def _tensor_map(cfg: model_lib.ModelConfig) -> list[_Tensor]:
         if cfg.qkv_bias:
             out.append(_Tensor(("layers", proj, "bias"), f"{layer}self_attn.{proj}.bias",
                                (n, e), stacked=True))
+    if cfg.qk_norm:
+        out += [_Tensor(("layers", norm), f"{layer}self_attn.{norm}.weight", (e,), stacked=True)
+                for norm in ("q_norm", "k_norm")]
     out += [
         _Tensor(("layers", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", (d,), (h, e),
                 transpose=True, stacked=True),
@@ -377,15 +382,19 @@ def _token_id(tokenizer_json: dict, token) -> int | None:
 
 def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
               max_position_embeddings=None) -> dict:
-    """The config.json transformers needs for these params (Qwen2 when qkv_bias, else Llama).
+    """The config.json transformers needs for these params (Qwen2 with qkv_bias, Qwen3 with
+    qk_norm, else Llama).
 
     max_position_embeddings does not change default-RoPE logits; it only informs other tools.
     None takes it from tokenizer_dir's config.json or tokenizer_config.json, else 32768.
     """
-    qwen = cfg.qkv_bias
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise ValueError("no Hugging Face architecture has both qkv_bias and qk_norm")
+    arch = ("Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias
+            else "LlamaForCausalLM")
     out = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [arch],
+        "model_type": ARCHITECTURES[arch],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -399,9 +408,9 @@ def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
     }
     if cfg.rope_scaling:
         out["rope_scaling"] = rope_lib.parse(cfg.rope_scaling)
-    if qwen:
+    if arch != "LlamaForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-    else:
+    if arch != "Qwen2ForCausalLM":
         out.update(attention_bias=False, mlp_bias=False)
     tok_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else None
     tok_config = {}

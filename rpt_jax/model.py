@@ -1,4 +1,4 @@
-"""Decoder-only transformer of the Llama / Qwen2 families as pure functions over a params pytree.
+"""Llama / Qwen2 / Qwen3 decoder-only transformers as pure functions over a params pytree.
 
 Written in plain JAX rather than Flax modules: the params are a nested dict named as Hugging Face
 names the weights (`q_proj`, `gate_proj`, ...), so checkpoint conversion is a readable rename, and
@@ -12,6 +12,7 @@ params = {
   "layers": {"input_layernorm": [l, d], "post_attention_layernorm": [l, d],
              "q_proj": {"kernel": [l, d, h, e], "bias"?: [l, h, e]},
              "k_proj"/"v_proj": {"kernel": [l, d, k, e], "bias"?: [l, k, e]},
+             "q_norm"?, "k_norm"?: [l, e],  # Qwen3
              "o_proj": {"kernel": [l, h, e, d]},
              "gate_proj"/"up_proj": {"kernel": [l, d, f]}, "down_proj": {"kernel": [l, f, d]}},
   "norm": [d],
@@ -43,6 +44,7 @@ class ModelConfig:
     rope_scaling: str = ""  # "" plain RoPE, else a scaling's canonical JSON (rpt_jax.rope)
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each query / key head before RoPE (Qwen3)
     tie_embeddings: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -77,6 +79,8 @@ def logical_axes(cfg: ModelConfig) -> dict:
         "up_proj": proj("embed", "mlp"),
         "down_proj": proj("mlp", "embed"),
     }
+    if cfg.qk_norm:
+        layers.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
     axes = {"embed_tokens": ("vocab", "embed"), "layers": layers, "norm": ("norm",)}
     if not cfg.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
@@ -135,6 +139,8 @@ def _qkv(p, x, positions, cfg):
     q = _dense(x, p["q_proj"], "btd,dhe->bthe", dtype)
     k = _dense(x, p["k_proj"], "btd,dke->btke", dtype)
     v = _dense(x, p["v_proj"], "btd,dke->btke", dtype)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     return rope.apply(q, positions, cfg), rope.apply(k, positions, cfg), v
 
 
@@ -325,7 +331,8 @@ def decoding_weights(params, cfg: ModelConfig) -> dict:
 
     Each layer: "qkv" [d, k*(q+2)*e] (per kv head: its q = h // k query heads, its key, its
     value), "qkv_bias" [k*(q+2)*e] (if any), "o" [h*e, d], "gate_up" [d, f*2] (gate and up of
-    each MLP unit side by side), "down" [f, d] and the two norms, all in the compute dtype.
+    each MLP unit side by side), "down" [f, d], the two norms and "q_norm" / "k_norm" [e] (if
+    any), all in the compute dtype.
     """
     dtype = jnp.dtype(cfg.dtype)
     d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
@@ -349,6 +356,8 @@ def decoding_weights(params, cfg: ModelConfig) -> dict:
     if cfg.qkv_bias:
         stacked["qkv_bias"] = group(L["q_proj"]["bias"], L["k_proj"]["bias"],
                                     L["v_proj"]["bias"]).reshape(cfg.num_layers, -1)
+    if cfg.qk_norm:
+        stacked.update(q_norm=L["q_norm"], k_norm=L["k_norm"])
     out = {name: params[name].astype(dtype)
            for name in ("embed_tokens", "norm", "lm_head") if name in params}
     out["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
@@ -363,6 +372,8 @@ def decoding_axes(cfg: ModelConfig) -> dict:
              "down": ("mlp", "embed")}
     if cfg.qkv_bias:
         layer["qkv_bias"] = ("heads",)
+    if cfg.qk_norm:
+        layer.update(q_norm=("head_dim",), k_norm=("head_dim",))
     axes = {"embed_tokens": ("vocab", "embed"), "norm": ("norm",),
             "layers": tuple(dict(layer) for _ in range(cfg.num_layers))}
     if not cfg.tie_embeddings:
@@ -553,6 +564,10 @@ def decode_step(weights, tokens, positions, frozen, cache, index, cfg: ModelConf
         if "qkv_bias" in p:
             qkv = qkv + p["qkv_bias"]
         qkv = qkv.reshape(r, kv, nq + 2, e)
+        if cfg.qk_norm:
+            qkv = jnp.concatenate([rms_norm(qkv[:, :, :nq], p["q_norm"], cfg.rms_norm_eps),
+                                   rms_norm(qkv[:, :, nq:nq + 1], p["k_norm"], cfg.rms_norm_eps),
+                                   qkv[:, :, nq + 1:]], axis=2)
         others = [(c["k"][i], c["v"][i], m) for c, m in zip(frozen, reads)]
         if fused:
             step = functools.partial(decode_attention.sharded_step_attention, qkv, cos, sin,

@@ -1,4 +1,5 @@
-"""rpt_jax.hf against transformers: real SmolLM2-135M logits, a tiny random Qwen2, export, errors.
+"""rpt_jax.hf against transformers: real SmolLM2-135M logits, tiny random Qwen2 / Qwen3 and RoPE-scaled
+checkpoints, export, errors.
 
 The SmolLM2 fixture materialises the checkpoint once (scripts/prepare_smollm2.py, cached in
 hf.default_smollm2_dir(); ~30 s the first time).
@@ -249,6 +250,43 @@ def test_qwen2_export_round_trip(tmp_path, qwen2, qwen2_params):
     assert _tree_equal(hf.load_params(out16, cfg16), rounded)
 
 
+# ----------------------------------------------------------------------------- tiny Qwen3
+
+def test_qwen3_matches_transformers(tmp_path):
+    """Qwen3 (an RMSNorm on each query and key head before RoPE, no biases): logits, sharded
+    loading and export against transformers."""
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN, head_dim=16)).eval()
+    with torch.no_grad():  # informative norms: q_norm and k_norm differ from 1 and each other
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    hf_model.save_pretrained(tmp_path / "in", safe_serialization=True, max_shard_size="40KB")
+    cfg = model.ModelConfig(**hf.model_config_from_hf(tmp_path / "in"))
+    assert (cfg.qk_norm, cfg.qkv_bias, cfg.head_dim) == (True, False, 16)
+    params = hf.load_params(tmp_path / "in", cfg)
+    assert params["layers"]["q_norm"].shape == (cfg.num_layers, 16)
+    ids = _ids(cfg)
+    ours = np.asarray(forward(params, jnp.asarray(ids), cfg))
+    np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+    plain = np.asarray(forward(params, jnp.asarray(ids), dataclasses.replace(cfg, qk_norm=False)))
+    assert np.abs(plain - ours).max() > 50 * 2e-5  # the norms matter
+
+    config = config_lib.base_config("tiny")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(config)
+    shardings = sharding.param_shardings(mesh, model.logical_axes(cfg), model.param_shapes(cfg))
+    assert _tree_equal(hf.load_params(tmp_path / "in", cfg, shardings), params)
+
+    out = hf.save_params(params, cfg, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert model.ModelConfig(**hf.model_config_from_hf(out)) == cfg
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_torch_logits(reloaded, ids), ours, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="both qkv_bias and qk_norm"):
+        hf.hf_config(dataclasses.replace(cfg, qkv_bias=True), "float32")
+
+
 # ----------------------------------------------------------------------------- RoPE scalings
 
 # Llama 3.x's, linear interpolation's and YaRN's parameters, with a short original context so
@@ -368,6 +406,8 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
 
 @pytest.mark.parametrize("change, error, pattern", [
     ({"architectures": ["MistralForCausalLM"]}, ValueError, "MistralForCausalLM"),
+    ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, ValueError,
+     "attention_bias=True is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError,
      r"rope_scaling: RoPE scaling 'llama3' needs \['low_freq_factor', 'high_freq_factor'\]"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, ValueError,

@@ -1,6 +1,7 @@
 """Sampler: greedy == repeated argmax of the full forward, logprobs == full-forward rescoring,
 sharding-independent randomness, stop handling, filtering distributions, memory check."""
 import dataclasses
+import functools
 import re
 
 import jax
@@ -19,14 +20,19 @@ BASE = sampling.SamplingConfig(num_samples=2, temperature=0.7, max_new_tokens=N,
 GREEDY = dataclasses.replace(BASE, greedy=True)
 
 
-@pytest.fixture(scope="module")
-def params():
+@functools.cache
+def _params(cfg):
     @jax.jit
     def make(rng):
-        p = model.init(CFG, rng)
+        p = model.init(cfg, rng)
         # larger weights than init: peaked distributions, so greedy argmax ties are implausible
         return jax.tree.map(lambda x: 4 * x + 0.05 * jax.random.normal(rng, x.shape), p)
     return make(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params(CFG)
 
 
 def _left_pad(rows, width):
@@ -112,17 +118,23 @@ def test_greedy_equals_repeated_argmax_of_full_forward(params, ragged, greedy_ou
     _check_greedy(params, ragged[2], greedy_out, GREEDY.num_samples)
 
 
-# YaRN scales cos and sin (by 1.14) and changes the frequencies: RoPE scalings reach the sampler
-YARN = dataclasses.replace(CFG, rope_scaling=rope.canonical(
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}))
+# Architecture variants the decode step must follow: YaRN scales cos and sin (by 1.14) and
+# changes the frequencies; Qwen3 normalises each query and key head before RoPE.
+VARIANTS = {
+    "yarn": dataclasses.replace(CFG, rope_scaling=rope.canonical(
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})),
+    "qwen3": dataclasses.replace(CFG, qkv_bias=False, qk_norm=True),
+}
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("attention", ["xla", "pallas"])  # pallas: the fused step's own rope
-def test_scaled_rope_greedy_equals_full_forward(params, ragged, greedy_out, attention):
+def test_architecture_variants_greedy_equal_full_forward(ragged, greedy_out, variant, attention):
     tokens, mask, rows = ragged
-    cfg = dataclasses.replace(GREEDY, num_samples=1, attention=attention)
-    out = _sample(params, tokens, mask, jax.random.key(3), YARN, cfg, 0)
-    _check_greedy(params, rows, out, 1, YARN)
+    cfg, params = VARIANTS[variant], _params(VARIANTS[variant])
+    out = _sample(params, tokens, mask, jax.random.key(3), cfg,
+                  dataclasses.replace(GREEDY, num_samples=1, attention=attention), 0)
+    _check_greedy(params, rows, out, 1, cfg)
     assert not np.allclose(out.logprobs, greedy_out.logprobs[::GREEDY.num_samples])
 
 
