@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Qwen2 / Qwen3 checkpoint folders <-> rpt_jax params (rpt_jax.model's layout).
+"""Hugging Face Llama / Qwen2 / Qwen3 checkpoint folders <-> rpt_jax params (model.py's layout).
 
 Import streams: every param is built with `jax.make_array_from_callback`, whose callback reads
 only the block of the safetensors file(s) that one device shard needs, layer by layer, so no host
@@ -33,7 +33,7 @@ from rpt_jax import rope as rope_lib
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3"}
-# Class defaults of transformers' LlamaConfig / Qwen2Config for keys a config.json may omit.
+# Class defaults of transformers' Llama / Qwen2 / Qwen3 configs for keys a config.json may omit.
 _DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 # Buffers some old checkpoints store; they are recomputed from rope_theta.
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"
@@ -65,8 +65,8 @@ def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
     Supports LlamaForCausalLM, Qwen2ForCausalLM (qkv biases) and Qwen3ForCausalLM (q / k norms)
-    with full attention and plain, linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError naming the key for anything
-    rpt_jax.model does not compute.
+    with full attention and plain, linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError
+    naming the key for anything rpt_jax.model does not compute.
     """
     if isinstance(folder_or_config_json, dict):
         hf, where = folder_or_config_json, "config dict"
