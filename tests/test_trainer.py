@@ -270,6 +270,50 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
         trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
 
 
+def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uninterrupted,
+                                                           tmp_path):
+    """scripts/export_hf.py: the latest checkpoint's params (or --step's, in --dtype) as an HF
+    folder: hf.load_params reads them back bitwise, transformers gives our logits, the run's
+    tokenizer comes along, and a missing step is named."""
+    import torch
+    import transformers
+
+    from rpt_jax import hf
+    from rpt_jax import tokenizer as tokenizer_lib
+    workdir, _ = uninterrupted
+    cmd = [sys.executable, str(ROOT / "scripts" / "export_hf.py"),
+           f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+           f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"]
+
+    def export(out, *extra):
+        return subprocess.run(cmd + [f"--out={out}", *extra], capture_output=True, text=True,
+                              timeout=240)
+
+    done = export(tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"wrote step {NUM_STEPS} of {workdir}" in done.stdout
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    params = hf.load_params(tmp_path / "hf", cfg)
+    assert_bitwise_equal(params, final_state(config, workdir).state.params)
+    text = "12+34=46\n"
+    assert (tokenizer_lib.Tokenizer.from_dir(tmp_path / "hf").encode(text)
+            == trainer.load_run_tokenizer(config, workdir).encode(text))
+    ids = np.arange(24, dtype=np.int64).reshape(2, 12) * 7 % cfg.vocab_size
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(ids)).logits.numpy()
+    ours = model_lib.forward(params, jnp.asarray(ids, jnp.int32), cfg)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5, rtol=0)
+
+    from rpt_jax import evaluation
+    first = evaluation.checkpoint_steps(workdir)[0]
+    done = export(tmp_path / "hf16", f"--step={first}", "--dtype=bfloat16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    missing = export(tmp_path / "none", "--step=5")
+    assert missing.returncode != 0 and "no checkpoint step 5" in missing.stderr
+
+
 def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
     """data.contexts_per_doc=2: the sampler gets one prefix row per document (8 for 16
     contexts), the run trains, and nothing recompiles; step 1 is traced (logging.profile_*)."""

@@ -1,0 +1,67 @@
+"""A training run's checkpoint as a Hugging Face folder (safetensors, config.json, tokenizer), for
+transformers, vLLM, lm-evaluation-harness or a later `model.hf_checkpoint`:
+
+    python scripts/export_hf.py --config configs/tiny.py --workdir /tmp/rpt_tiny --out /tmp/rpt_tiny_hf
+    python scripts/export_hf.py --config configs/hf_checkpoint.py:/models/Qwen3-1.7B \
+        --workdir /tmp/rpt_qwen3 --step 500 --dtype bfloat16 --out /tmp/rpt_qwen3_500
+
+Takes the latest checkpoint (or --step), reads only its params (not the optimizer state), and
+writes them sharded above 2 GiB per file. The tokenizer files, generation_config.json and
+max_position_embeddings come from model.hf_checkpoint when the run started from one, else from
+the run's own tokenizer. --dtype: the weights' dtype on disk (default: the params').
+"""
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's configs/*.py file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_OUT = flags.DEFINE_string("out", None, "The HF folder to write.")
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Weights' dtype on disk (default: model.param_dtype).")
+flags.mark_flags_as_required(["config", "workdir", "out"])
+
+
+def export(config, workdir: str, out: str, step: int | None = None, dtype: str | None = None):
+    """Write checkpoint `step` (default the latest) of `workdir` to the HF folder `out`.
+    Returns (the folder, the step)."""
+    import jax
+
+    from rpt_jax import config as config_lib
+    from rpt_jax import evaluation, hf, sharding, trainer
+    from rpt_jax import model as model_lib
+    config_lib.validate(config, jax.device_count())
+    saved = evaluation.checkpoint_steps(workdir)
+    if not saved:
+        raise FileNotFoundError(f"no checkpoints in {evaluation.checkpoint_dir(workdir)}")
+    step = saved[-1] if step is None else step
+    mesh = sharding.make_mesh(config)
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
+                                         model_lib.param_shapes(cfg))
+    params = evaluation.load_workdir_params(workdir, step, cfg, shardings)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = config.model.hf_checkpoint
+        if not tokenizer_dir:
+            tokenizer_dir = tmp
+            trainer.load_run_tokenizer(config, workdir).save(tmp)
+        folder = hf.save_params(params, cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+    return folder, step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    folder, step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+    print(f"wrote step {step} of {_WORKDIR.value} to {folder}")
+
+
+if __name__ == "__main__":
+    app.run(main)
