@@ -274,7 +274,8 @@ def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uni
                                                            tmp_path):
     """scripts/export_hf.py: the latest checkpoint's params (or --step's, in --dtype) as an HF
     folder: hf.load_params reads them back bitwise, transformers gives our logits, the run's
-    tokenizer comes along, and a missing step is named."""
+    tokenizer comes along, scripts/evaluate.py reads it (standard accuracy as the run's last
+    eval), and a missing step is named."""
     import torch
     import transformers
 
@@ -304,6 +305,18 @@ def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uni
         theirs = torch_model(torch.from_numpy(ids)).logits.numpy()
     ours = model_lib.forward(params, jnp.asarray(ids, jnp.int32), cfg)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5, rtol=0)
+
+    # scripts/evaluate.py on the exported folder: the run's last eval positions and accuracy
+    evaluate = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *cmd[2:-1],
+                f"--checkpoint={tmp_path / 'hf'}", f"--output={tmp_path / 'eval'}",
+                "--progress=false"]
+    done = subprocess.run(evaluate, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]["summary"]
+    last = [r for r in metrics_writer.read_metrics(workdir, "eval") if r["step"] == NUM_STEPS][0]
+    assert got["all"]["count"] == config.eval.num_examples  # the run's eval positions:
+    assert got["all"]["standard"] == last["eval/standard/all"]  # the same argmax accuracy
+    assert 0 <= got["all"]["reasoning"] <= 100  # (sampled with another key than the hook's)
 
     from rpt_jax import evaluation
     first = evaluation.checkpoint_steps(workdir)[0]
