@@ -31,8 +31,10 @@ from safetensors.numpy import save_file
 from rpt_jax import model as model_lib
 from rpt_jax import rope as rope_lib
 
+# Mistral is Llama's architecture when its sliding window is off (v0.2 and later); exported
+# as Llama.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
+                 "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
 # Class defaults of transformers' Llama / Qwen2 / Qwen3 configs for keys a config.json may omit.
 _DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 # Buffers some old checkpoints store; they are recomputed from rope_theta.
@@ -64,8 +66,8 @@ def _read_json(path: pathlib.Path) -> dict:
 def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
-    Supports LlamaForCausalLM, Qwen2ForCausalLM (qkv biases) and Qwen3ForCausalLM (q / k norms)
-    with full attention and plain, linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError
+    Supports LlamaForCausalLM (and MistralForCausalLM without a sliding window), Qwen2ForCausalLM
+    (qkv biases) and Qwen3ForCausalLM (q / k norms) with full attention and plain, linear, llama3 or yarn RoPE (rpt_jax.rope); raises ValueError
     naming the key for anything rpt_jax.model does not compute.
     """
     if isinstance(folder_or_config_json, dict):
@@ -113,6 +115,9 @@ def model_config_from_hf(folder_or_config_json) -> dict:
     layer_types = hf.get("layer_types") or []
     reject(any(t != "full_attention" for t in layer_types), "layer_types",
            "only full attention; sliding-window layers are not implemented")
+    if arch == "MistralForCausalLM":
+        reject(hf.get("sliding_window") is not None, "sliding_window",
+               "sliding-window attention is not implemented")
     if hf.get("use_sliding_window", False):
         sliding = hf.get("max_window_layers", 0) < need("num_hidden_layers")
         reject(sliding, "use_sliding_window",

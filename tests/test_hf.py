@@ -287,6 +287,21 @@ def test_qwen3_matches_transformers(tmp_path):
         hf.hf_config(dataclasses.replace(cfg, qkv_bias=True), "float32")
 
 
+def test_mistral_without_a_sliding_window_is_llama(tmp_path):
+    torch.manual_seed(0)
+    mistral = transformers.MistralConfig(**QWEN, head_dim=16, sliding_window=None)
+    hf_model = transformers.MistralForCausalLM(mistral).eval()
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = model.ModelConfig(**hf.model_config_from_hf(tmp_path))
+    assert (cfg.qkv_bias, cfg.qk_norm, cfg.head_dim) == (False, False, 16)
+    ids = _ids(cfg)
+    ours = np.asarray(forward(hf.load_params(tmp_path, cfg), jnp.asarray(ids), cfg))
+    np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
+        hf.model_config_from_hf({**json.loads((tmp_path / "config.json").read_text()),
+                                 "sliding_window": 4096})
+
+
 # ----------------------------------------------------------------------------- RoPE scalings
 
 # Llama 3.x's, linear interpolation's and YaRN's parameters, with a short original context so
@@ -405,7 +420,7 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
 
 
 @pytest.mark.parametrize("change, error, pattern", [
-    ({"architectures": ["MistralForCausalLM"]}, ValueError, "MistralForCausalLM"),
+    ({"architectures": ["GemmaForCausalLM"]}, ValueError, "GemmaForCausalLM"),
     ({"architectures": ["Qwen3ForCausalLM"], "attention_bias": True}, ValueError,
      "attention_bias=True is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ValueError,
