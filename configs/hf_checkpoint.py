@@ -9,6 +9,8 @@ The rest is a one-host start on CHAMP math: the paper's recipe at 32 contexts x 
 to 1,024 + 1,024 tokens, prompts in the tokenizer's chat template when it has one, and as many
 micro-batches as the update needs to fit the devices (found at start-up).
 """
+import os
+
 from rpt_jax import config as config_lib
 from rpt_jax import tokenizer
 
@@ -22,7 +24,10 @@ def get_config(folder: str = ""):
     c.data.corpus = "champ"
     c.data.batch_size = 32
     c.data.max_prompt_len = 1024
-    c.data.chat_template = tokenizer.Tokenizer.from_dir(folder).chat_template is not None
+    # the chat template when the folder's tokenizer.json has one
+    has_tokenizer = os.path.isfile(os.path.join(folder, tokenizer.TOKENIZER_JSON))
+    c.data.chat_template = (has_tokenizer and
+                            tokenizer.Tokenizer.from_dir(folder).chat_template is not None)
     c.sampling.prompt_buckets = (256, 512, 1024)
     c.sampling.max_new_tokens = 1024
     c.sampling.cache_blocks = 2  # decode steps read the response cache written so far
