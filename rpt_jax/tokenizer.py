@@ -204,8 +204,12 @@ class Tokenizer:
 
     @functools.cached_property
     def leading_ids(self) -> tuple[int, ...]:
-        """The ids the tokenizer's post-processor puts before a text, as transformers'
-        `tokenizer(text)` does: Llama's BOS; none for Qwen2 or SmolLM2."""
+        """The ids transformers' `tokenizer(text)` puts before a text: Llama's BOS, none for
+        Qwen2 or SmolLM2. tokenizer_config.json's add_bos_token decides when it is set, else
+        the tokenizer.json post-processor's template."""
+        add_bos = self._config.get("add_bos_token")
+        if add_bos is not None and (self.bos_id is not None or not add_bos):
+            return (self.bos_id,) if add_bos else ()
         plain = self._tok.encode("a", add_special_tokens=False).ids
         full = self._tok.encode("a", add_special_tokens=True).ids
         start = next(i for i in range(len(full) + 1) if full[i:i + len(plain)] == plain)

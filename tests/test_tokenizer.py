@@ -154,12 +154,23 @@ def test_prompts_start_as_transformers_starts_them(smol):
     llama_like = _metaspace_tokenizer()
     llama_like._tok.post_processor = tokenizers.processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", 1)])
+    before = contexts.TEMPLATES["short"].split(contexts.PROMPT_CONTENT)[0]
     for tok, lead in ((llama_like, (1,)), (smol[1], ())):
         assert tok.leading_ids == lead
         hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok._tok)
-        before = contexts.TEMPLATES["short"].split(contexts.PROMPT_CONTENT)[0]
         prefix, _ = contexts.template_ids(tok, "short", chat=False)
         assert prefix == hf(before).input_ids
+    # tokenizer_config.json's add_bos_token overrides the post-processor, both ways
+    for post in (None, llama_like._tok.post_processor):
+        for add_bos in (True, False):
+            raw = _metaspace_tokenizer()._tok
+            if post is not None:
+                raw.post_processor = post
+            tok = tok_lib.Tokenizer(raw, {"eos_token": "</s>", "bos_token": "<s>",
+                                          "add_bos_token": add_bos})
+            hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
+                                                      add_bos_token=add_bos)
+            assert list(tok.leading_ids) == hf("the").input_ids[:-1] == [1] * add_bos
 
 
 def test_unsupported_vocabulary_and_missing_files(tmp_path):
