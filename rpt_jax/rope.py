@@ -52,6 +52,9 @@ def canonical(params: dict, where: str = "rope_scaling") -> str:
             out[k] = int(v) if k in _INTS else bool(v) if k in _BOOLS else float(v)
     if out["factor"] <= 0:
         raise ValueError(f"{where}: factor={out['factor']} must be > 0")
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor={out['high_freq_factor']} must exceed "
+                         f"low_freq_factor={out['low_freq_factor']}")
     return json.dumps(out, sort_keys=True)
 
 

@@ -72,6 +72,8 @@ def test_canonical_strings():
     ('{"rope_type": "dynamic", "factor": 2.0}', "'dynamic' is not supported"),
     ('{"rope_type": "yarn", "factor": 2.0}', r"'yarn' needs \['original_max_position_embeddings'\]"),
     ('{"rope_type": "linear", "factor": 0}', "factor=0.0 must be > 0"),
+    ('{"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4, '
+     '"original_max_position_embeddings": 8192}', "high_freq_factor=4.0 must exceed"),
 ])
 def test_bad_scalings_are_named(scaling, pattern):
     with pytest.raises(ValueError, match=pattern):
