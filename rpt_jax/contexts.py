@@ -379,7 +379,8 @@ class ContextIterator:
         if entropies is None and proxy:
             entropies = load_entropies(entropy_cache_dir(
                 data_dir or config.data.data_dir, corpus_key, proxy,
-                proxy_model_config(config, proxy), config.data.entropy_top_k, self.docs), self.docs)
+                proxy_model_config(config, proxy), config.data.entropy_top_k, self.docs,
+                tokenizer.leading_ids), self.docs)
         if entropies is not None and [len(e) for e in entropies] != list(self.docs.lengths):
             raise ValueError("entropies do not match the documents' token counts")
         self.entropies = entropies
@@ -613,14 +614,16 @@ def proxy_model_config(config, proxy: str) -> model_lib.ModelConfig:
 
 
 def entropy_cache_dir(data_dir: str, corpus_key: str, proxy: str, model_cfg, top_k: int,
-                      docs: TokenizedDocs) -> str:
-    """Cache folder of an entropy pass: keyed by corpus split, proxy path and shape, k, tokens."""
+                      docs: TokenizedDocs, lead: tuple = ()) -> str:
+    """Cache folder of an entropy pass: keyed by corpus split, proxy path and shape, k, tokens
+    and the windows' leading ids (the tokenizer's `leading_ids`)."""
     if not data_dir:
         raise ValueError("no data directory for the entropy cache: set data.data_dir")
     fields = dataclasses.asdict(model_cfg)
     for irrelevant in ("remat", "init_std"):
         fields.pop(irrelevant)
-    key = json.dumps([os.path.abspath(proxy), fields, top_k, docs.fingerprint()], sort_keys=True)
+    parts = [os.path.abspath(proxy), fields, top_k, docs.fingerprint()]
+    key = json.dumps(parts + ([list(lead)] if lead else []), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(os.path.expanduser(data_dir), "entropy", corpus_key, digest)
 

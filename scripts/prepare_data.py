@@ -36,7 +36,7 @@ def score(config, proxy, data_dir, tokenizer, split_docs, mesh):
     params = None
     for key, toks in split_docs.items():
         folder = contexts.entropy_cache_dir(data_dir, key, proxy, cfg, config.data.entropy_top_k,
-                                            toks)
+                                            toks, tokenizer.leading_ids)
         if not os.path.isfile(os.path.join(folder, "meta.json")) and params is None:
             shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
                                                  model_lib.param_shapes(cfg))

@@ -539,6 +539,8 @@ def test_iterator_reads_the_proxy_cache(scored, builtin, tmp_path):
     cfg = contexts.proxy_model_config(config, str(proxy))
     assert cfg.vocab_size == TINY.vocab_size and cfg.num_layers == TINY.num_layers
     folder = contexts.entropy_cache_dir(config.data.data_dir, "train", str(proxy), cfg, 16, docs)
+    assert folder != contexts.entropy_cache_dir(config.data.data_dir, "train", str(proxy), cfg,
+                                                16, docs, lead=(1,))  # windows after a BOS
     ent = contexts.score_corpus(params, cfg, builtin, docs, mesh=mesh, window=WINDOW,
                                 batch_rows=8,
                                 cache_dir=folder, progress=False)
