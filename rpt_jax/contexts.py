@@ -166,14 +166,14 @@ class ExampleSpec:
 
 
 def template_ids(tokenizer, name: str, chat: bool) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt text before and after the context, tokenised separately. The
+    """Token ids of the prompt text before and after the context, tokenised separately, for a
+    template of TEMPLATES or a template text (with {prompt_content} where the context goes). The
     prompt starts as transformers would start it: with the chat template's own BOS, else with
     the tokenizer's leading ids (Llama's BOS)."""
-    if name not in TEMPLATES:
-        raise ValueError(f"data.template={name!r} is not one of {sorted(TEMPLATES)}")
-    text = TEMPLATES[name]
+    text = TEMPLATES.get(name, name)  # a name, or the template's own text
     if text.count(PROMPT_CONTENT) != 1:
-        raise ValueError(f"template {name!r} must contain {PROMPT_CONTENT} exactly once")
+        raise ValueError(f"data.template={name!r} is neither one of {sorted(TEMPLATES)} nor a "
+                         f"text with {PROMPT_CONTENT} exactly once")
     before, after = text.split(PROMPT_CONTENT)
     if chat:
         rendered = tokenizer.apply_chat_template(before + _SENTINEL + after)

@@ -276,6 +276,19 @@ def test_document_groups_rebuild_every_prompt(smol, chat):
         check_document_rows(batch, m, spec, lambda d: ids[d])
 
 
+def test_templates_by_name_or_text(builtin):
+    """data.template: a TEMPLATES name, or a researcher's own text around {prompt_content}."""
+    own = "Guess what follows.\n{prompt_content}\nAnswer in \\boxed{}:"
+    prefix, suffix = contexts.template_ids(builtin, own, chat=False)
+    assert (prefix, suffix) == (builtin.encode("Guess what follows.\n"),
+                                builtin.encode("\nAnswer in \\boxed{}:"))
+    assert contexts.template_ids(builtin, "short", False) == contexts.template_ids(
+        builtin, contexts.TEMPLATES["short"], False)
+    for bad in ("v9", "no placeholder", "{prompt_content} twice {prompt_content}"):
+        with pytest.raises(ValueError, match="is neither one of"):
+            contexts.template_ids(builtin, bad, chat=False)
+
+
 def test_make_batch_groups_and_errors(builtin):
     docs = contexts.tokenize_documents(builtin, [x["text"] for x in arith_docs(4)])
     spec = contexts.ExampleSpec.from_config(arith_config(), builtin)
