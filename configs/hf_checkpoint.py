@@ -30,9 +30,7 @@ def get_config(folder: str = ""):
                             tokenizer.Tokenizer.from_dir(folder).chat_template is not None)
     c.sampling.prompt_buckets = (256, 512, 1024)
     c.sampling.max_new_tokens = 1024
-    # decode steps read only the response blocks written so far; 4 rather than 2: with 2, XLA's
-    # buffers take 1.7 GiB more for SmolLM2 on an H100, with 1 or 4 they do not (BENCHMARKS.md)
-    c.sampling.cache_blocks = 4
+    c.sampling.cache_blocks = 4  # decode steps read only the response blocks written so far
     c.rl.micro_batches = 0  # the fewest that fit (trainer.fit_update)
     c.num_steps = 1000
     return c

@@ -397,15 +397,17 @@ def prefill_prompt(params, tokens, cfg: ModelConfig, positions, segment_ids,
 
 
 def init_response_cache(cfg: ModelConfig, rows: int, size: int, dtype="bfloat16",
-                        prefix=None) -> dict:
+                        prefix=None, zero=None) -> dict:
     """A per-sample cache {"k", "v": tuples of l arrays [r, k, s, e], "valid": [r, s] bool}.
 
     Empty, or with a cache of r rows and t <= s slots (a prompt cache copied per sample) in
-    slots 0..t-1: for short prompts one part per sample costs fewer kernels than two.
+    slots 0..t-1: for short prompts one part per sample costs fewer kernels than two. zero: the
+    scalar the keys and values are filled with (a value computed late delays the allocation).
     """
     shape = (rows, cfg.num_kv_heads, size, cfg.head_dim)
-    cache = {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-             "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    zero = jnp.zeros((), dtype) if zero is None else zero.astype(dtype)
+    cache = {"k": tuple(jnp.broadcast_to(zero, shape) for _ in range(cfg.num_layers)),
+             "v": tuple(jnp.broadcast_to(zero, shape) for _ in range(cfg.num_layers)),
              "valid": jnp.zeros((rows, size), bool)}
     if prefix is not None:
         put = lambda c, x: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0,) * c.ndim)  # noqa: E731

@@ -377,8 +377,11 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
         prefix["valid"] = prefix["valid"] & (jnp.arange(L) < visible[:, None])
     offset = 0 if prefix is None else L
     size = lambda i: _round_up(c + (offset if i == 0 else 0), cfg.slot_multiple)  # noqa: E731
+    # allocated once the prefill is done: its activations and these caches are never alive
+    # together (XLA's scheduler may otherwise start the caches first)
+    _, zero = jax.lax.optimization_barrier((prompt_cache, jnp.zeros((), cfg.cache_dtype)))
     blocks = tuple(_constrain_cache(model.init_response_cache(
-        model_cfg, r, size(i), cfg.cache_dtype, prefix if i == 0 else None))
+        model_cfg, r, size(i), cfg.cache_dtype, prefix if i == 0 else None, zero))
         for i in range(cfg.cache_blocks))
     context = dict(weights=_decoding_weights(params, model_cfg, cfg), frozen=frozen, rng=rng,
                    row_pos=row_pos, block_size=c, offset=offset, tail_len=T)
