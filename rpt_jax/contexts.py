@@ -238,11 +238,11 @@ def make_batch(docs: TokenizedDocs, doc_index, position, spec: ExampleSpec, toke
     boundaries = np.zeros((b, k), np.int32)
     target_tokens = np.full((b, k), -1, np.int32)
     entropy = np.full(b, np.nan, np.float32)
+    keep = spec.max_prompt_len - len(spec.lead)  # corpus tokens of a context
     for i, (d, t) in enumerate(zip(doc_index, position)):
         ids = docs.doc(d)
         ctx = ids[max(0, t - spec.budget):t]
         prompts.append(np.concatenate([spec.prefix, ctx, spec.suffix]).astype(np.int32))
-        keep = spec.max_prompt_len - len(spec.lead)
         contexts.append(np.concatenate([spec.lead, ids[max(0, t - keep):t]]).astype(np.int32))
         cont = ids[t:t + k]
         target_tokens[i, :len(cont)] = cont
@@ -562,26 +562,26 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
     # Pack windows into rows: (row, column, segment, doc, start, end, keep_from) per window; a
     # window's tokens are lead + doc[start:end].
     lead = np.asarray(tokenizer.leading_ids, np.int32)
-    a = len(lead)
+    n_lead = len(lead)
     placed, row, col, seg = [], 0, 0, 0
     for d, n in enumerate(docs.lengths):
         if n < 2:
             continue
-        for start, end, keep in _pieces(int(n), window - a):
-            if col + a + end - start > window:
+        for start, end, keep in _pieces(int(n), window - n_lead):
+            if col + n_lead + end - start > window:
                 row, col, seg = row + 1, 0, 0
             seg += 1
             placed.append((row, col, seg, d, start, end, keep))
-            col += a + end - start
+            col += n_lead + end - start
     num_rows = row + 1 if placed else 0
     num_batches = -(-num_rows // batch_rows)
     tokens = np.zeros((num_batches * batch_rows, window), np.int32)
     positions = np.zeros_like(tokens)
     segments = np.zeros_like(tokens)
     for r, c, seg, d, start, end, _ in placed:
-        tokens[r, c:c + a + end - start] = np.concatenate([lead, docs.doc(d)[start:end]])
-        positions[r, c:c + a + end - start] = np.arange(a + end - start)
-        segments[r, c:c + a + end - start] = seg
+        tokens[r, c:c + n_lead + end - start] = np.concatenate([lead, docs.doc(d)[start:end]])
+        positions[r, c:c + n_lead + end - start] = np.arange(n_lead + end - start)
+        segments[r, c:c + n_lead + end - start] = seg
 
     fn = _scorer(model_cfg, top_k, chunk, mesh)
     in_sharding = sharding.batch_sharding(mesh, 2)
@@ -596,10 +596,10 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
 
     out = [np.full(int(n), np.nan, np.float32) for n in docs.lengths]
     for r, c, _, d, start, end, keep in placed:
-        # Column c + a + j predicts token start + j + 1.
+        # Column c + n_lead + j predicts token start + j + 1.
         targets = np.arange(start + 1, end)
         sel = targets >= keep
-        out[d][targets[sel]] = scores[r, c + a:c + a + end - start - 1][sel]
+        out[d][targets[sel]] = scores[r, c + n_lead:c + n_lead + end - start - 1][sel]
     if cache_dir:
         save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window,
                                                   lead=lead.tolist()))

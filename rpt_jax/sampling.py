@@ -378,7 +378,7 @@ def prepare(params, prompts: Prompts, rng, model_cfg: model.ModelConfig,
     offset = 0 if prefix is None else L
     size = lambda i: _round_up(c + (offset if i == 0 else 0), cfg.slot_multiple)  # noqa: E731
     # allocated once the prefill is done: its activations and these caches are never alive
-    # together (XLA's scheduler may otherwise start the caches first)
+    # together (XLA's GPU scheduler may otherwise start the caches first; BENCHMARKS.md)
     _, zero = jax.lax.optimization_barrier((prompt_cache, jnp.zeros((), cfg.cache_dtype)))
     blocks = tuple(_constrain_cache(model.init_response_cache(
         model_cfg, r, size(i), cfg.cache_dtype, prefix if i == 0 else None, zero))
