@@ -199,6 +199,13 @@ def prompt_length(spec: ExampleSpec, positions: np.ndarray) -> np.ndarray:
     return np.minimum(positions, spec.budget) + len(spec.prefix) + len(spec.suffix)
 
 
+def context_length(spec: ExampleSpec, positions: np.ndarray) -> np.ndarray:
+    """Tokens of the plain contexts at these positions: spec.lead, then the last corpus tokens,
+    data.max_prompt_len in all."""
+    keep = spec.max_prompt_len - len(spec.lead)
+    return np.minimum(positions, keep) + len(spec.lead)
+
+
 def doc_row_length(spec: ExampleSpec, positions: np.ndarray) -> np.ndarray:
     """Tokens of a document row prefix + x_<t-1 shared by contexts at positions <= t."""
     return len(spec.prefix) + np.asarray(positions) - 1
@@ -467,7 +474,7 @@ class ContextIterator:
         pos = self.position[rows]
         # Widths from the global batch, so every host has the same shapes.
         p = self.spec.bucket(int(prompt_length(self.spec, pos).max()))
-        c = self.spec.bucket(int(np.minimum(pos, self.spec.max_prompt_len).max()))
+        c = self.spec.bucket(int(context_length(self.spec, pos).max()))
         width = (self.spec.bucket(int(doc_row_length(self.spec, pos).max()))
                  if self.group > 1 else None)
         mine = rows[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
@@ -545,17 +552,24 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
     ones overlapping by half), each after the tokenizer's leading ids (Llama's BOS), as
     transformers would read them, packed into rows with segment ids, and run in batches of
     `batch_rows` rows sharded over the mesh's data axes. With `cache_dir`, a finished result there
-    is loaded instead, and a new one is saved there (.npy + meta.json).
+    is loaded instead if it was scored with the same window, else a new one is saved there
+    (.npy + meta.json; by process 0).
     """
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the "
                          f"proxy model's vocabulary is {model_cfg.vocab_size}")
     if len(docs.tokens) and int(docs.tokens.max()) >= model_cfg.vocab_size:
         raise ValueError(f"token id {int(docs.tokens.max())} >= model vocab {model_cfg.vocab_size}")
-    if cache_dir and os.path.isfile(os.path.join(cache_dir, "meta.json")):
-        return load_entropies(cache_dir, docs)
     chunk = min(128, window)
     window = -(-window // chunk) * chunk
+    meta_path = os.path.join(cache_dir or "", "meta.json")
+    if cache_dir and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            cached = json.load(f).get("window")
+        if cached == window:
+            return load_entropies(cache_dir, docs)
+        log.warning("%s was scored with windows of %s tokens, not %d: scoring again", cache_dir,
+                    cached, window)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_rows = -(-batch_rows // shards) * shards
 
@@ -600,9 +614,13 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
         targets = np.arange(start + 1, end)
         sel = targets >= keep
         out[d][targets[sel]] = scores[r, c + n_lead:c + n_lead + end - start - 1][sel]
-    if cache_dir:
-        save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window,
-                                                  lead=lead.tolist()))
+    if cache_dir:  # one writer; the other hosts wait until the cache is there
+        if jax.process_index() == 0:
+            save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window,
+                                                      lead=lead.tolist()))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("rpt_jax_entropy_cache")
     return out
 
 
@@ -638,9 +656,13 @@ def save_entropies(folder: str, entropies: list, docs: TokenizedDocs, meta: dict
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(dict(meta, num_docs=len(docs), num_tokens=int(docs.offsets[-1]),
                        tokens=docs.fingerprint()), f, indent=1)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
+    old = None
+    if os.path.isdir(folder):  # swapped, not deleted first: never a partly written folder
+        old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+        os.rename(folder, os.path.join(old, "entropy"))
     os.rename(tmp, folder)
+    if old:
+        shutil.rmtree(old)
 
 
 def load_entropies(folder: str, docs: TokenizedDocs) -> list[np.ndarray]:

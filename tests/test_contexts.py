@@ -317,6 +317,25 @@ def test_make_batch_groups_and_errors(builtin):
         contexts.make_batch(docs, d, t, spec, token_bytes, group_size=3, doc_width=8)
 
 
+def test_contexts_after_a_bos_fit_their_bucket(builtin, monkeypatch):
+    """A tokenizer with a BOS (Llama's) makes a context at position t BOS + t tokens long: its
+    width comes from both, also when t is exactly a bucket size."""
+    docs = arith_docs()
+    probe = contexts.ContextIterator(arith_config(), "train", builtin, 0, 1, documents=docs)
+    t_max = int(probe.position.max())
+    config = arith_config()
+    config.sampling.prompt_buckets = (t_max, 64, 128)  # t_max < 64: one batch's widest context
+    monkeypatch.setattr(type(builtin), "leading_ids", property(lambda self: (1,)))
+    it = contexts.ContextIterator(config, "train", builtin, 0, 1, documents=docs)
+    widths = set()
+    for batch in drain(it, -(-it.num_examples // 8)):  # one epoch: the t_max batch is in it
+        widths.add(batch["context_tokens"].shape[1])
+        for i, (d, t) in enumerate(rows(batch)):
+            ctx = batch["context_tokens"][i][batch["context_mask"][i] == 1].tolist()
+            assert ctx == [1] + it.docs.doc(d)[:t].tolist()
+    assert 64 in widths
+
+
 def test_ungrouped_stream_is_unchanged(builtin):
     """contexts_per_doc=1: global batch s is rows [s*B, (s+1)*B) of the (seed, epoch)
     permutation, made by make_batch without groups."""
@@ -528,11 +547,20 @@ def test_entropy_cache_and_vocab_check(scored, builtin, tmp_path):
     first = contexts.score_corpus(params, TINY, builtin, docs, mesh=mesh, window=WINDOW,
                                   batch_rows=8, cache_dir=folder, progress=False)
     assert sorted(os.listdir(folder)) == ["entropies.npy", "meta.json"]
-    # A second call reads the cache: no params needed.
-    again = contexts.score_corpus(None, TINY, builtin, docs, mesh=mesh, cache_dir=folder)
+    # A second call with the same window reads the cache: no params needed.
+    again = contexts.score_corpus(None, TINY, builtin, docs, mesh=mesh, window=WINDOW,
+                                  cache_dir=folder)
     for a, b, c in zip(first, again, ent):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-5)
+    # Another window scores again and replaces the cache (nothing else left beside it).
+    wider = contexts.score_corpus(params, TINY, builtin, docs, mesh=mesh, window=2 * WINDOW,
+                                  batch_rows=8, cache_dir=folder, progress=False)
+    with open(os.path.join(folder, "meta.json")) as f:
+        assert json.load(f)["window"] == 2 * WINDOW
+    assert os.listdir(tmp_path) == ["cache"]
+    for a, b in zip(wider, contexts.load_entropies(folder, docs)):
+        np.testing.assert_array_equal(a, b)
     other = contexts.TokenizedDocs(docs.tokens[:-1], np.minimum(docs.offsets, len(docs.tokens) - 1))
     with pytest.raises(ValueError, match="other documents"):
         contexts.load_entropies(folder, other)
