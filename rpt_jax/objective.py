@@ -39,7 +39,8 @@ def group_advantages(rewards, G: int, kind: str = "grpo", eps: float = 1e-6):
              group, as TRL, verl and Tunix compute it (torch.std is unbiased), so advantages match
              those frameworks'. GRPO paper Sec. 4.1.2.
     dr_grpo: r - mean_g (Dr. GRPO drops the std, which up-weights near-uniform groups).
-    A group whose rewards are all equal gets advantage 0 under both.
+    A group whose rewards are all equal gets advantage exactly 0 under both (the float32 mean of
+    G equal rewards can be off by one rounding step, which the std would blow up).
     """
     r = _groups(rewards, G)
     centred = r - r.mean(axis=1, keepdims=True)
@@ -50,7 +51,8 @@ def group_advantages(rewards, G: int, kind: str = "grpo", eps: float = 1e-6):
         adv = centred
     else:
         raise ValueError(f"rl.advantage={kind!r} is not one of ('grpo', 'dr_grpo')")
-    return adv.reshape(-1)
+    varied = r.max(axis=1, keepdims=True) > r.min(axis=1, keepdims=True)
+    return jnp.where(varied, adv, 0.0).reshape(-1)
 
 
 def group_keep_mask(rewards, G: int):
@@ -236,9 +238,14 @@ def token_weights(loss_mask, agg: str, max_len: int = 0):
     raise ValueError(f"rl.loss_agg={agg!r} is not one of {AGGREGATIONS}")
 
 
+K3_CLAMP = 20.0  # |ref - logp| beyond this is clamped: exp stays finite (masked columns too)
+
+
 def k3(logp, ref_logp):
-    """k3 estimate of KL(p || ref) per token from samples of p: exp(ref-logp) - (ref-logp) - 1 >= 0."""
-    d = ref_logp - logp
+    """k3 estimate of KL(p || ref) per token from samples of p: exp(d) - d - 1 >= 0 with
+    d = ref - logp clamped to +-K3_CLAMP, so that a column outside the loss (weight 0) whose
+    log-probs are far apart cannot turn the loss or its gradient into 0 * inf = NaN."""
+    d = jnp.clip(ref_logp - logp, -K3_CLAMP, K3_CLAMP)
     return jnp.exp(d) - d - 1.0
 
 

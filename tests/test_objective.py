@@ -36,6 +36,20 @@ def test_dr_grpo_advantages_and_eps():
                                [0.75, -0.25, -0.25, -0.25], atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo"])
+def test_equal_rewards_give_exactly_zero_advantage(kind):
+    """Dense rewards: a group's wrong samples all get the true token's probability. Their float32
+    mean can be one rounding step off (0.9 x 8: 0.90000004), which the std used to blow up into
+    advantages of +-0.06 for every sample."""
+    rng = np.random.default_rng(0)
+    equal = np.repeat(rng.random(256).astype(np.float32), 8)
+    equal[:8] = 0.9
+    mixed = np.array([0.9] * 7 + [1.0], np.float32)
+    adv = objective.group_advantages(jnp.asarray(np.concatenate([equal, mixed])), 8, kind)
+    assert np.all(np.asarray(adv[:-8]) == 0.0)
+    assert np.all(np.asarray(adv[-8:]) != 0.0)
+
+
 def test_keep_mask_drops_equal_groups():
     rewards = jnp.array([1., 0., 1., 0., 0., 0., 0.5, 0.5, 0.5])
     keep = objective.group_keep_mask(rewards, 3)
@@ -202,6 +216,23 @@ def test_k3_expectation_is_exact_kl_and_zero_at_reference():
     assert objective.finalize_stats(stats)["kl_ref"] == 0.0
     with pytest.raises(ValueError, match="ref_logp"):
         objective.policy_loss(new, old, adv, mask, kl_coef=0.1)
+
+
+def test_k3_outside_the_loss_cannot_make_it_nan():
+    """A column with weight 0 whose log-probs are far apart (a prompt column the reference did
+    not score, logp -95 against 0): exp(ref - logp) overflows; 0 * inf used to give NaN loss,
+    gradient and kl_ref."""
+    new, old, adv, mask, ref, _ = _random_inputs(3)
+    new[1, 0], ref[1, 0], mask[1, 0] = -95.0, 0.0, 0.0
+    loss_of = lambda n: objective.policy_loss(n, old, adv, mask, ref_logp=ref, kl_coef=0.5)  # noqa: E731
+    loss_sum, count, stats = loss_of(jnp.asarray(new))
+    grad = jax.grad(lambda n: loss_of(n)[0])(jnp.asarray(new))
+    assert np.isfinite(float(loss_sum)) and np.all(np.isfinite(np.asarray(grad)))
+    assert grad[1, 0] == 0.0 and np.isfinite(objective.finalize_stats(stats)["kl_ref"])
+    inside = mask == 1  # the loss over the columns inside it is what it was
+    want = objective.policy_loss(new, old, adv, mask, ref_logp=np.where(inside, ref, new),
+                                 kl_coef=0.5)[0]
+    np.testing.assert_allclose(loss_sum, want, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- log-probs
