@@ -11,7 +11,11 @@ Failure handling on restore, newest step first:
   and renames it when complete;
 - a step whose files are unreadable or truncated, or whose restored arrays do not reproduce the
   fingerprint written at save time (bit rot, a partly overwritten file), is *corrupt*: it is moved
-  to <directory>.corrupt/<step> with an error message and the previous step is tried;
+  to <directory>.corrupt/<step> with an error message and the previous step is tried; when no
+  previous step is left, restore raises (naming the step) and moves nothing, so a run never
+  silently starts over;
+- a read that fails for a passing reason (device or host memory, a storage timeout or outage:
+  RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) raises as it is and moves nothing;
 - a readable step whose array names or shapes differ from what the caller expects is a config
   mismatch (another model or optimizer), not corruption: that raises, and nothing is moved.
 """
@@ -85,6 +89,17 @@ class CorruptCheckpoint(Exception):
     """A checkpoint that cannot be read back exactly as it was written."""
 
 
+# Error codes (absl / tensorstore status names) of reads that may well succeed when retried.
+TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",
+                   "ABORTED")
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A read error that says nothing about the checkpoint's files (memory, storage outages)."""
+    return (isinstance(e, (MemoryError, TimeoutError, ConnectionError, InterruptedError))
+            or any(code in str(e) for code in TRANSIENT_CODES))
+
+
 class Checkpointer:
     """orbax CheckpointManager for (state pytree, JSON metadata) with verified restore.
 
@@ -152,15 +167,22 @@ class Checkpointer:
 
         abstract_state: the target tree of jax.ShapeDtypeStruct (with .sharding for the
         placement wanted, e.g. from jax.eval_shape plus shardings). Corrupt steps are moved
-        aside and the previous one is tried; a config mismatch raises ValueError.
+        aside and the previous one is tried (CorruptCheckpoint when none is left); a config
+        mismatch raises ValueError; a passing read error raises as it is (module docstring).
         """
         flat_abstract = _flat(abstract_state)
         treedef = jax.tree.structure(abstract_state)
         names = list(flat_abstract)
-        for step in sorted(self._mgr.all_steps(), reverse=True):
+        steps = sorted(self._mgr.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
             try:
                 flat, meta = self._restore_step(step, flat_abstract)
             except CorruptCheckpoint as e:
+                if i == len(steps) - 1:
+                    raise CorruptCheckpoint(
+                        f"checkpoint {self._step_dir(step)} is corrupt ({e}) and no earlier step "
+                        f"is left to fall back to; move {self.directory} aside (or use a new "
+                        f"workdir) to start over") from e
                 log.error("checkpoint %s is corrupt (%s); falling back to the previous one",
                           self._step_dir(step), e)
                 self._quarantine(step)
@@ -176,13 +198,17 @@ class Checkpointer:
     def _restore_step(self, step: int, flat_abstract: dict):
         try:
             saved = self._mgr.item_metadata(step)[STATE].tree
-        except Exception as e:  # unreadable metadata: a damaged step, whatever the error type
+        except Exception as e:  # unreadable metadata: a damaged step, unless the error passes
+            if _is_transient(e):
+                raise
             raise CorruptCheckpoint(f"metadata unreadable: {type(e).__name__}: {e}") from e
         _check_matches(self._step_dir(step), saved, flat_abstract)
         try:
             out = self._mgr.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardRestore(flat_abstract), META: ocp.args.JsonRestore()}))
         except Exception as e:
+            if _is_transient(e):
+                raise
             raise CorruptCheckpoint(f"restore failed: {type(e).__name__}: {e}") from e
         flat, meta = dict(out[STATE]), out[META]
         if not isinstance(meta, dict) or "fingerprint" not in meta or "user" not in meta:

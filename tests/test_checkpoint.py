@@ -134,12 +134,36 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     assert_same(checkpoint.Checkpointer(d).restore(abstract_of(states[2])).state, states[2])
 
 
-def test_all_corrupt_gives_none(tmp_path):
+def test_no_good_step_left_raises_and_moves_nothing(tmp_path):
+    """A run whose only checkpoint is corrupt stops instead of starting over from step 0."""
     d = str(tmp_path / "ck")
     states = saved(d, [1])
     for f in data_files(d, 1):
         open(f, "wb").close()
-    assert checkpoint.Checkpointer(d).restore(abstract_of(states[1])) is None
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=r"ck/1 is corrupt .* no earlier step"):
+        checkpoint.Checkpointer(d).restore(abstract_of(states[1]))
+    assert os.path.isdir(os.path.join(d, "1")) and not os.path.exists(d + ".corrupt")
+    assert checkpoint.Checkpointer(tmp_path / "empty").restore(abstract_of(states[1])) is None
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.0GiB"),
+    ValueError("UNAVAILABLE: storage.googleapis.com: connection reset"), TimeoutError("read")])
+def test_a_passing_read_error_moves_nothing(tmp_path, monkeypatch, error):
+    """Device memory or a storage outage during restore is not corruption: it raises as it is,
+    every step stays, and the retry restores the newest."""
+    d = str(tmp_path / "ck")
+    states = saved(d, [1, 2])
+    ck = checkpoint.Checkpointer(d)
+    real = ck._mgr.restore
+    monkeypatch.setattr(ck._mgr, "restore", lambda *a, **k: (_ for _ in ()).throw(error))
+    with pytest.raises(type(error), match=str(error)[:10]):
+        ck.restore(abstract_of(states[2]))
+    assert ck.all_steps() == [1, 2] and not os.path.exists(d + ".corrupt")
+    monkeypatch.setattr(ck._mgr, "restore", real)
+    r = ck.restore(abstract_of(states[2]))
+    assert r.step == 2
+    assert_same(r.state, states[2])
 
 
 def test_half_written_step_is_ignored(tmp_path):
