@@ -209,11 +209,15 @@ def logits_from_hidden(params, h, cfg):
 
 
 def causal_mask(segment_ids):
-    """[b, t] segment ids (0 = padding) -> [b, t, t] bool: same segment and not in the future."""
+    """[b, t] segment ids (0 = padding) -> [b, t, t] bool: same segment and not in the future.
+    A padding token attends to itself alone (no token reads it), so that no query row is empty:
+    fused kernels (cuDNN) may return NaN for one, and a NaN in a padding slot's key or value
+    poisons every query whose zero weight multiplies it."""
     t = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return causal[None] & same & (segment_ids[:, None, :] != 0)
+    pad_self = jnp.eye(t, dtype=bool)[None] & (segment_ids[:, :, None] == 0)
+    return (causal[None] & same & (segment_ids[:, None, :] != 0)) | pad_self
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -184,6 +184,27 @@ def test_segments_do_not_attend_across(params):
     np.testing.assert_allclose(got[:, 5:], model.forward(params, b, CFG), atol=1e-5)
 
 
+def test_no_attention_row_is_empty(params, monkeypatch):
+    """Padding tokens attend to themselves alone: an attention that gives NaN for a query row
+    allowing nothing (as a fused kernel may) cannot reach the real tokens through the padding
+    slots' keys and values. Real rows are as before."""
+    seg = jnp.array([[0, 0, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0]])
+    mask = np.asarray(model.causal_mask(seg))
+    assert mask.any(-1).all()
+    s = np.asarray(seg)
+    for b in range(2):
+        for i in range(6):
+            want = [j <= i and s[b, j] == s[b, i] != 0 for j in range(6)] if s[b, i] else \
+                [j == i for j in range(6)]
+            assert mask[b, i].tolist() == want
+    real = model._attend
+    monkeypatch.setattr(model, "_attend", lambda q, k, v, allowed: jnp.where(
+        allowed.any(-1)[:, :, None, None], real(q, k, v, allowed), jnp.nan))
+    tokens = jnp.array([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 0]])
+    hidden, _ = model.hidden_states(params, tokens, CFG, segment_ids=seg)
+    assert np.isfinite(np.asarray(hidden)).all()
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_same_gradients(params, remat):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 8)), jnp.int32)
