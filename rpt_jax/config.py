@@ -7,6 +7,8 @@ the structure once. `validate` checks a config before anything is compiled.
 """
 from __future__ import annotations
 
+import math
+
 # Architectures of the Llama / Qwen2 families, in Hugging Face's terms.
 MODEL_SHAPES = {
     "tiny": dict(
@@ -242,6 +244,11 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                          f"data.batch_size={config.data.batch_size} into a number of documents "
                          f"divisible by the mesh's data axes (data*fsdp={data * fsdp}), so each "
                          f"device samples whole documents")
+    chunks, rows = config.sampling.get("prefill_chunks", 1), config.data.batch_size // m
+    if chunks < 1 or rows % chunks:
+        raise ValueError(f"sampling.prefill_chunks={chunks} must be >= 1 and divide the prompt "
+                         f"rows the sampler prefills, data.batch_size / data.contexts_per_doc = "
+                         f"{rows}")
     samples = config.data.batch_size * config.sampling.num_samples
     micro = config.rl.micro_batches
     if micro < 0 or micro and (samples % micro or (samples // micro) % (data * fsdp)):
@@ -249,11 +256,13 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                          f"rl.micro_batches={config.rl.micro_batches} slices, each divisible by "
                          f"data*fsdp={data * fsdp}")
     lanes = config.sampling.get("lanes", 0)
-    # a shared prompt's lanes come in slots of num_samples (auto may pick it: long prompts)
-    slot = 1 if config.sampling.get("cache_layout", "auto") == "per_sample" else int(
-        config.sampling.num_samples)
+    # a shared prompt's lanes come in slots of G (auto may pick it: long prompts), for training's
+    # G and the evaluation's, which samples through the same lanes
+    gs = {int(config.sampling.num_samples), int(config.eval.num_samples)}
+    slot = 1 if config.sampling.get("cache_layout", "auto") == "per_sample" else math.lcm(*gs)
     if lanes < 0 or lanes % (slot * data * fsdp):
-        why = (" times sampling.num_samples (the slots of a shared prompt; or set "
+        names = "sampling.num_samples" + (" and eval.num_samples" if len(gs) > 1 else "")
+        why = (f" times {slot} ({names}: the slots of a shared prompt; or set "
                "sampling.cache_layout=per_sample)") if slot > 1 else ""
         raise ValueError(f"sampling.lanes={lanes} must be 0 or a positive multiple of "
                          f"{slot * data * fsdp}: the mesh's data axes (data*fsdp={data * fsdp})"

@@ -73,9 +73,14 @@ def test_paper_recipe_in_14b_preset():
     ({"sampling.lanes": 6, "sampling.cache_layout": "per_sample"}, 4,
      "sampling.lanes=6 must be 0 or a positive multiple of 4"),
     ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),
+    ({"sampling.lanes": 16, "eval.num_samples": 3}, 4,  # slots of 4 and of 3 samples: 12
+     "sampling.lanes=16 must be 0 or a positive multiple of 48"),
     ({"sampling.lanes": 16, "sampling.cache_blocks": 2}, 4, "set sampling.cache_blocks=1"),
     ({"sampling.split_down": 5}, 1, "sampling.split_down=5 must be >= 1 and divide "
      "model.mlp_dim=384"),
+    ({"data.contexts_per_doc": 4, "sampling.prefill_chunks": 8}, 1, "sampling.prefill_chunks=8 "
+     "must be >= 1 and divide the prompt rows the sampler prefills, data.batch_size / "
+     "data.contexts_per_doc = 4"),
     ({"logging.profile_start": 2, "logging.profile_steps": 0}, 1,
      "logging.profile_steps=0 must be >= 1"),
 ])
