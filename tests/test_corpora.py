@@ -1,5 +1,6 @@
 """rpt_jax.corpora: every builder produces its documents, splits are fixed by document id, and bad
 input is skipped with counts or fails early naming the file."""
+import hashlib
 import json
 import logging
 import os
@@ -112,10 +113,11 @@ def test_local_files_and_bad_input(tmp_path, caplog):
                                      "missing_text_fields": 1}
     assert "invalid_utf8" in caplog.text and "sub/bad.txt" in caplog.text
     docs = all_docs(config)
+    jsonl_id = lambda text: "sub/omni.jsonl#" + hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
     assert docs == {
         "a.txt": "First document.\nWith two lines, naïve café.\n",
-        "sub/omni.jsonl:1": "What is 2+2?\n\nIt is 4.",
-        "sub/omni.jsonl:5": "Σ of 1..3?\n\n1+2+3 = 6.",
+        jsonl_id("What is 2+2?\n\nIt is 4."): "What is 2+2?\n\nIt is 4.",
+        jsonl_id("Σ of 1..3?\n\n1+2+3 = 6."): "Σ of 1..3?\n\n1+2+3 = 6.",
     }
     # One .jsonl file directly, with the default field "text": every record lacks it.
     single = config_for("local", tmp_path / "tfds", corpus_path=str(root / "sub" / "omni.jsonl"))
@@ -132,6 +134,44 @@ def test_local_rebuilds_when_files_change(tmp_path):
     (root / "y.txt").write_text("another document")
     assert corpora.make_builder(config).builder_config.name != first
     assert set(all_docs(config)) == {"x.txt", "y.txt"}
+
+
+def test_jsonl_splits_follow_the_text_and_a_bom_is_dropped(tmp_path):
+    """A record's split does not move when lines are inserted before it; a file starting with a
+    UTF-8 byte-order mark (Windows editors) loses it; a repeated text is one document."""
+    root = tmp_path / "c"
+    root.mkdir()
+    records = [json.dumps({"text": f"document number {i}"}) for i in range(200)]
+    (root / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(records).encode())
+    (root / "t.txt").write_bytes(b"\xef\xbb\xbfplain text")
+    config = config_for("local", tmp_path / "tfds", corpus_path=str(root))
+    before = all_docs(config)
+    assert len(before) == 201 and before["t.txt"] == "plain text"
+    splits = lambda docs: {t: corpora.split_of(i) for i, t in docs.items()}  # noqa: E731
+    assert len(set(splits(before).values())) == 3
+    (root / "d.jsonl").write_text("\n".join([json.dumps({"text": "a new first line"})]
+                                            + records + records[:3]))
+    builder = corpora.make_builder(config)
+    builder.download_and_prepare()
+    assert builder.skipped["duplicate"] == 3
+    after = splits(all_docs(config))
+    assert len(after) == 202 and all(after[t] == s for t, s in splits(before).items())
+
+
+def test_changed_options_or_sources_build_afresh(tmp_path):
+    """The prepared-data cache is keyed by every option and the source file itself."""
+    config = config_for("synthetic_arithmetic", tmp_path)
+    assert len(all_docs(config, max_docs=50)) == 50
+    assert len(all_docs(config)) == 4000
+    src = tmp_path / "champ.json"
+    with open(corpora.package_file("champ_dataset", "dataset_files", "v0.json")) as f:
+        problems = json.load(f)["problems"]
+    few = dict(list(problems.items())[:40])
+    src.write_text(json.dumps({"problems": few}))
+    champ = config_for("champ", tmp_path)
+    assert len(all_docs(champ, source=str(src))) == 40
+    src.write_text(json.dumps({"problems": dict(list(problems.items())[:60])}))
+    assert len(all_docs(champ, source=str(src))) == 60
 
 
 def test_missing_and_invalid_inputs_fail_early(tmp_path):
