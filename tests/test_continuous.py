@@ -37,7 +37,9 @@ def static_shared(params, prompts):  # noqa: F811
     return _jit_sample(params, prompts, jax.random.key(4), CFG, SHARED, 0)
 
 
-def _assert_same(got, want, atol=1e-6):
+def _assert_same(got, want, atol=1e-5):
+    """Same tokens; log-probs within a few float32 ulps (two programs, two summation orders:
+    3e-6 apart on an AMD EPYC's XLA:CPU, 1e-6 on the machines before)."""
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_array_equal(got.finished, want.finished)
@@ -49,13 +51,12 @@ def _assert_same(got, want, atol=1e-6):
 def test_lanes_give_the_samples_of_all_rows_at_once(params, prompts, static, lanes, refill,  # noqa: F811
                                                     split_down):
     """18 rows (6 contexts x G = 3) through 18, 4, 5 or 6 lanes, refilled one, an eighth
-    (at least one) or four at a time: tokens, lengths and stop flags equal, logprobs to 1e-6
-    (1e-5 with the down projection in 4 slices of mlp_dim: float32 sums in another order)."""
+    (at least one) or four at a time: tokens, lengths and stop flags equal, logprobs to 1e-5
+    (float32 sums in another order, the down projection in 4 slices of mlp_dim too)."""
     lengths = np.asarray(static.lengths)
     assert len(set(lengths)) >= 4 and lengths.min() < 4 and lengths.max() == 12  # uneven
     cfg = dataclasses.replace(UNEVEN, lanes=lanes, refill=refill, split_down=split_down)
-    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static,
-                 1e-6 if split_down == 1 else 1e-5)
+    _assert_same(_jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1), static)
 
 
 @pytest.mark.parametrize("lanes,refill", [(18, 0), (6, 1), (9, 2)])
@@ -67,7 +68,7 @@ def test_shared_prompt_slots_give_the_samples_of_all_rows_at_once(
     cfg = dataclasses.replace(SHARED, lanes=lanes, refill=refill)
     got = _jit_lanes(params, prompts, jax.random.key(4), CFG, cfg, 0, 1)
     _assert_same(got, static_shared)
-    _assert_same(got, static, atol=1e-5)
+    _assert_same(got, static)
     with pytest.raises(ValueError, match="whole slots of 3 lanes"):
         _jit_lanes(params, prompts, jax.random.key(4), CFG, dataclasses.replace(cfg, lanes=4),
                    0, 1)
@@ -94,10 +95,10 @@ def test_lanes_on_eight_devices(params, prompts, static):  # noqa: F811
     rows = 4 * UNEVEN.num_samples
     assert len(got.tokens.devices()) == 8
     want = jax.tree.map(lambda x: x[:rows], static)
-    _assert_same(got, want, atol=1e-5)
+    _assert_same(got, want)
     shared, _, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(SHARED, lanes=12))
     _assert_same(shared(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
-                        jax.random.key(4)), want, atol=1e-5)
+                        jax.random.key(4)), want)
     bad, _, _ = on_mesh(params, (2, 2, 2), dataclasses.replace(UNEVEN, lanes=6))
     with pytest.raises(ValueError, match="the slots and the 4 prefix rows must split over"):
         bad(sharded_params, sampling.Prompts(prompts.tokens[:4], prompts.mask[:4]),
