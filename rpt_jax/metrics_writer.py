@@ -117,12 +117,16 @@ def _truncate_after(path: str, step: int) -> None:
 
 
 def read_metrics(workdir, kind: str | None = "train") -> list[dict]:
-    """The records of metrics.jsonl (of one kind, or all with kind=None), in file order."""
+    """The records of metrics.jsonl (of one kind, or all with kind=None), in file order. A line
+    that does not parse (cut short by a kill, or still being written by a live run) is skipped."""
     path = os.path.join(workdir, JSONL)
     out = []
     with open(path) as f:
         for line in f:
-            rec = json.loads(line)
-            if kind is None or rec.get("kind") == kind:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and (kind is None or rec.get("kind") == kind):
                 out.append(rec)
     return out

@@ -6,12 +6,14 @@
 and fetches scalars for logging.
 
 Determinism: step s samples with fold_in(key(seed), s); the data iterator's position and the
-train state are checkpointed together, so a run killed at any moment and resumed reaches the
-same parameters as an uninterrupted one (bitwise on CPU).
+train state are checkpointed together (with the count of non-finite steps), so a run killed at
+any moment and resumed reaches the same parameters as an uninterrupted one (bitwise on CPU) and
+logs each eval once: the eval at step k runs before checkpoint k is written.
 
 Workdir layout:
   checkpoints/<step>/   train state + data-iterator state (rpt_jax.checkpoint)
-  checkpoints.corrupt/  checkpoints that failed verification (moved aside, never reused)
+  checkpoints.corrupt/  checkpoints that failed verification (moved aside, never reused; when
+                        none is left to fall back to, the run stops instead of starting over)
   tokenizer/            the run's tokenizer (the built-in BPE is trained once, then read)
   tfds/                 prepared corpora, unless data.data_dir is set
   eval/                 the cached eval set
@@ -423,9 +425,13 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
         workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
         resume_step=None if restored is None else restored.step)
     reference = None
+    # non-finite updates: (in a row, in all), saved with each checkpoint so a resume stops
+    # where the uninterrupted run would
+    bad_in_a_row = bad_total = 0
     if restored is not None:
         state, start = restored.state, restored.step
         train_iter.set_state(restored.meta["data"])
+        bad_in_a_row, bad_total = restored.meta.get("bad_steps", (0, 0))
         log.info("resumed from step %d", start)
         if config.rl.kl_coef:
             reference = reference_params(config, workdir, model_cfg, p_shardings)
@@ -438,7 +444,6 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
         if config.rl.kl_coef:  # saved before step 0, so every checkpoint has its reference
             reference = reference_params(config, workdir, model_cfg, p_shardings, params)
         state = train_step.init_train_state(params, tx, mesh, p_shardings)
-        ckpt.save(0, state, {"data": train_iter.get_state()})
     log.info("model: %s, %.2fM params", config.model.preset, model_lib.num_params(model_cfg) / 1e6)
 
     sampling_cfg = sampling.SamplingConfig.from_config(
@@ -456,7 +461,6 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
     num_steps, eval_every = int(config.num_steps), int(config.eval.every)
     eval_set, status, last = None, "done", {}
-    bad_in_a_row = bad_total = 0
     compiles_seen = None
     profiler = profiling.StepProfiler(os.path.join(workdir, "profile"),
                                       config.logging.profile_start, config.logging.profile_steps)
@@ -480,8 +484,15 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
         say(logging.INFO, "eval at step %d: %s", step,
             ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if isinstance(v, (int, float))))
 
-    if eval_every > 0 and start == 0:
-        evaluate(0)
+    def meta():  # what a checkpoint holds besides the train state
+        return {"data": train_iter.get_state(), "bad_steps": [bad_in_a_row, bad_total]}
+
+    # The eval at step k runs before checkpoint k is written: a run resumed from checkpoint k has
+    # had it, one killed during it redoes the steps since the checkpoint before, then the eval.
+    if restored is None:
+        if eval_every > 0:
+            evaluate(0)
+        ckpt.save(0, state, meta())
     done, t_last = start, time.time()
     try:
         while done < num_steps:
@@ -532,14 +543,14 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                         "=%d); the last good checkpoint is step %s in %s", bad_in_a_row,
                         config.optim.max_bad_steps, ckpt.latest_step(), ckpt.directory)
                     break
-            ckpt.maybe_save(done, state, {"data": train_iter.get_state()})
             if eval_every > 0 and done % eval_every == 0:
                 evaluate(done)
+            ckpt.maybe_save(done, state, meta())
         bar.close()
         if status != "bad_steps":
-            ckpt.save(done, state, {"data": train_iter.get_state()})  # skipped if saved already
             if status == "done" and eval_every > 0 and done % eval_every and done > start:
                 evaluate(done)
+            ckpt.save(done, state, meta())  # skipped if saved already
     finally:  # also on an exception: let pending checkpoint writes finish
         profiler.close()
         ckpt.close()

@@ -13,8 +13,8 @@ paper's fit P(C) = A / C^alpha + P* per difficulty split:
     python scripts/evaluate.py --config configs/tiny.py --workdir /tmp/rpt_tiny
 
 Writes <output>/results.json, results.md and (for --workdir) accuracy_vs_step.png and
-accuracy_vs_compute.png; prints the table and the fits. --output defaults to <workdir>/evaluation
-or ./evaluation-<folder name>.
+accuracy_vs_compute.png (results first: a failing plot or fit loses no evaluation); prints the
+table and the fits. --output defaults to <workdir>/evaluation or ./evaluation-<folder name>.
 
 Positions and proxy entropies are cached (rpt_jax.evaluation): for a workdir in <workdir>/eval,
 the trainer's own eval cache, so the numbers use the positions the trainer's eval hook used; for
@@ -38,7 +38,10 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "An HF folder or an rpt_jax workdir.")
-_STEP = flags.DEFINE_integer("step", None, "With a workdir --checkpoint: the step (default latest).")
+_STEP = flags.DEFINE_integer("step", None, "With a workdir --checkpoint: the step (default "
+                             "latest). Rejected with an HF --checkpoint and with --workdir (which "
+                             "evaluates every saved step): one step of a run is --checkpoint "
+                             "<workdir> --step N.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Evaluate every saved step of this run.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where results and plots go.")
 _CACHE = flags.DEFINE_string("cache_dir", None, "Eval-set cache (positions and entropies).")
@@ -58,6 +61,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(_CHECKPOINT.value) == bool(_WORKDIR.value):
         raise app.UsageError("give exactly one of --checkpoint and --workdir")
+    flag = "--checkpoint" if _CHECKPOINT.value else "--workdir"
+    path = os.path.abspath(os.path.expanduser(_CHECKPOINT.value or _WORKDIR.value))
+    if not os.path.isdir(path):  # before anything is created there
+        raise app.UsageError(f"{flag} {path} " + (
+            "is not a folder" if os.path.exists(path) else "does not exist"))
+    hf_folder = _is_hf(path)
+    if _WORKDIR.value and hf_folder:
+        raise app.UsageError(f"--workdir {path} is an HF folder; use --checkpoint")
+    if _STEP.value is not None and _WORKDIR.value:
+        raise app.UsageError("--step does not apply to --workdir, which evaluates every saved "
+                             "step; for one step use --checkpoint <workdir> --step N")
+    if _STEP.value is not None and hf_folder:
+        raise app.UsageError(f"--step does not apply to --checkpoint {path}: an HF folder holds "
+                             "one set of weights")
     import jax
     import numpy as np
 
@@ -70,10 +87,13 @@ def main(argv):
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    path = os.path.abspath(os.path.expanduser(_CHECKPOINT.value or _WORKDIR.value))
-    hf_folder = _is_hf(path)
-    if _WORKDIR.value and hf_folder:
-        raise app.UsageError(f"--workdir {path} is an HF folder; use --checkpoint")
+    if not hf_folder:  # before the output folder is made
+        saved = evaluation.checkpoint_steps(path)
+        if not saved:
+            raise app.UsageError(f"no checkpoints in {evaluation.checkpoint_dir(path)}")
+        if _STEP.value is not None and _STEP.value not in saved:
+            raise app.UsageError(f"--step {_STEP.value}: no checkpoint step {_STEP.value} in "
+                                 f"{evaluation.checkpoint_dir(path)}; saved steps: {saved}")
     config = (config_lib.use_hf_checkpoint(_CONFIG.value.copy_and_resolve_references(), path)
               if hf_folder else _CONFIG.value)
     config_lib.validate(config, jax.device_count())
@@ -99,9 +119,6 @@ def main(argv):
         proxy_name = path
     else:
         tok = trainer.load_run_tokenizer(config, path)
-        saved = evaluation.checkpoint_steps(path)
-        if not saved:
-            raise app.UsageError(f"no checkpoints in {evaluation.checkpoint_dir(path)}")
         if _WORKDIR.value:
             steps = saved
         else:
@@ -127,16 +144,21 @@ def main(argv):
     extra = {"checkpoint": path, "config_model": dict(config.model),
              "num_params": model_lib.num_params(cfg)}
     lines = [evaluation.render_markdown(results)]
-    if _WORKDIR.value:
+    _write_results(output, results, extra, lines, evaluation)
+    if _WORKDIR.value:  # results are on disk first: an error here loses no evaluation
         extra.update(_scaling_report(results, config, path, cfg, output, lines,
                                      evaluation, metrics_writer, scaling, model_lib, np))
-    md = "\n".join(lines)
-    with open(os.path.join(output, "results.md"), "w") as f:
-        f.write(md)
-    evaluation.write_json(results, os.path.join(output, "results.json"), extra)
-    print(md)
+        _write_results(output, results, extra, lines, evaluation)
+    print("\n".join(lines))
     print(f"wrote {output}/results.md, results.json" + (
         ", accuracy_vs_step.png, accuracy_vs_compute.png" if _WORKDIR.value else ""))
+
+
+def _write_results(output, results, extra, lines, evaluation):
+    """<output>/results.md (the Markdown `lines`) and results.json (results plus `extra`)."""
+    with open(os.path.join(output, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    evaluation.write_json(results, os.path.join(output, "results.json"), extra)
 
 
 def _scaling_report(results, config, workdir, cfg, output, lines, evaluation, metrics_writer,

@@ -6,11 +6,15 @@ transformers, vLLM, lm-evaluation-harness or a later `model.hf_checkpoint`:
         --workdir /tmp/rpt_qwen3 --step 500 --dtype bfloat16 --out /tmp/rpt_qwen3_500
 
 Takes the latest checkpoint (or --step), reads only its params (not the optimizer state), and
-writes them sharded above 2 GiB per file. The tokenizer files, generation_config.json and
-max_position_embeddings come from model.hf_checkpoint when the run started from one, else from
-the run's own tokenizer. --dtype: the weights' dtype on disk (default: the params').
+writes them sharded above 2 GiB per file, with the run's own tokenizer (trainer.load_run_tokenizer:
+data.tokenizer when set, else model.hf_checkpoint's, else the built-in one kept in the workdir).
+generation_config.json and max_position_embeddings come from model.hf_checkpoint when the run
+started from one (generation_config's eos_token_id becomes the run tokenizer's end ids where they
+differ). --dtype: the weights' dtype on disk (default: the params').
 """
+import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -48,12 +52,32 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
                                          model_lib.param_shapes(cfg))
     params = evaluation.load_workdir_params(workdir, step, cfg, shardings)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_dir = config.model.hf_checkpoint
-        if not tokenizer_dir:
-            tokenizer_dir = tmp
-            trainer.load_run_tokenizer(config, workdir).save(tmp)
-        folder = hf.save_params(params, cfg, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+        tokenizer_files(config, trainer.load_run_tokenizer(config, workdir), tmp)
+        folder = hf.save_params(params, cfg, out, tokenizer_dir=tmp, dtype=dtype)
     return folder, step
+
+
+def tokenizer_files(config, tokenizer, folder: str) -> None:
+    """Write what hf.save_params reads from its tokenizer_dir into `folder`: the run's
+    `tokenizer`, and model.hf_checkpoint's config.json (max_position_embeddings) and
+    generation_config.json, whose eos_token_id becomes the tokenizer's end ids where they differ
+    (a data.tokenizer other than the checkpoint's)."""
+    tokenizer.save(folder)
+    src = config.model.hf_checkpoint
+    if not src:
+        return
+    if os.path.isfile(os.path.join(src, "config.json")):
+        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(folder, "config.json"))
+    gen_path = os.path.join(src, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+        eos = gen.get("eos_token_id")
+        theirs = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if theirs | {tokenizer.eos_id} != set(tokenizer.end_ids):
+            gen["eos_token_id"] = list(tokenizer.end_ids)
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
 
 
 def main(argv):

@@ -1,12 +1,14 @@
-"""Build a config's corpus and, with a proxy checkpoint, run the entropy pass once.
+"""Build a config's corpus and, with data.proxy_checkpoint, run the training entropy pass once.
 
     python scripts/prepare_data.py --config configs/tiny.py --workdir /tmp/rpt_tiny
 
 Writes the TFDS corpus under data.data_dir ("" = <workdir>/tfds) and prints, per split, the
 documents, tokens and examples. With data.proxy_checkpoint set it scores every split with that
-model (top-k entropy per position, for data.entropy_threshold); with eval.proxy_checkpoint set it
-scores eval.split with that reference model (the easy / medium / hard split of evaluation). Results
-are cached under <data_dir>/entropy/, so a second run is quick. The tiny config builds in ~2 s.
+model (top-k entropy per position, for data.entropy_threshold); results are cached under
+<data_dir>/entropy/, so a second run is quick. eval.proxy_checkpoint is not used here: evaluation
+computes the eval set's entropies itself, on its own contexts (rpt_jax.evaluation). A split the
+corpus has no document in (a small corpus) is skipped with a warning; any other error is raised.
+The tiny config builds in ~2 s.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from rpt_jax.tokenizer import load_tokenizer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (the corpus goes to <workdir>/tfds "
                                "unless data.data_dir is set).")
-_SPLITS = flags.DEFINE_list("splits", list(corpora.SPLITS), "Splits to build.")
+_SPLITS = flags.DEFINE_list("splits", list(corpora.SPLITS),
+                            f"Splits to build, of {', '.join(corpora.SPLITS)}.")
 _WINDOW = flags.DEFINE_integer("entropy_window", 1024, "Tokens per scoring window.")
 _ROWS = flags.DEFINE_integer("entropy_batch_rows", 32, "Windows per scoring batch (global).")
 
@@ -57,6 +60,10 @@ def main(argv):
     config = _CONFIG.value
     if not config.data.data_dir and not _WORKDIR.value:
         raise app.UsageError("set --workdir or --config.data.data_dir")
+    unknown = [s for s in _SPLITS.value if s not in corpora.SPLITS]
+    if unknown:
+        raise app.UsageError(f"--splits: {', '.join(map(repr, unknown))} not one of "
+                             f"{', '.join(corpora.SPLITS)}")
     data_dir = config.data.data_dir or os.path.join(_WORKDIR.value, "tfds")
     tokenizer = load_tokenizer(config)
     spec = contexts.ExampleSpec.from_config(config, tokenizer)  # template errors first
@@ -64,7 +71,9 @@ def main(argv):
     for split in _SPLITS.value:
         try:
             docs = corpora.load_corpus(config, split, data_dir)
-        except ValueError as e:
+        except ValueError as e:  # only a split the corpus has no document in is skipped
+            if "has no documents in split" not in str(e):
+                raise
             logging.warning("%s", e)
             continue
         toks = contexts.tokenize_documents(tokenizer, [d["text"] for d in docs])
@@ -75,15 +84,9 @@ def main(argv):
               f"{len(doc_index)} examples before entropy filtering (skipped {skipped}); "
               f"template {config.data.template!r} takes {len(spec.prefix) + len(spec.suffix)} "
               f"of {spec.max_prompt_len} prompt tokens")
-    passes = []
-    if config.data.proxy_checkpoint:
-        passes.append((config.data.proxy_checkpoint, list(tokenized)))
-    if config.eval.proxy_checkpoint and config.eval.split in tokenized:
-        passes.append((config.eval.proxy_checkpoint, [config.eval.split]))
-    if passes:
-        mesh = sharding.make_mesh(config)
-        for proxy, splits in passes:
-            score(config, proxy, data_dir, tokenizer, dict(tokenized[s] for s in splits), mesh)
+    if config.data.proxy_checkpoint and tokenized:
+        score(config, config.data.proxy_checkpoint, data_dir, tokenizer,
+              dict(tokenized.values()), sharding.make_mesh(config))
 
 
 if __name__ == "__main__":

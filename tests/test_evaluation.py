@@ -3,6 +3,10 @@ and `evaluate` on a tiny model against an independent per-row forward and the re
 import dataclasses
 import itertools
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -328,3 +332,80 @@ def test_workdir_params_restore_only_params_and_verify(setup, tmp_path):
     with pytest.raises(ValueError, match="does not hold this config's model"):
         evaluation.load_workdir_params(run, 3, wider, sharding.param_shardings(
             mesh, model.logical_axes(wider), model.param_shapes(wider)))
+
+
+# ----------------------------------------------------------------------------- scripts
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name, *args, code=None):
+    """scripts/<name> on configs/tiny.py (or `code` run with those arguments), in a subprocess."""
+    argv = ["-c", code] if code else [str(ROOT / "scripts" / name)]
+    return subprocess.run([sys.executable, *argv, f"--config={ROOT / 'configs' / 'tiny.py'}",
+                           *map(str, args)], capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_evaluate_script_names_a_missing_path_and_a_step_that_does_not_apply(tmp_path):
+    missing = tmp_path / "no_run"
+    done = _script("evaluate.py", f"--checkpoint={missing}")
+    assert done.returncode != 0 and f"--checkpoint {missing} does not exist" in done.stderr
+    assert not missing.exists()  # nothing made there
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    done = _script("evaluate.py", f"--checkpoint={tmp_path / 'hf'}", "--step=2")
+    assert done.returncode != 0 and "--step does not apply to --checkpoint" in done.stderr
+    done = _script("evaluate.py", f"--workdir={tmp_path}", "--step=2")
+    assert done.returncode != 0 and "--step does not apply to --workdir" in done.stderr
+
+
+def test_evaluate_script_writes_results_before_the_scaling_report(tmp_path):
+    """--workdir: results.md / results.json are on disk when the plots or fits fail (checkpoint
+    reads and evaluation stubbed)."""
+    code = f"""if True:
+        import sys
+        sys.path.insert(0, {str(ROOT / 'scripts')!r})
+        import evaluate
+        from absl import app
+        from rpt_jax import evaluation, scaling, trainer
+        evaluation.checkpoint_steps = lambda path: [2, 4]
+        evaluation.load_workdir_params = evaluation.build_eval_set = lambda *a, **k: None
+        trainer.load_run_tokenizer = lambda config, path: None
+        evaluation.evaluate = lambda *a, label, step, **k: dict(
+            label=label, step=step, split="validation", proxy="p", thresholds=(),
+            entropy_top_k=16, num_examples=1, num_samples=2,
+            summary={{"all": {{"count": 1, "standard": 50.0, "reasoning": 25.0}}}})
+        def fail(*args):
+            raise RuntimeError("plot failed")
+        scaling.plot_vs_step = fail
+        app.run(evaluate.main)
+    """
+    (tmp_path / "run").mkdir()
+    done = _script(None, f"--workdir={tmp_path / 'run'}", code=code)
+    assert done.returncode != 0 and "plot failed" in done.stderr
+    out = tmp_path / "run" / "evaluation"
+    assert [r["step"] for r in json.loads((out / "results.json").read_text())["results"]] == [2, 4]
+    assert "| step 4 | 4 | standard | 50.00 |" in (out / "results.md").read_text()
+
+
+def test_prepare_data_script_skips_only_empty_splits_and_no_eval_proxy(tmp_path):
+    """A split the corpus has no document in is a warning; a wrong option raises; the eval proxy
+    is not opened (evaluation computes its entropies itself)."""
+    (tmp_path / "one.txt").write_text("a single document of a few words\n")
+    local = ["--config.data.corpus=local", f"--config.data.corpus_path={tmp_path / 'one.txt'}"]
+    # "one.txt" lands in split train, here eval.split: an eval-proxy pass would open no_proxy
+    done = _script("prepare_data.py", f"--workdir={tmp_path}", *local, "--config.eval.split=train",
+                   f"--config.eval.proxy_checkpoint={tmp_path / 'no_proxy'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "/train: 1 documents" in done.stdout and "entropy of" not in done.stdout
+    assert done.stderr.count("has no documents in split") == 2
+    (tmp_path / "data.csv").write_text("text\n")
+    for args, error in [
+            (["--config.data.corpus=nope"], "data.corpus='nope' is not one of"),
+            (["--config.data.corpus=local"], "corpus 'local' needs data.corpus_path"),
+            ([local[0], f"--config.data.corpus_path={tmp_path / 'data.csv'}"],
+             "a local corpus file must be .txt or .jsonl"),
+            ([*local, "--splits=train,valid"], "--splits: 'valid' not one of")]:
+        done = _script("prepare_data.py", f"--workdir={tmp_path}", *args)
+        assert done.returncode != 0 and error in done.stderr, (args, done.stderr[-2000:])

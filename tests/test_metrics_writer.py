@@ -58,3 +58,15 @@ def test_only_process_zero_writes(tmp_path):
     w.write(1, {"reward": 0.1})
     w.close()
     assert not os.path.exists(os.path.join(tmp_path, metrics_writer.JSONL))
+
+
+def test_read_skips_a_line_cut_short(tmp_path):
+    """A killed run's (or a live run's) last line, half written, is skipped, not an error."""
+    w = metrics_writer.MetricsWriter(tmp_path, tensorboard=False)
+    for s in (1, 2):
+        w.write(s, {"reward": 0.1})
+    w.close()
+    with open(os.path.join(tmp_path, metrics_writer.JSONL), "a") as f:
+        f.write('{"step": 3, "kind": "train", "rew')
+    assert steps(tmp_path, "train") == [("train", 1), ("train", 2)]
+    assert steps(tmp_path) == [("train", 1), ("train", 2)]

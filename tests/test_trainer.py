@@ -214,28 +214,34 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     assert restored.step == NUM_STEPS
     assert_bitwise_equal(restored.state, uninterrupted[1].state)
     assert _train_steps(workdir) == list(range(1, NUM_STEPS + 1))
+    # every eval once: one killed during an eval redoes it, a resumed one does not repeat it
+    assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 6, 12]
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, tmp_path):
-    """A NaN weight makes every loss non-finite: each update is skipped (state unchanged), counted,
-    and after optim.max_bad_steps=2 in a row the run stops without saving."""
+    """A NaN weight makes every loss non-finite: each update is skipped (state unchanged), counted
+    (the counts resume from the checkpoint), and after optim.max_bad_steps in a row the run stops
+    without saving."""
     good = final_state(config, uninterrupted[0])
     params = jax.tree.map(lambda x: x, good.state.params)
     params["norm"] = params["norm"].at[0].set(jnp.nan)
     poisoned = good.state._replace(params=params, step=jnp.zeros((), jnp.int32))
     workdir = str(tmp_path / "nan")
     ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    # saved as by a run whose step 4 was its 3rd non-finite step, the 1st in a row
+    assert good.meta["bad_steps"] == [0, 0]
     ck.save(4, poisoned, {"data": {"step": 4, "num_examples": good.meta["data"]["num_examples"],
-                                   "seed": config.seed}})
+                                   "seed": config.seed}, "bad_steps": [1, 3]})
     ck.close()
     # without DAPO dropping (all rewards are 0 here) every row enters the loss
-    no_drop = load_config(config.data.data_dir, "--config.rl.dynamic_sampling=False")
+    no_drop = load_config(config.data.data_dir, "--config.rl.dynamic_sampling=False",
+                          "--config.optim.max_bad_steps=3")
     result = trainer.train_and_evaluate(no_drop, workdir, progress=False)
-    assert result.status == "bad_steps" and result.step == 6
+    assert result.status == "bad_steps" and result.step == 6  # the 3rd in a row, counting step 4
     assert_bitwise_equal(result.state, poisoned)
     train = metrics_writer.read_metrics(workdir, "train")
     assert [(r["step"], r["finite"], r["applied"], r["bad_steps"]) for r in train] == \
-        [(5, 0, 0, 1), (6, 0, 0, 2)]
+        [(5, 0, 0, 4), (6, 0, 0, 5)]
     # the step-6 checkpoint (checkpoint.every=2) is not written: the last good one stays newest
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4]
 
@@ -325,6 +331,39 @@ def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uni
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
     missing = export(tmp_path / "none", "--step=5")
     assert missing.returncode != 0 and "no checkpoint step 5" in missing.stderr
+
+
+def test_export_hf_takes_data_tokenizer_over_the_checkpoints(config, tmp_path, monkeypatch):
+    """scripts/export_hf.py for a run from model.hf_checkpoint with another data.tokenizer: the
+    folder holds the run's tokenizer, and the checkpoint's generation_config.json with the run
+    tokenizer's end ids (checkpoint reads stubbed: no training run)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import export_hf
+
+    from rpt_jax import evaluation, hf
+    from rpt_jax import tokenizer as tokenizer_lib
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    params = model_lib.init(cfg, jax.random.key(0))
+    theirs = tokenizer_lib.builtin_tokenizer(cfg.vocab_size)
+    theirs.save(tmp_path / "tok_a")
+    base = hf.save_params(params, cfg, tmp_path / "base", tokenizer_dir=tmp_path / "tok_a")
+    (base / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [theirs.eos_id, 5], "temperature": 0.6}))
+    tokenizer_lib.builtin_tokenizer(cfg.vocab_size - 64).save(tmp_path / "tok_b")
+    run = config.copy_and_resolve_references()
+    run.model.hf_checkpoint = str(base)
+    run.data.tokenizer = str(tmp_path / "tok_b" / "tokenizer.json")
+    monkeypatch.setattr(evaluation, "checkpoint_steps", lambda workdir: [4])
+    monkeypatch.setattr(evaluation, "load_workdir_params", lambda *args: params)
+    folder, step = export_hf.export(run, str(tmp_path / "run"), str(tmp_path / "out"))
+    ours = trainer.load_run_tokenizer(run, str(tmp_path / "run"))
+    got = tokenizer_lib.Tokenizer.from_dir(folder)
+    assert step == 4 and got.vocab_size == ours.vocab_size == cfg.vocab_size - 64
+    assert ([got.token_bytes(i) for i in range(got.vocab_size)]
+            == [ours.token_bytes(i) for i in range(ours.vocab_size)])
+    assert got.end_ids == ours.end_ids == (ours.eos_id,)
+    assert json.loads((folder / "generation_config.json").read_text()) == {
+        "eos_token_id": [ours.eos_id], "temperature": 0.6}
 
 
 def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
