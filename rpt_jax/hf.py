@@ -36,9 +36,12 @@ from rpt_jax import rope as rope_lib
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
 # Class defaults of transformers' Llama / Qwen2 / Qwen3 configs for keys a config.json may omit.
-_DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+_DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+             "qwen3_head_dim": 128, "sliding_window": 4096, "max_window_layers": 28}
+_SILU = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 # Buffers some old checkpoints store; they are recomputed from rope_theta.
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
@@ -92,7 +95,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         if cond:
             raise ValueError(f"{where}: {key}={hf.get(key)!r} is not supported ({why})")
 
-    reject(hf.get("hidden_act", "silu") != "silu", "hidden_act", "rpt_jax's MLP is SwiGLU with silu")
+    reject(hf.get("hidden_act", "silu") not in _SILU, "hidden_act", "rpt_jax's MLP is SwiGLU with silu")
     reject(hf.get("mlp_bias", False), "mlp_bias", "MLP projections have no bias")
     if arch != "Qwen2ForCausalLM":
         reject(hf.get("attention_bias", False), "attention_bias",
@@ -112,28 +115,46 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         scalings.add(rope_lib.canonical(rope, f"{where}: {key}"))
     if len(scalings) > 1:
         raise ValueError(f"{where}: rope_scaling and rope_parameters disagree: {sorted(scalings)}")
+    # transformers takes a rope_theta inside rope_parameters / rope_scaling over the top-level one.
+    thetas = {f"{key}['rope_theta']": (hf.get(key) or {}).get("rope_theta")
+              for key in ("rope_parameters", "rope_scaling")}
+    thetas = {"rope_theta": hf.get("rope_theta"), **thetas}
+    thetas = {k: float(v) for k, v in thetas.items() if v is not None}
+    if len(set(thetas.values())) > 1:
+        raise ValueError(f"{where}: " + " and ".join(f"{k}={v}" for k, v in thetas.items())
+                         + " disagree")
     layer_types = hf.get("layer_types") or []
     reject(any(t != "full_attention" for t in layer_types), "layer_types",
            "only full attention; sliding-window layers are not implemented")
+    # An absent sliding_window is the class default (4096); only an explicit null means none.
+    window = hf.get("sliding_window", _DEFAULTS["sliding_window"])
     if arch == "MistralForCausalLM":
-        reject(hf.get("sliding_window") is not None, "sliding_window",
-               "sliding-window attention is not implemented")
-    if hf.get("use_sliding_window", False):
-        sliding = hf.get("max_window_layers", 0) < need("num_hidden_layers")
-        reject(sliding, "use_sliding_window",
-               "sliding-window attention on layers >= max_window_layers is not implemented")
+        if "sliding_window" not in hf:
+            raise ValueError(f"{where}: sliding_window is absent, which transformers defaults to "
+                             f"{window} (sliding-window attention is not implemented; a checkpoint "
+                             f"trained without a window says \"sliding_window\": null)")
+        reject(window is not None, "sliding_window", "sliding-window attention is not implemented")
+    # Qwen2 / Qwen3: layer i slides iff use_sliding_window, a window and i >= max_window_layers.
+    if hf.get("use_sliding_window", False) and window is not None:
+        first = hf.get("max_window_layers")
+        first = _DEFAULTS["max_window_layers"] if first is None else first
+        reject(first < need("num_hidden_layers"), "use_sliding_window",
+               f"layers >= max_window_layers={first} attend over a sliding window of {window}, "
+               f"which is not implemented")
 
     heads = need("num_attention_heads")
-    theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
+    head_dim = hf.get("head_dim") or (_DEFAULTS["qwen3_head_dim"] if arch == "Qwen3ForCausalLM"
+                                      else need("hidden_size") // heads)
+    theta = next(iter(thetas.values()), _DEFAULTS["rope_theta"])
     return dict(
         vocab_size=need("vocab_size"),
         num_layers=need("num_hidden_layers"),
         hidden_size=need("hidden_size"),
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or need("hidden_size") // heads,
+        head_dim=head_dim,
         mlp_dim=need("intermediate_size"),
-        rope_theta=float(theta or _DEFAULTS["rope_theta"]),
+        rope_theta=theta,
         rope_scaling=scalings.pop() if scalings else "",
         rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS["rms_norm_eps"])),
         qkv_bias=arch == "Qwen2ForCausalLM",
@@ -168,7 +189,7 @@ def _tensor_map(cfg: model_lib.ModelConfig) -> list[_Tensor]:
     d, v, f = cfg.hidden_size, cfg.vocab_size, cfg.mlp_dim
     h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     layer = "model.layers.{i}."
-    out = [_Tensor(("embed_tokens",), "model.embed_tokens.weight", (v,), (d,))]
+    out = [_Tensor(("embed_tokens",), _EMBED, (v,), (d,))]
     for proj, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
         out.append(_Tensor(("layers", proj, "kernel"), f"{layer}self_attn.{proj}.weight",
                            (n, e), (d,), transpose=True, stacked=True))
@@ -193,7 +214,7 @@ def _tensor_map(cfg: model_lib.ModelConfig) -> list[_Tensor]:
         _Tensor(("norm",), "model.norm.weight", (d,)),
     ]
     if not cfg.tie_embeddings:
-        out.append(_Tensor(("lm_head",), "lm_head.weight", (v,), (d,), transpose=True))
+        out.append(_Tensor(("lm_head",), _HEAD, (v,), (d,), transpose=True))
     return out
 
 
@@ -266,11 +287,15 @@ def _read_block(sl, spec: _Tensor, ranges) -> np.ndarray:
 
 
 def _check_checkpoint(folder, cfg, files, handles) -> None:
-    """Every expected tensor present with its HF shape and a float dtype; nothing unexpected."""
+    """Every expected tensor present with its HF shape and a float dtype; nothing unexpected. A
+    tied checkpoint's stored lm_head.weight is checked like embed_tokens (its values while
+    loading)."""
     expected = {}
     for spec in _tensor_map(cfg):
         for name in spec.names(cfg.num_layers):
             expected[name] = spec.hf_shape
+    if cfg.tie_embeddings and _HEAD in files:
+        expected[_HEAD] = expected[_EMBED]
     missing = [n for n in expected if n not in files]
     if missing:
         raise KeyError(f"{folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
@@ -279,8 +304,6 @@ def _check_checkpoint(folder, cfg, files, handles) -> None:
     for name, file in files.items():
         if name in expected or name.endswith(_IGNORED_SUFFIX):
             continue
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # a tied checkpoint may store the head; the model reuses embed_tokens
         raise ValueError(f"{file}: unexpected tensor {name!r} (no rpt_jax param for it; "
                          f"tie_embeddings={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias}, "
                          f"num_layers={cfg.num_layers})")
@@ -305,8 +328,10 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
 
     shardings: a pytree like `model.param_shapes(cfg)` of jax Shardings (e.g.
     `sharding.param_shardings(mesh, model.logical_axes(cfg))`), or None for the first local
-    device. Each device shard is read straight from disk; a tied checkpoint's lm_head.weight,
-    if stored, is ignored (the model multiplies by embed_tokens).
+    device. Each device shard is read straight from disk. A tied checkpoint may store
+    lm_head.weight too: a copy of embed_tokens is ignored (the model multiplies by embed_tokens);
+    a different one raises ValueError as its blocks are read (transformers would then untie them
+    and use the stored head).
     """
     folder = pathlib.Path(folder)
     shapes = model_lib.param_shapes(cfg)
@@ -346,7 +371,16 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
                             block[i - l0] = _read_block(handle(files[name]).get_slice(name), spec, inner)
                     else:
                         block = _read_block(handle(files[spec.name]).get_slice(spec.name), spec, ranges)
-                    cache[key] = np.ascontiguousarray(block, dtype)
+                    block = np.ascontiguousarray(block, dtype)
+                    if spec.name == _EMBED and cfg.tie_embeddings and _HEAD in files:
+                        head = _read_block(handle(files[_HEAD]).get_slice(_HEAD), spec, ranges)
+                        if not np.array_equal(np.asarray(head, dtype), block):
+                            raise ValueError(
+                                f"{files[_HEAD]}: tie_word_embeddings is true but the stored "
+                                f"{_HEAD!r} differs from {_EMBED!r} (transformers then unties "
+                                f"them and uses the stored head); set tie_word_embeddings to "
+                                f"false in config.json, or drop {_HEAD!r}")
+                    cache[key] = block
                 return cache[key]
 
             leaf = jax.make_array_from_callback(shape, _get(shardings, spec.path), callback)
@@ -419,8 +453,9 @@ def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
         out.update(attention_bias=False, mlp_bias=False)
     tok_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else None
     tok_config = {}
-    if tok_dir is not None and (tok_dir / "tokenizer_config.json").exists():
-        tok_config = _read_json(tok_dir / "tokenizer_config.json")
+    if tok_dir is not None:
+        from rpt_jax.tokenizer import read_tokenizer_config  # late: imports tokenizers
+        tok_config = read_tokenizer_config(tok_dir)  # special_tokens_map.json merged in
     if max_position_embeddings is None and tok_dir is not None and (tok_dir / "config.json").exists():
         max_position_embeddings = _read_json(tok_dir / "config.json").get("max_position_embeddings")
     if max_position_embeddings is None and 0 < tok_config.get("model_max_length", 0) < 1e7:

@@ -21,6 +21,7 @@ import tokenizers
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # legacy special tokens, see read_tokenizer_config
 GENERATION_CONFIG = "generation_config.json"  # eos_token_id: the ids HF generate stops on
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers>=4.47 saves the template here
 
@@ -31,6 +32,9 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}")
 BUILTIN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 _FALLBACK_EOS = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>")
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens (chat templates see those set)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                      "mask_token")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -63,7 +67,7 @@ def _token_name(value) -> str | None:
 
 def _vocab_style(spec: dict) -> str:
     """'byte_level' or 'metaspace' from a tokenizer.json dict; raises for other vocabularies."""
-    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")], ensure_ascii=False)
     if '"ByteLevel"' in parts:
         return "byte_level"
     if '"Metaspace"' in parts or "\u2581" in parts or spec.get("model", {}).get("byte_fallback"):
@@ -71,6 +75,25 @@ def _vocab_style(spec: dict) -> str:
     raise ValueError("unsupported tokenizer vocabulary: rpt_jax needs byte-level BPE or "
                      f"Metaspace/byte-fallback pieces to know each token's bytes; got "
                      f"pre_tokenizer={spec.get('pre_tokenizer')} decoder={spec.get('decoder')}")
+
+
+def read_tokenizer_config(folder) -> dict:
+    """A folder's tokenizer_config.json ({} if absent) with special_tokens_map.json merged in as
+    transformers merges it: only when the config has no added_tokens_decoder (folders saved
+    before transformers 4.34), the map's special tokens then taking precedence."""
+    config, special = {}, {}
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from None
+            (config if name == TOKENIZER_CONFIG else special).update(data)
+    if "added_tokens_decoder" not in config:
+        config.update({k: v for k, v in special.items() if k in SPECIAL_TOKEN_KEYS})
+    return config
 
 
 class Tokenizer:
@@ -103,8 +126,8 @@ class Tokenizer:
             eos = next((tok.token_to_id(n) for n in _FALLBACK_EOS if tok.token_to_id(n) is not None),
                        None)
         if eos is None:
-            raise ValueError(f"{source}: no eos_token in {TOKENIZER_CONFIG} and none of "
-                             f"{_FALLBACK_EOS} in the vocabulary")
+            raise ValueError(f"{source}: no eos_token in {TOKENIZER_CONFIG} or "
+                             f"{SPECIAL_TOKENS_MAP} and none of {_FALLBACK_EOS} in the vocabulary")
         self.eos_id: int = eos
         bad = [i for i in end_ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -142,17 +165,14 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
-        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, chat_template.jinja,
-        and generation_config.json's eos_token_id (an id or a list)."""
+        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json (with
+        special_tokens_map.json, see `read_tokenizer_config`), chat_template.jinja, and
+        generation_config.json's eos_token_id (an id or a list)."""
         path = os.fspath(path)
         tj = os.path.join(path, TOKENIZER_JSON)
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"no {TOKENIZER_JSON} in {path}")
-        cj = os.path.join(path, TOKENIZER_CONFIG)
-        config = {}
-        if os.path.isfile(cj):
-            with open(cj) as f:
-                config = json.load(f)
+        config = read_tokenizer_config(path)
         template = None
         jinja = os.path.join(path, CHAT_TEMPLATE_FILE)
         if os.path.isfile(jinja):
@@ -266,11 +286,11 @@ class Tokenizer:
         """One user turn through the chat template (rendered as transformers renders it)."""
         if not self.chat_template:
             raise ValueError(f"{self.source}: the tokenizer has no chat_template")
-        names = {k: _token_name(self._config.get(k)) for k in
-                 ("bos_token", "eos_token", "pad_token", "unk_token")}
+        names = {k: _token_name(self._config.get(k)) for k in SPECIAL_TOKEN_KEYS}
         names["eos_token"] = self._tok.id_to_token(self.eos_id)
+        names = {k: v for k, v in names.items() if v is not None}  # unset: undefined, not None
         return _compile(self.chat_template).render(
-            messages=[{"role": "user", "content": user_text}],
+            messages=[{"role": "user", "content": user_text}], tools=None, documents=None,
             add_generation_prompt=add_generation_prompt, **names)
 
 

@@ -287,6 +287,22 @@ def test_qwen3_matches_transformers(tmp_path):
         hf.hf_config(dataclasses.replace(cfg, qkv_bias=True), "float32")
 
 
+def test_qwen3_head_dim_defaults_to_128(tmp_path):
+    """A Qwen3 config.json without head_dim: Qwen3Config's class default 128, not hidden // heads."""
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**dict(QWEN, num_hidden_layers=1)))
+    hf_model.eval().save_pretrained(tmp_path, safe_serialization=True)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written.pop("head_dim") == 128 != QWEN["hidden_size"] // QWEN["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).head_dim == 128
+    cfg = model.ModelConfig(**hf.model_config_from_hf(tmp_path))
+    assert cfg.head_dim == 128
+    ids = _ids(cfg)
+    ours = np.asarray(forward(hf.load_params(tmp_path, cfg), jnp.asarray(ids), cfg))
+    np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+
+
 def test_mistral_without_a_sliding_window_is_llama(tmp_path):
     torch.manual_seed(0)
     mistral = transformers.MistralConfig(**QWEN, head_dim=16, sliding_window=None)
@@ -297,9 +313,14 @@ def test_mistral_without_a_sliding_window_is_llama(tmp_path):
     ids = _ids(cfg)
     ours = np.asarray(forward(hf.load_params(tmp_path, cfg), jnp.asarray(ids), cfg))
     np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
+    written = json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
-        hf.model_config_from_hf({**json.loads((tmp_path / "config.json").read_text()),
-                                 "sliding_window": 4096})
+        hf.model_config_from_hf({**written, "sliding_window": 4096})
+    # No sliding_window key: MistralConfig's default window of 4096, not "no window".
+    absent = {k: v for k, v in written.items() if k != "sliding_window"}
+    assert transformers.MistralConfig.from_dict(dict(absent)).sliding_window == 4096
+    with pytest.raises(ValueError, match="sliding_window is absent, which transformers defaults to 4096"):
+        hf.model_config_from_hf(absent)
 
 
 # ----------------------------------------------------------------------------- RoPE scalings
@@ -397,13 +418,41 @@ def test_unexpected_and_ignored_tensors(qwen2, qwen2_copy, qwen2_params):
         hf.load_params(folder, cfg)
 
 
-def test_tied_config_ignores_stored_head(qwen2, qwen2_copy, qwen2_params):
-    folder, _ = qwen2_copy
+def test_tied_config_with_a_stored_head(qwen2, qwen2_copy, qwen2_params):
+    """tie_word_embeddings with an lm_head.weight stored too: a copy of embed_tokens is ignored;
+    a different one is refused (transformers then unties them and uses the stored head), even
+    when only one shard of a sharded load differs."""
+    folder, tensors = qwen2_copy
     _, _, cfg = qwen2
-    tied = model.ModelConfig(**{**vars(cfg), "tie_embeddings": True})
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**written, "tie_word_embeddings": True}))
+    tied = model.ModelConfig(**hf.model_config_from_hf(folder))
+    assert tied == dataclasses.replace(cfg, tie_embeddings=True)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    np.testing.assert_array_equal(reloaded.lm_head.weight.detach().numpy(), tensors["lm_head.weight"])
+    pattern = (r"model\.safetensors: tie_word_embeddings is true but the stored 'lm_head\.weight' "
+               r"differs from 'model\.embed_tokens\.weight'")
+    with pytest.raises(ValueError, match=pattern):
+        hf.load_params(folder, tied)
+
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    _rewrite(folder, tensors)
     params = hf.load_params(folder, tied)
     assert "lm_head" not in params
     np.testing.assert_array_equal(params["embed_tokens"], qwen2_params["embed_tokens"])
+
+    config = config_lib.base_config("tiny")
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(config)
+    shardings = sharding.param_shardings(mesh, model.logical_axes(tied), model.param_shapes(tied))
+    tensors["lm_head.weight"][-1, -1] += 1.0
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=pattern):
+        hf.load_params(folder, tied, shardings)
+    tensors["lm_head.weight"] = np.zeros((8, 64), np.float32)
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=r"lm_head\.weight' has shape \(8, 64\)"):
+        hf.load_params(folder, tied)
 
 
 def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
@@ -429,7 +478,8 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
      "rope_parameters: RoPE scaling 'dynamic' is not supported"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0},
       "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, ValueError, "disagree"),
-    ({"use_sliding_window": True, "max_window_layers": 1}, ValueError, "use_sliding_window"),
+    ({"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 64,
+      "layer_types": None}, ValueError, "use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ValueError, "layer_types"),
     ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}}}, ValueError, "per-layer-type"),
     ({"hidden_act": "gelu"}, ValueError, "hidden_act"),
@@ -442,6 +492,63 @@ def test_unsupported_configs_are_named(qwen2, change, error, pattern):
     config = {k: v for k, v in config.items() if v is not None}
     with pytest.raises(error, match=pattern):
         hf.model_config_from_hf(config)
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_nested_rope_theta(qwen2, key):
+    """rope_theta inside rope_parameters (or rope_scaling) is the one transformers uses: taken
+    when it is the only one, and a disagreeing top-level rope_theta is refused."""
+    folder, _, _ = qwen2
+    written = json.loads((folder / "config.json").read_text())
+    written.pop("rope_parameters")
+    nested = {**written, key: {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}}
+
+    def hf_theta(config):
+        return transformers.Qwen2Config.from_dict(json.loads(json.dumps(config))).rope_parameters["rope_theta"]
+
+    assert hf.model_config_from_hf(nested)["rope_theta"] == hf_theta(nested) == 5e4
+    assert hf.model_config_from_hf({**nested, "rope_theta": 5e4})["rope_theta"] == 5e4
+    both = {**nested, "rope_theta": 1e4}
+    assert hf_theta(both) == 5e4
+    with pytest.raises(ValueError, match=rf"rope_theta=10000\.0 and {key}\['rope_theta'\]=50000\.0 "
+                                         r"disagree"):
+        hf.model_config_from_hf(both)
+
+
+def test_swish_is_silu(qwen2):
+    folder, _, _ = qwen2
+    written = json.loads((folder / "config.json").read_text())
+    from transformers.activations import ACT2FN as act
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(act["swish"](x), act["silu"](x), rtol=0, atol=0)
+    assert hf.model_config_from_hf({**written, "hidden_act": "swish"}) == hf.model_config_from_hf(written)
+
+
+# (extra config.json keys, whether transformers puts some layer in sliding attention)
+SLIDING = [
+    ({"use_sliding_window": True, "sliding_window": 64}, False),  # max_window_layers: 28
+    ({"use_sliding_window": True, "sliding_window": None, "max_window_layers": 0}, False),
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 4}, False),
+    ({"use_sliding_window": False, "sliding_window": 64, "max_window_layers": 0}, False),
+    ({"use_sliding_window": True, "max_window_layers": 2}, True),  # sliding_window: 4096
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0}, True),
+]
+
+
+@pytest.mark.parametrize("extra, slides", SLIDING)
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_use_sliding_window_as_transformers_reads_it(model_type, extra, slides):
+    """Accepted as full attention iff transformers slides no layer: layer i slides iff
+    use_sliding_window, a sliding_window that is not null and i >= max_window_layers."""
+    config = dict(model_type=model_type, vocab_size=64, hidden_size=64, intermediate_size=64,
+                  num_hidden_layers=4, num_attention_heads=4, head_dim=16, **extra)
+    layer_types = transformers.AutoConfig.for_model(**json.loads(json.dumps(config))).layer_types
+    assert any(t == "sliding_attention" for t in layer_types) == slides
+    if slides:
+        with pytest.raises(ValueError, match="use_sliding_window=True is not supported"):
+            hf.model_config_from_hf(config)
+    else:
+        assert hf.model_config_from_hf(config)["num_layers"] == 4
 
 
 def test_config_json_round_trip(qwen2, smollm2_dir):

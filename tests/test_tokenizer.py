@@ -173,6 +173,98 @@ def test_prompts_start_as_transformers_starts_them(smol):
             assert list(tok.leading_ids) == hf("the").input_ids[:-1] == [1] * add_bos
 
 
+def test_sentencepiece_vocabulary_without_metaspace_or_byte_fallback():
+    """Llama-2-style pieces: '▁' only in a Prepend/Replace normalizer and a Replace decoder."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5, "▁a": 6, "▁b": 7}
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("▁", "a"), ("▁", "b")],
+                                                     unk_token="<unk>"))
+    raw.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("▁"),
+                                                      tokenizers.normalizers.Replace(" ", "▁")])
+    raw.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.Fuse(),
+        tokenizers.decoders.Strip(" ", 1, 0)])
+    raw.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok = tok_lib.Tokenizer(raw, {"eos_token": "</s>"})
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw)
+    assert tok.token_bytes(6) == b" a"
+    for text in ["a b", "ab ba  b"]:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False)
+        assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode()
+        assert tok.decode(ids) == hf.decode(ids) == text
+
+
+def _byte_level_dir(folder, config, special_tokens_map=None):
+    """A tiny byte-level BPE folder: tokenizer.json, the given tokenizer_config.json and, when
+    given, special_tokens_map.json."""
+    raw = tokenizers.Tokenizer(tokenizers.models.BPE())
+    raw.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = tokenizers.decoders.ByteLevel()
+    raw.train_from_iterator(["hello world"], tokenizers.trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
+        show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir(parents=True, exist_ok=True)
+    raw.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    if special_tokens_map is not None:
+        (folder / "special_tokens_map.json").write_text(json.dumps(special_tokens_map))
+    return folder
+
+
+def test_special_tokens_map(tmp_path):
+    """special_tokens_map.json, as transformers reads it: merged over tokenizer_config.json when
+    that has no added_tokens_decoder (folders saved before transformers 4.34), else ignored. The
+    exported config.json takes its token ids from the same merge."""
+    import jax.numpy as jnp  # noqa: F401  (rpt_jax.hf imports jax)
+    from rpt_jax import config as config_lib
+    from rpt_jax import hf as hf_lib
+    from rpt_jax import model
+    im_end = {"content": "<|im_end|>", "lstrip": False, "rstrip": False, "normalized": False,
+              "single_word": False, "special": True}
+    cases = {  # name: (tokenizer_config.json, special_tokens_map.json)
+        "missing": ({}, {"eos_token": im_end, "bos_token": "<|im_start|>", "pad_token": "<|pad|>",
+                         "unk_token": "<|endoftext|>"}),
+        "both": ({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"},
+                 {"eos_token": "<|im_end|>", "pad_token": "<|pad|>"}),
+        "decoder": ({"eos_token": "<|endoftext|>", "added_tokens_decoder": {"2": im_end}},
+                    {"eos_token": "<|im_end|>", "pad_token": "<|pad|>"}),
+    }
+    cfg = model.ModelConfig(**config_lib.model_shape("tiny"))
+    for name, (config, special_tokens_map) in cases.items():
+        folder = _byte_level_dir(tmp_path / name, config, special_tokens_map)
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        tok = tok_lib.Tokenizer.from_dir(folder)
+        assert (tok.eos_id, tok.bos_id) == (hf.eos_token_id, hf.bos_token_id), name
+        assert tok.pad_id == (tok.eos_id if hf.pad_token_id is None else hf.pad_token_id), name
+        exported = hf_lib.hf_config(cfg, "float32", tokenizer_dir=folder)
+        assert {k: exported.get(f"{k}_token_id") for k in ("bos", "eos", "pad")} == {
+            "bos": hf.bos_token_id, "eos": hf.eos_token_id, "pad": hf.pad_token_id}, name
+    assert tok_lib.Tokenizer.from_dir(tmp_path / "missing").eos_id == 2
+
+
+def test_chat_template_variables_as_transformers(tmp_path):
+    """Special tokens that are not set are undefined (`{{ bos_token }}` prints nothing, not
+    'None'); tools and documents are None."""
+    template = (
+        "{{ bos_token }}|{{ pad_token is defined }}|{{ eos_token }}|"
+        "{% if tools is not none %}{{ tools | tojson }}{% endif %}"
+        "{% if documents is not none %}{{ documents | tojson }}{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    for name, config in [("eos", {"eos_token": "<|im_end|>"}),
+                         ("all", {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>",
+                                  "pad_token": "<|pad|>", "unk_token": "<|endoftext|>"})]:
+        folder = _byte_level_dir(tmp_path / name, {**config, "chat_template": template})
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        tok = tok_lib.Tokenizer.from_dir(folder)
+        for add in (True, False):
+            want = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=add)
+            assert tok.apply_chat_template("hi", add_generation_prompt=add) == want
+        assert want.startswith("<|im_start|>|True|" if name == "all" else "|False|")
+
+
 def test_unsupported_vocabulary_and_missing_files(tmp_path):
     wp = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     wp.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
