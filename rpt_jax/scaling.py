@@ -59,16 +59,19 @@ def cumulative_tokens(records: Sequence[Mapping], steps: Sequence[int],
     rec = sorted((int(r["step"]), float(r["sampled_tokens"])
                   + float(r.get("prompt_tokens", prompt_tokens_per_step)))
                  for r in records if "sampled_tokens" in r)
-    marks, prev, total = [(0, 0.0)], 0, 0.0
+    # (step, tokens up to it, tokens a step of the records' span ending there)
+    marks, prev, total = [], 0, 0.0
     for step, tokens in rec:
         if step > prev:
             total += (step - prev) * tokens
-            marks.append((step, total))
+            marks.append((step, total, tokens))
             prev = step
     out = []
     for s in steps:
-        last_step, last_total = max((m for m in marks if m[0] <= s), key=lambda m: m[0])
-        out.append(last_total + (s - last_step) * tokens_per_step)
+        done = [m for m in marks if m[0] <= s]
+        last_step, last_total = (done[-1][0], done[-1][1]) if done else (0, 0.0)
+        after = next((m[2] for m in marks if m[0] > s), tokens_per_step)  # s is inside its span
+        out.append(last_total + (s - last_step) * after)
     return np.asarray(out, np.float64)
 
 

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -124,12 +125,19 @@ def _true_token_prob(params, batch, cfg):
 
 def reference_params(config, workdir, model_cfg, p_shardings, params=None):
     """The KL reference policy (rl.kl_coef > 0): the policy RL starts from (after the warm-up),
-    in the compute dtype, saved once in <workdir>/reference and restored from there on resume.
+    in the compute dtype, saved once in <workdir>/reference and restored from there on resume (a
+    fresh start replaces one it finds there: left by a run killed before its first checkpoint).
 
     params: the fresh run's starting params (None when resuming). Raises ValueError when a
     resumed run has no saved reference (it was started with rl.kl_coef = 0).
     """
     directory = os.path.join(workdir, "reference")
+    if params is not None and os.path.isdir(directory):  # a fresh start's own reference
+        if jax.process_index() == 0:  # (one killed before its first checkpoint left one)
+            shutil.rmtree(directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("rpt_jax_fresh_reference")
     ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
     dtype = jnp.dtype(model_cfg.dtype)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
@@ -449,8 +457,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     sampling_cfg = sampling.SamplingConfig.from_config(
         config.sampling, evaluation.stop_ids(config, tokenizer))
     # what stays on the devices while they sample: optimizer state, KL reference
-    kept = sharding.stored_bytes(
-        (abstract.opt_state, abstract.params if reference is not None else ()))
+    kept = sharding.stored_bytes((abstract.opt_state, reference or ()))
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
                                     pad_id=tokenizer.pad_id, reserved_bytes=kept)
     rollout = make_rollout(config, model_cfg, mesh)

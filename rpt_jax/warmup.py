@@ -32,7 +32,10 @@ def response_ids(tokenizer, context_ids, true_token: int, think: str, max_len: i
         return None
     thought = ""
     if think == "last_line":
-        thought = tokenizer.decode(context_ids).rsplit("\n", 1)[-1]
+        ids, lead = [int(i) for i in context_ids], list(tokenizer.leading_ids)
+        if lead and ids[:len(lead)] == lead:  # a context starts with the BOS; the text does not
+            ids = ids[len(lead):]
+        thought = tokenizer.decode(ids).rsplit("\n", 1)[-1]
     elif think != "none":
         raise ValueError(f"warmup.think={think!r} is not one of ('none', 'last_line')")
     head = tokenizer.encode("<think>")

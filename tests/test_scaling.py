@@ -66,3 +66,8 @@ def test_cumulative_tokens_counts_each_logged_step():
     # by hand: 110, +120, +2*35, then 2 unlogged steps at 1000
     np.testing.assert_array_equal(got, [0, 110, 230, 300, 2300])
     np.testing.assert_array_equal(scaling.cumulative_tokens([], [0, 3], 1, 7), [0, 21])
+    # a step inside a record's span (or before the first record) counts that record's tokens a
+    # step, not the upper bound tokens_per_step: logging.every=10, checkpoints every 25
+    every_10 = [{"step": s, "sampled_tokens": 5, "prompt_tokens": 0} for s in (10, 20, 30)]
+    np.testing.assert_array_equal(scaling.cumulative_tokens(every_10, [5, 20, 25, 30, 31], 0,
+                                                            1000), [25, 100, 125, 150, 1150])

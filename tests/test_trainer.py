@@ -449,7 +449,8 @@ def test_zero_micro_batches_means_the_fewest_that_fit(config):
 def test_kl_to_the_starting_policy_and_its_resume(data_dir, tmp_path):
     """rl.kl_coef > 0: the reference is the policy RL starts from (after the warm-up), saved in
     <workdir>/reference; the KL is 0 at the first update (policy == reference) and grows after;
-    a run stopped at step 2 and resumed to 4 ends bitwise equal to an uninterrupted one."""
+    a run stopped at step 2 and resumed to 4 ends bitwise equal to an uninterrupted one; a fresh
+    start replaces a reference it finds."""
     kl = ("--config.rl.kl_coef=0.5", "--config.rl.dynamic_sampling=False", "--config.eval.every=0")
     whole = str(tmp_path / "whole")
     result = trainer.train_and_evaluate(load_config(data_dir, *kl, "--config.num_steps=4"),
@@ -463,6 +464,13 @@ def test_kl_to_the_starting_policy_and_its_resume(data_dir, tmp_path):
                                    parts, progress=False)
     assert_bitwise_equal(final_state(load_config(data_dir, *kl, "--config.num_steps=4"),
                                      parts).state, result.state)
+    # a fresh start over a reference left by a run killed before its first checkpoint (here
+    # another run's: the warmed-up policy) makes its own: KL 0 at its first update
+    fresh = tmp_path / "fresh"
+    shutil.copytree(os.path.join(whole, "reference"), fresh / "reference")
+    trainer.train_and_evaluate(load_config(data_dir, *kl, "--config.num_steps=1",
+                                           "--config.warmup.steps=0"), str(fresh), progress=False)
+    assert abs(metrics_writer.read_metrics(str(fresh), "train")[0]["kl_ref"]) < 1e-6
     # switched on for a run that has no reference: a clear error before any step
     plain = str(tmp_path / "plain")
     trainer.train_and_evaluate(load_config(data_dir, "--config.num_steps=2",
