@@ -77,12 +77,13 @@ def print_table(script, argv, header, rows):
     print("\n".join(rows))
 
 
-def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype):
-    """Bytes a decode step must read on average: compute-dtype weights + KV cache in use."""
+def step_bytes(mcfg, batch, contexts, prompt_len, new_tokens, cache_dtype, tail=1):
+    """Bytes a decode step must read on average: compute-dtype weights + KV cache in use (a
+    row's `tail` prompt tokens, fed one a step before sampling, are response-cache slots)."""
     weights = model.num_params(mcfg) * jnp.dtype(mcfg.dtype).itemsize
     per_slot = 2 * mcfg.num_layers * mcfg.num_kv_heads * mcfg.head_dim * \
         jnp.dtype(cache_dtype).itemsize
-    avg_response = (new_tokens - 1) / 2
+    avg_response = (tail - 1) + (new_tokens - 1) / 2
     return weights + per_slot * (contexts * prompt_len + batch * avg_response)
 
 
@@ -93,9 +94,10 @@ def rpt_runners(params, mcfg, scfg, prompts: sampling.Prompts, mesh):
     rng = jax.random.key(0)
     full = sampling.make_sampler(mesh, mcfg, scfg, shards)
     mat, rows = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    prepare = jax.jit(lambda *a: sampling.prepare(*a, mcfg, scfg),
+    prepare = jax.jit(lambda *a: sampling.prepare(*a, mcfg, scfg),  # compiled as `full` is
                       in_shardings=(shards, sampling.Prompts(mat, mat, rows, mat),
-                                    sharding.replicated(mesh)))
+                                    sharding.replicated(mesh)),
+                      compiler_options=scfg.compiler_options(mesh.devices.flat[0].platform))
 
     def run_prepare():
         with jax.set_mesh(mesh):
@@ -397,8 +399,9 @@ def main(argv=None):
                 continue
             if prepare:
                 runners[name + " prepare"] = prepare
+            tail = 1 if prompts.tail is None else prompts.tail.shape[1]
             floor = step_bytes(mcfg, args.batch, prefix_rows if shared else args.batch,
-                               prompt_len, args.new_tokens, cache_dtype) / bw
+                               prompt_len, args.new_tokens, cache_dtype, tail) / bw
             info[name] = (g, floor, prepare and name + " prepare")
             print(f"built {name}", flush=True)
     (decode_attention.BLOCK_K, decode_attention.NUM_WARPS, decode_attention.NUM_STAGES,

@@ -7,7 +7,8 @@
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/rpt_gpu_runs}
-PY=$(command -v python || command -v python3)  # the GPU image's python3 holds jax
+PY=$(command -v python3 || command -v python)  # the GPU image's python3 holds jax
+$PY -c "import jax" || { echo "$PY cannot import jax"; exit 1; }
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
@@ -20,8 +21,8 @@ run() {  # name, seconds, script args...
   echo "== $name: python $*"
   timeout "$limit" "$PY" "$@" > "$out/$name.txt" 2>&1
   echo "   exit $? after $SECONDS s total"
-  grep -E "^\| |^FAILED|^#|^best|Error|^(xla|cudnn|attention) " "$out/$name.txt" | cut -c1-160 \
-    | tail -25
+  grep -E "^\| |^FAILED|^#|^best|Error|^(xla|cudnn|attention) |^rpt_jax sampler|^plain|^transformers" \
+    "$out/$name.txt" | cut -c1-260 | tail -25
 }
 
 qwen="scripts/bench_sampler.py --preset qwen2_5_0_5b --batch 256 --dtype bfloat16"
