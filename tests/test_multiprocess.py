@@ -38,15 +38,26 @@ OVERRIDES = [
     "--config.eval.num_examples=8", "--config.eval.num_samples=4",
 ]
 TIMEOUT = 240.0  # seconds for one two-process run
-# Sampled tokens, rewards and counts must match exactly. Float results need not: gloo all-reduces
-# the two processes' partial sums where one process reduces its 8 devices in another order, so
-# gradients differ in their last bits, and Adam, which divides each gradient element by its own
-# scale, turns that into weight differences: observed 1.2e-5 after the warm-up (60 steps at
-# lr 0.01), a relative 3e-6 in warm-up losses and up to 1.4e-3 in RL grad norms after an update.
-EXACT = ("reward", "accuracy", "pass_at_g", "boxed", "think_end", "response_len", "truncated",
-         "kept_frac", "sampled_tokens", "finite", "applied", "bad_steps", "lr")
+# Float results need not match exactly: gloo all-reduces the two processes' partial sums where
+# one process reduces its 8 devices in another order, so gradients differ in their last bits,
+# and Adam, which divides each gradient element by its own scale, turns that into weight
+# differences: observed 1.2e-5 after the warm-up (60 steps at lr 0.01), a relative 3e-6 in
+# warm-up losses and up to 1.4e-3 in RL grad norms after an update. So a token drawn where the
+# two runs' probabilities differ in their fifth digit may come out differently: observed for 1
+# of a step's 32 samples (an AMD EPYC at step 1; on other machines only after an RL update).
+# Counts and the schedule must match exactly; what the samples decide, up to FLIPS samples.
+EXACT = ("finite", "bad_steps", "lr")
+FLIPS = 2
+_SAMPLES, _CONTEXTS, _MAX_LEN = 32, 8, 12  # a step's samples (8 contexts x G = 4), tokens each
+SLACK = {k: FLIPS / _SAMPLES for k in ("reward", "accuracy", "boxed", "think_end", "truncated")}
+SLACK.update(pass_at_g=FLIPS / _CONTEXTS, kept_frac=FLIPS / _CONTEXTS,
+             response_len=FLIPS * _MAX_LEN / _SAMPLES, sampled_tokens=FLIPS * _MAX_LEN)
 RTOL = {"warmup": 1e-4, "train": 1e-2}  # of loss and grad_norm
-WEIGHTS_ATOL = 1e-4  # after the warm-up (weights of size 0.01-1.5)
+# The weights: each tensor's gap between the two runs is a small part of how far the warm-up
+# moved it from the shared random init (an element whose gradient is near zero may take either
+# sign in the two runs, and Adam moves it by about lr whatever the gradient's size: observed
+# 1.2e-5 at most on one machine, 3.7e-4 on an AMD EPYC, against moves of about 0.1).
+WEIGHTS_RTOL = 0.05
 
 
 def load_config(*extra):
@@ -164,21 +175,23 @@ def restore(workdir, num_steps):
 
 def test_two_processes_train_like_one(runs):
     two, (log0, log1), one, _ = runs
-    # metrics: the same steps, samples and rewards; losses equal up to float reduction order
+    # metrics: the same steps; samples and rewards up to FLIPS samples; losses equal up to float
+    # reduction order
     for kind in ("warmup", "train", "eval"):
         a, b = metrics_writer.read_metrics(two, kind), metrics_writer.read_metrics(one, kind)
         assert [r["step"] for r in a] == [r["step"] for r in b], kind
         for ra, rb in zip(a, b):
-            if kind == "eval":  # the same eval set (counts by difficulty) and, before any RL
-                # update, the same samples; after one the weights differ by about lr (below),
-                # enough to flip a sampled token now and then (observed: 1 of 32 at step 4)
-                exact = [k for k in rb if k.startswith("eval/count/" if ra["step"] else "eval/")
-                         and "seconds" not in k]
+            if kind == "eval":  # the same eval set (counts by difficulty); its samples may
+                # differ as the train steps' may (observed: 1 of 32 at step 0 on an AMD EPYC)
+                exact = [k for k in rb if k.startswith("eval/count/")]
             else:
                 exact = [k for k in EXACT if k in rb]
+                for k in SLACK.keys() & rb.keys():
+                    assert abs(ra[k] - rb[k]) <= SLACK[k] + 1e-9, (kind, ra["step"], k)
             assert {k: ra[k] for k in exact} == {k: rb[k] for k in exact}, (kind, ra["step"])
+            flipped = any(ra[k] != rb[k] for k in SLACK.keys() & rb.keys())
             for k in ("loss", "grad_norm"):
-                if k in rb:
+                if k in rb and not flipped:  # other samples, another loss
                     np.testing.assert_allclose(ra[k], rb[k], rtol=RTOL[kind], atol=1e-5,
                                                err_msg=f"{kind} step {ra['step']} {k}")
     train = metrics_writer.read_metrics(one, "train")
@@ -202,22 +215,28 @@ def test_two_processes_train_like_one(runs):
                        os.path.join(one, "tokenizer", "tokenizer.json"), shallow=False)
 
     # checkpoints: the same steps and data-iterator states; the weights after the warm-up
-    # (step 0) within WEIGHTS_ATOL, and at the end also within the RL updates' reach: an Adam
+    # (step 0) as WEIGHTS_RTOL says, and at the end also within the RL updates' reach: an Adam
     # step moves a weight by at most about lr (|m_hat / sqrt(v_hat)| <= 1 in its first steps), and
     # a gradient element near zero may take either sign in the two runs
     steps_two, got = restore(two, NUM_STEPS)
     steps_one, want = restore(one, NUM_STEPS)
     assert steps_two == steps_one == [0, 2, 4]
     assert got.step == want.step == NUM_STEPS and got.meta == want.meta
-    assert int(got.state.step) == int(want.state.step) == sum(r["applied"] for r in train)
-    rl_reach = 2 * sum(r["lr"] for r in train if r["applied"])
-    warmed = [evaluation.load_workdir_params(w, 0, *_model(NUM_STEPS)[2:]) for w in (two, one)]
-    for name, a, b, atol in [("step 0", *warmed, WEIGHTS_ATOL),
-                             ("final", got.state.params, want.state.params,
-                              WEIGHTS_ATOL + rl_reach)]:
-        for (path, x), y in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b)):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol,
-                                       err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    trains = [metrics_writer.read_metrics(w, "train") for w in (two, one)]
+    assert [int(got.state.step), int(want.state.step)] == [sum(r["applied"] for r in t)
+                                                           for t in trains]
+    rl_reach = 2 * sum(b["lr"] for a, b in zip(*trains) if a["applied"] or b["applied"])
+    config, _, cfg, p_sh = _model(NUM_STEPS)
+    init = trainer.initial_params(config, cfg, p_sh)  # where both runs started
+    warmed = [evaluation.load_workdir_params(w, 0, cfg, p_sh) for w in (two, one)]
+    for name, a, b, reach in [("step 0", *warmed, 0.0),
+                              ("final", got.state.params, want.state.params, rl_reach)]:
+        for (path, x), y, x0 in zip(jax.tree.flatten_with_path(a)[0], jax.tree.leaves(b),
+                                    jax.tree.leaves(init)):
+            x, y, x0 = (np.asarray(v, np.float64) for v in (x, y, x0))
+            gap, moved = np.linalg.norm(x - y), np.linalg.norm(y - x0)
+            assert gap <= WEIGHTS_RTOL * moved + reach * np.sqrt(x.size), \
+                (name, jax.tree_util.keystr(path), gap, moved)
 
 
 def test_two_processes_resume(runs, tmp_path):
