@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rpt_jax import sharding
+
 log = logging.getLogger(__name__)
 
 STATE, META = "state", "meta"
@@ -221,14 +223,13 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> None:
         """Move a corrupt step out of the manager's folder (kept for inspection, never reused)."""
-        if jax.process_index() == 0:
+        def move():
             dest = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.move(self._step_dir(step), dest)
             log.error("moved corrupt checkpoint %d to %s", step, dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"rpt_jax_quarantine_{step}")
+
+        sharding.on_process_zero(f"rpt_jax_quarantine_{step}", move)
         self._mgr.reload()
 
 

@@ -614,13 +614,9 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
         targets = np.arange(start + 1, end)
         sel = targets >= keep
         out[d][targets[sel]] = scores[r, c + n_lead:c + n_lead + end - start - 1][sel]
-    if cache_dir:  # one writer; the other hosts wait until the cache is there
-        if jax.process_index() == 0:
-            save_entropies(cache_dir, out, docs, dict(top_k=top_k, window=window,
-                                                      lead=lead.tolist()))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("rpt_jax_entropy_cache")
+    if cache_dir:
+        sharding.on_process_zero("rpt_jax_entropy_cache", lambda: save_entropies(
+            cache_dir, out, docs, dict(top_k=top_k, window=window, lead=lead.tolist())))
     return out
 
 

@@ -132,6 +132,16 @@ def host_local_batch_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
 
 # ----------------------------------------------------------------------------- memory
 
+def on_process_zero(name: str, fn) -> None:
+    """fn() on process 0 alone (a file written once to a folder the hosts share), then every
+    process waits there for it (barrier `name`), so none reads it half-written."""
+    if jax.process_index() == 0:
+        fn()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def device_bytes(mesh: Mesh) -> int | None:
     """Memory of the mesh's devices together, or None where the backend does not report it.
     Only this process's devices can be asked; the other processes' are taken to be alike."""

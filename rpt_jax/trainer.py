@@ -75,11 +75,12 @@ def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
         return tokenizer_lib.load_tokenizer(config)
     folder = os.path.join(workdir, "tokenizer")
     saved = os.path.join(folder, tokenizer_lib.TOKENIZER_JSON)
-    if jax.process_index() == 0 and not os.path.isfile(saved):
-        tokenizer_lib.load_tokenizer(config).save(folder)
-    if jax.process_count() > 1:  # the others wait: never read a half-written file
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("rpt_jax tokenizer")
+
+    def train_once():
+        if not os.path.isfile(saved):
+            tokenizer_lib.load_tokenizer(config).save(folder)
+
+    sharding.on_process_zero("rpt_jax tokenizer", train_once)
     if not os.path.isfile(saved):  # a host-local workdir: train the same one here
         return tokenizer_lib.load_tokenizer(config)
     tok = tokenizer_lib.Tokenizer.from_dir(folder)
@@ -132,12 +133,10 @@ def reference_params(config, workdir, model_cfg, p_shardings, params=None):
     resumed run has no saved reference (it was started with rl.kl_coef = 0).
     """
     directory = os.path.join(workdir, "reference")
-    if params is not None and os.path.isdir(directory):  # a fresh start's own reference
-        if jax.process_index() == 0:  # (one killed before its first checkpoint left one)
-            shutil.rmtree(directory)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("rpt_jax_fresh_reference")
+    if params is not None:  # a fresh start makes its own (a run killed before its first
+        # checkpoint may have left one)
+        sharding.on_process_zero("rpt_jax_fresh_reference",
+                                 lambda: shutil.rmtree(directory, ignore_errors=True))
     ckpt = checkpoint.Checkpointer(directory, keep=1, async_save=False)
     dtype = jnp.dtype(model_cfg.dtype)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
