@@ -225,11 +225,9 @@ class Tokenizer:
     @functools.cached_property
     def leading_ids(self) -> tuple[int, ...]:
         """The ids transformers' `tokenizer(text)` puts before a text: Llama's BOS, none for
-        Qwen2 or SmolLM2. tokenizer_config.json's add_bos_token decides when it is set, else
-        the tokenizer.json post-processor's template."""
-        add_bos = self._config.get("add_bos_token")
-        if add_bos is not None and (self.bos_id is not None or not add_bos):
-            return (self.bos_id,) if add_bos else ()
+        Qwen2 or SmolLM2. The tokenizer.json post-processor decides, as it does for
+        transformers 5's `AutoTokenizer.from_pretrained` (which ignores tokenizer_config.json's
+        add_bos_token when tokenizer.json is there)."""
         plain = self._tok.encode("a", add_special_tokens=False).ids
         full = self._tok.encode("a", add_special_tokens=True).ids
         start = next(i for i in range(len(full) + 1) if full[i:i + len(plain)] == plain)

@@ -147,7 +147,7 @@ def test_metaspace_byte_fallback_bytes():
         assert b"".join(tok.token_bytes(i) for i in ids) == (" " + text).encode("utf-8")
 
 
-def test_prompts_start_as_transformers_starts_them(smol):
+def test_prompts_start_as_transformers_starts_them(smol, tmp_path):
     """A tokenizer whose post-processor adds BOS (Llama's) starts a plain prompt with it, as
     transformers' tokenizer(text) does; SmolLM2's adds nothing."""
     from rpt_jax import contexts
@@ -160,17 +160,24 @@ def test_prompts_start_as_transformers_starts_them(smol):
         hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok._tok)
         prefix, _ = contexts.template_ids(tok, "short", chat=False)
         assert prefix == hf(before).input_ids
-    # tokenizer_config.json's add_bos_token overrides the post-processor, both ways
+    # A folder as transformers 5 reads it: the post-processor decides, whatever
+    # tokenizer_config.json's add_bos_token says.
     for post in (None, llama_like._tok.post_processor):
-        for add_bos in (True, False):
+        for add_bos in (True, False, None):
             raw = _metaspace_tokenizer()._tok
             if post is not None:
                 raw.post_processor = post
-            tok = tok_lib.Tokenizer(raw, {"eos_token": "</s>", "bos_token": "<s>",
-                                          "add_bos_token": add_bos})
-            hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>",
-                                                      add_bos_token=add_bos)
-            assert list(tok.leading_ids) == hf("the").input_ids[:-1] == [1] * add_bos
+            folder = tmp_path / f"{post is None}_{add_bos}"
+            folder.mkdir()
+            raw.save(str(folder / "tokenizer.json"))
+            config = {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>",
+                      "tokenizer_class": "LlamaTokenizerFast"}
+            if add_bos is not None:
+                config["add_bos_token"] = add_bos
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+            hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+            ours = tok_lib.Tokenizer.from_dir(folder)
+            assert list(ours.leading_ids) == hf("the").input_ids[:-1] == [1] * (post is not None)
 
 
 def test_sentencepiece_vocabulary_without_metaspace_or_byte_fallback():
