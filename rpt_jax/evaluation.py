@@ -252,14 +252,6 @@ def padded_byte_table(tokenizer, vocab_size: int) -> reward_lib.ByteTable:
                                 np.pad(t.special, (0, extra), constant_values=True))
 
 
-def _to_host(x) -> np.ndarray:
-    """A global array's full value on this host (an all-gather across hosts)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 # ----------------------------------------------------------------------------- the eval set
 
 @dataclasses.dataclass
@@ -373,13 +365,16 @@ def build_eval_set(config, tokenizer, mesh, *, proxy_params=None, proxy_cfg=None
     proxy_id = os.path.abspath(path) if path else proxy_name
     key = _set_key(config, it, proxy_id)
     paths = _cache_paths(cache_dir, config.eval.split, proxy_id, key) if cache_dir else None
+    cached = _MEMO.get(key) if not paths else None
     if paths and all(os.path.isfile(p) for p in paths):
-        es = load_eval_set(*paths)
-        if es.key == key:
+        cached = load_eval_set(*paths)
+        cached = cached if cached.key == key else None
+    # Building scores on every process's devices: all hosts load, or all build (one host
+    # without its cached file would otherwise wait forever for the others).
+    if sharding.all_processes(cached is not None):
+        if paths:
             log.info("eval set loaded from %s", paths[0])
-            return es
-    if not paths and key in _MEMO:
-        return _MEMO[key]
+        return cached
 
     if path:
         proxy_params, proxy_cfg = _load_proxy(config, tokenizer, mesh)
@@ -402,7 +397,7 @@ def build_eval_set(config, tokenizer, mesh, *, proxy_params=None, proxy_cfg=None
         g = contexts.to_global({k: batch[k] for k in ("context_tokens", "context_mask")}, mesh)
         _, entropy = score(proxy_params, g["context_tokens"], g["context_mask"])
         mine = slice(it.process_index * it.local_batch, (it.process_index + 1) * it.local_batch)
-        batch["entropy"] = _to_host(entropy)[mine].astype(np.float32)
+        batch["entropy"] = sharding.to_host(entropy)[mine].astype(np.float32)
         batches.append(batch)
     es = EvalSet(batches, description, config.eval.split, total, key)
     if paths:
@@ -465,11 +460,11 @@ def evaluate(params, model_cfg: model_lib.ModelConfig, config, tokenizer, mesh, 
         rewards, has_box = rewards_of(out.tokens, out.lengths, table, gb["target_bytes"],
                                       gb["target_len"], gb["boundaries"])
         for k in keep:
-            cols[k].append(_to_host(gb[k]))
-        cols["predicted"].append(_to_host(predicted))
-        cols["rewards"].append(_to_host(rewards))
-        cols["has_box"].append(_to_host(has_box))
-        cols["lengths"].append(_to_host(out.lengths).reshape(-1, g))
+            cols[k].append(sharding.to_host(gb[k]))
+        cols["predicted"].append(sharding.to_host(predicted))
+        cols["rewards"].append(sharding.to_host(rewards))
+        cols["has_box"].append(sharding.to_host(has_box))
+        cols["lengths"].append(sharding.to_host(out.lengths).reshape(-1, g))
     valid = np.concatenate(cols.pop("valid"))
     col = {k: np.concatenate(v)[valid] for k, v in cols.items()}
 

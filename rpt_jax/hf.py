@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from rpt_jax import model as model_lib
 from rpt_jax import rope as rope_lib
+from rpt_jax import sharding
 
 # Mistral is Llama's architecture when its sliding window is off (v0.2 and later); exported
 # as Llama.
@@ -390,17 +391,9 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
 
 # ----------------------------------------------------------------------------- export
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host) array on this host; collective when multi-host."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensor(leaf, spec: _Tensor, layer, dtype) -> np.ndarray:
     """One HF tensor (one layer of a stacked leaf) in HF layout, on the host."""
-    block = _to_host(leaf[layer] if spec.stacked else leaf)
+    block = sharding.to_host(leaf[layer] if spec.stacked else leaf)
     nr, nc = len(spec.rows), len(spec.cols)
     if spec.transpose:
         block = block.transpose(tuple(range(nc, nc + nr)) + tuple(range(nc)))

@@ -130,7 +130,27 @@ def host_local_batch_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-# ----------------------------------------------------------------------------- memory
+def to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-host) array on this host; collective when multi-host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on some process; every process must call it (a collective when
+    multi-host), so all take the same branch after it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(bool(flag)))))
+
+
+def all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (collective, as `any_process`)."""
+    return not any_process(not flag)
+
 
 def on_process_zero(name: str, fn) -> None:
     """fn() on process 0 alone (a file written once to a folder the hosts share), then every
@@ -141,6 +161,8 @@ def on_process_zero(name: str, fn) -> None:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
+
+# ----------------------------------------------------------------------------- memory
 
 def device_bytes(mesh: Mesh) -> int | None:
     """Memory of the mesh's devices together, or None where the backend does not report it.

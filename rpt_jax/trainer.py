@@ -35,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rpt_jax import checkpoint, contexts, evaluation, metrics_writer, objective
 from rpt_jax import config as config_lib
@@ -243,11 +242,7 @@ class StopFlag:
                     signal.Signals(signum).name)
 
     def requested(self) -> bool:
-        local = self.signum is not None
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+        return sharding.any_process(self.signum is not None)
 
 
 def _memory() -> dict:

@@ -240,12 +240,18 @@ def test_two_processes_train_like_one(runs):
 
 
 def test_two_processes_resume(runs, tmp_path):
-    """The pair, rerun with num_steps=6 on a copy of its workdir, resumes from step 4."""
+    """The pair, rerun with num_steps=6 on a copy of its workdir, resumes from step 4. One
+    process's cached eval set is gone: both build it afresh (one loading its own while the
+    other scores would hang)."""
     workdir = str(tmp_path / "work")
     shutil.copytree(runs[0], workdir)
+    cached = sorted(glob.glob(os.path.join(workdir, "eval", "evalset-*.npz")))
+    assert len(cached) == 2  # one per process
+    os.remove(cached[0])
     out = run_two_processes(workdir, RESUMED_STEPS, tmp_path, runs[3])
     for log in out:
         assert "resumed from step 4" in log and f"done at step {RESUMED_STEPS}" in log
+        assert "eval set saved to" in log and "eval set loaded" not in log
     before = metrics_writer.read_metrics(runs[0], kind=None)
     after = metrics_writer.read_metrics(workdir, kind=None)
     assert after[:len(before)] == before  # the first run's records kept, the new ones appended
