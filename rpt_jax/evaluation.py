@@ -24,8 +24,10 @@ Shapes: N positions, B rows per batch, G samples per position, V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -284,19 +286,44 @@ def _eval_config(config):
     return cfg
 
 
+def _folder_stamp(path: str) -> list:
+    """(name, bytes, mtime) of an HF folder's weights and configs: a re-exported proxy builds
+    a new set. [] for a name that is not a folder (a self-proxy)."""
+    if not os.path.isdir(path):
+        return []
+    names = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".json")))
+    stats = [os.stat(os.path.join(path, n)) for n in names]
+    return [(n, st.st_size, st.st_mtime_ns) for n, st in zip(names, stats)]
+
+
 def _set_key(config, iterator, proxy_id: str) -> str:
     spec = dataclasses.asdict(iterator.spec)
-    fields = [iterator.docs.fingerprint(), config.eval.split, proxy_id, spec,
+    fields = [iterator.docs.fingerprint(), config.eval.split, proxy_id, _folder_stamp(proxy_id),
+              spec,
               int(config.eval.num_examples), int(config.seed), int(config.data.min_context),
               int(config.data.positions_per_doc), int(config.data.entropy_top_k),
               int(config.data.batch_size), int(iterator.process_index), int(iterator.process_count)]
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _proxy_tag(proxy_id: str) -> str:
+    """The proxy's part of a cached set's file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(proxy_id.rstrip("/")) or "proxy")[-40:]
+
+
 def _cache_paths(cache_dir: str, split: str, proxy_id: str, key: str) -> tuple[str, str]:
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(proxy_id.rstrip("/")) or "proxy")[-40:]
-    stem = os.path.join(os.path.expanduser(cache_dir), f"evalset-{split}-{tag}-{key}")
+    stem = os.path.join(os.path.expanduser(cache_dir),
+                        f"evalset-{split}-{_proxy_tag(proxy_id)}-{key}")
     return stem + ".npz", stem + ".json"
+
+
+def forget_first_evaluation(cache_dir: str) -> None:
+    """Remove the sets cached under FIRST_EVALUATION's name: a run starting afresh in a workdir
+    (another model, or a first run killed before its first checkpoint) scores its own."""
+    pattern = f"evalset-*-{_proxy_tag(FIRST_EVALUATION)}-*"
+    for name in glob.glob(os.path.join(os.path.expanduser(cache_dir), pattern)):
+        with contextlib.suppress(FileNotFoundError):  # hosts sharing the folder race here
+            os.remove(name)
 
 
 def save_eval_set(es: EvalSet, npz_path: str, json_path: str) -> None:

@@ -302,12 +302,30 @@ def test_proxy_checkpoint_gives_the_same_entropies_as_the_same_model(setup, eval
     hf.save_params(params, cfg, folder, tokenizer_dir=tmp_path / "tok")
     pconfig = config.copy_and_resolve_references()
     pconfig.eval.proxy_checkpoint = folder
-    px = evaluation.build_eval_set(pconfig, tok, mesh, documents=[{"text": t} for t in texts],
-                                   progress=False)
+    build = lambda: evaluation.build_eval_set(  # noqa: E731
+        pconfig, tok, mesh, documents=[{"text": t} for t in texts], progress=False,
+        cache_dir=str(tmp_path / "cache"))
+    px = build()
     assert folder in px.proxy and "proxy_checkpoint" in px.proxy
     for a, b in zip(es.batches, px.batches):
         np.testing.assert_array_equal(a["position"], b["position"])
         np.testing.assert_allclose(a["entropy"], b["entropy"], atol=1e-5)
+    # the folder re-exported with other weights: its cached set is not reused
+    hf.save_params(jax.tree.map(lambda x: x * 0.5, params), cfg, folder,
+                   tokenizer_dir=tmp_path / "tok")
+    again = build()
+    assert again.key != px.key
+    assert not np.allclose(again.batches[0]["entropy"], px.batches[0]["entropy"])
+
+
+def test_a_fresh_start_forgets_only_the_first_evaluations_sets(eval_set, tmp_path):
+    es, _ = eval_set
+    keep = evaluation._cache_paths(str(tmp_path), "validation", "/models/proxy", "k1")
+    drop = evaluation._cache_paths(str(tmp_path), "validation", evaluation.FIRST_EVALUATION, "k2")
+    for paths in (keep, drop):
+        evaluation.save_eval_set(es, *paths)
+    evaluation.forget_first_evaluation(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in keep)
 
 
 def test_workdir_params_restore_only_params_and_verify(setup, tmp_path):

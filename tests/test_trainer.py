@@ -265,9 +265,14 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
                     "--config.eval.every=0", "--config.optim.lr=0.0"), folder)
     assert (hf_config.model.preset, hf_config.model.rope_scaling) == ("hf_checkpoint",
                                                                      cfg.rope_scaling)
+    # an eval set a killed run left, scored by another model: a fresh start drops it
+    stale = tmp_path / "run" / "eval" / "evalset-validation-the_policy_at_its_first_evaluation-0.npz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")
     result = trainer.train_and_evaluate(hf_config, str(tmp_path / "run"), progress=False)
     assert result.status == "done" and result.step == 1
     assert_bitwise_equal(result.state.params, params)
+    assert not stale.exists()
 
     wrong = load_config(data_dir, f"--config.model.hf_checkpoint={folder}",
                         "--config.model.mlp_dim=128")
