@@ -21,7 +21,7 @@ run() {  # name, seconds, script args...
   echo "== $name: python $*"
   timeout "$limit" "$PY" "$@" > "$out/$name.txt" 2>&1
   echo "   exit $? after $SECONDS s total"
-  grep -E "^\| |^FAILED|^#|^best|Error|^(xla|cudnn|attention) |^rpt_jax sampler|^plain|^transformers" \
+  grep -E "^\| |^FAILED|^#|^best|Error|^(xla|cudnn|attention) |^rpt_jax sampler|^plain|^transformers|^built" \
     "$out/$name.txt" | cut -c1-260 | tail -25
 }
 
