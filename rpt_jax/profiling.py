@@ -27,11 +27,12 @@ class StepProfiler:
 
     @contextlib.contextmanager
     def step(self, step: int):
-        if step == self.start and not self.active:
+        # a resumed run may start inside the window
+        if 0 <= self.start <= step <= self.stop_after and not self.active:
             os.makedirs(self.directory, exist_ok=True)
             jax.profiler.start_trace(self.directory)
             self.active = True
-            log.info("profiling steps %d-%d into %s", self.start, self.stop_after, self.directory)
+            log.info("profiling steps %d-%d into %s", step, self.stop_after, self.directory)
         try:
             with jax.profiler.StepTraceAnnotation("rpt_step", step_num=step):
                 yield

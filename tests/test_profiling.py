@@ -39,6 +39,13 @@ def test_off_and_resumed_past_the_window(calls, tmp_path):
     assert calls == []
 
 
+def test_resumed_inside_the_window_traces_the_rest(calls, tmp_path):
+    p = profiling.StepProfiler(str(tmp_path), start=2, steps=4)  # steps 2..5
+    traced = run(p, range(4, 8), calls)
+    assert [s for s, active in traced if active] == [4, 5]
+    assert calls == [("start", str(tmp_path)), ("stop",)]
+
+
 def test_a_failing_step_inside_the_window_is_closed_by_the_caller(calls, tmp_path):
     p = profiling.StepProfiler(str(tmp_path), start=0, steps=5)
     with pytest.raises(RuntimeError, match="boom"):
