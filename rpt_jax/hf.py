@@ -287,6 +287,14 @@ def _read_block(sl, spec: _Tensor, ranges) -> np.ndarray:
     return block
 
 
+def _stored(name: str, cfg, files) -> str:
+    """The stored tensor that holds param `name`: a tied checkpoint may store its embeddings as
+    lm_head.weight alone (transformers 5 loads the embeddings from it)."""
+    if name == _EMBED and cfg.tie_embeddings and _EMBED not in files and _HEAD in files:
+        return _HEAD
+    return name
+
+
 def _check_checkpoint(folder, cfg, files, handles) -> None:
     """Every expected tensor present with its HF shape and a float dtype; nothing unexpected. A
     tied checkpoint's stored lm_head.weight is checked like embed_tokens (its values while
@@ -294,9 +302,9 @@ def _check_checkpoint(folder, cfg, files, handles) -> None:
     expected = {}
     for spec in _tensor_map(cfg):
         for name in spec.names(cfg.num_layers):
-            expected[name] = spec.hf_shape
+            expected[_stored(name, cfg, files)] = spec.hf_shape
     if cfg.tie_embeddings and _HEAD in files:
-        expected[_HEAD] = expected[_EMBED]
+        expected[_HEAD] = (cfg.vocab_size, cfg.hidden_size)
     missing = [n for n in expected if n not in files]
     if missing:
         raise KeyError(f"{folder}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
@@ -332,7 +340,7 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
     device. Each device shard is read straight from disk. A tied checkpoint may store
     lm_head.weight too: a copy of embed_tokens is ignored (the model multiplies by embed_tokens);
     a different one raises ValueError as its blocks are read (transformers would then untie them
-    and use the stored head).
+    and use the stored head). One storing lm_head.weight alone gives the embeddings from it.
     """
     folder = pathlib.Path(folder)
     shapes = model_lib.param_shapes(cfg)
@@ -364,16 +372,17 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
                 ranges = _norm_index(index, shape)
                 key = tuple(ranges)
                 if key not in cache:
+                    name = _stored(spec.name, cfg, files)
                     if spec.stacked:  # fill layer by layer: one layer's block is the only extra copy
                         (l0, l1), inner = ranges[0], ranges[1:]
                         block = np.empty([b - a for a, b in ranges], dtype)
                         for i in range(l0, l1):
-                            name = spec.name.format(i=i)
-                            block[i - l0] = _read_block(handle(files[name]).get_slice(name), spec, inner)
+                            li = name.format(i=i)
+                            block[i - l0] = _read_block(handle(files[li]).get_slice(li), spec, inner)
                     else:
-                        block = _read_block(handle(files[spec.name]).get_slice(spec.name), spec, ranges)
+                        block = _read_block(handle(files[name]).get_slice(name), spec, ranges)
                     block = np.ascontiguousarray(block, dtype)
-                    if spec.name == _EMBED and cfg.tie_embeddings and _HEAD in files:
+                    if name == _EMBED and cfg.tie_embeddings and _HEAD in files:
                         head = _read_block(handle(files[_HEAD]).get_slice(_HEAD), spec, ranges)
                         if not np.array_equal(np.asarray(head, dtype), block):
                             raise ValueError(

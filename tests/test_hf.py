@@ -454,6 +454,14 @@ def test_tied_config_with_a_stored_head(qwen2, qwen2_copy, qwen2_params):
     with pytest.raises(ValueError, match=r"lm_head\.weight' has shape \(8, 64\)"):
         hf.load_params(folder, tied)
 
+    # lm_head.weight alone: transformers takes the embeddings from it, and so does rpt_jax
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight") * 2.0
+    _rewrite(folder, tensors)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    embed = reloaded.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(embed, tensors["lm_head.weight"])
+    np.testing.assert_array_equal(hf.load_params(folder, tied, shardings)["embed_tokens"], embed)
+
 
 def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
     folder, tensors = qwen2_copy
