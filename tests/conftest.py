@@ -1,9 +1,21 @@
-"""Eight simulated CPU devices for every test; must run before jax initialises its backends."""
+"""Eight simulated CPU devices for every test; must run before jax initialises its backends.
+
+A persistent compilation cache for the session (and the scripts tests start, which inherit the
+environment): many tests compile the same programs again (each trainer run builds its own
+jitted functions). It is new for each session, so no run reuses another's executables."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_JIT_CACHE = tempfile.mkdtemp(prefix="rpt_jax_tests_jit_")
+atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_JIT_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax  # noqa: E402
 
