@@ -176,10 +176,10 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     """A real process: SIGTERM mid-run -> checkpoint + exit 0; resumed, then kill -9 at once; the
     third start finishes with the uninterrupted run's parameters, bitwise."""
     workdir = str(tmp_path / "killed")
-    cache = str(tmp_path / "jax_cache")
+    # conftest's compilation cache: the programs of the in-process runs, and the first start's
+    # for the next two (every program cached)
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest",  # as conftest sets it here
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
            f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
            f"--config.data.data_dir={data_dir}", f"--workdir={workdir}"]
