@@ -553,7 +553,8 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
     transformers would read them, packed into rows with segment ids, and run in batches of
     `batch_rows` rows sharded over the mesh's data axes. With `cache_dir`, a finished result there
     is loaded instead if it was scored with the same window, else a new one is saved there
-    (.npy + meta.json; by process 0).
+    (.npy + meta.json; by process 0). params: the proxy's, or a function returning them, called
+    only when there is something to score (a cache hit loads no weights).
     """
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the "
@@ -570,6 +571,8 @@ def score_corpus(params, model_cfg: model_lib.ModelConfig, tokenizer, docs: Toke
             return load_entropies(cache_dir, docs)
         log.warning("%s was scored with windows of %s tokens, not %d: scoring again", cache_dir,
                     cached, window)
+    if callable(params):
+        params = params()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_rows = -(-batch_rows // shards) * shards
 

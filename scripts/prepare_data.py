@@ -12,6 +12,7 @@ The tiny config builds in ~2 s.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import app, flags, logging
@@ -36,14 +37,16 @@ def score(config, proxy, data_dir, tokenizer, split_docs, mesh):
     if tokenizer.vocab_size > cfg.vocab_size:  # before loading any weights
         raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but proxy "
                          f"{proxy} has vocab_size {cfg.vocab_size}")
-    params = None
+
+    @functools.cache
+    def params():  # read once, and only for a split whose cached entropies do not apply
+        shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
+                                             model_lib.param_shapes(cfg))
+        return hf.load_params(proxy, cfg, shardings)
+
     for key, toks in split_docs.items():
         folder = contexts.entropy_cache_dir(data_dir, key, proxy, cfg, config.data.entropy_top_k,
                                             toks, tokenizer.leading_ids)
-        if not os.path.isfile(os.path.join(folder, "meta.json")) and params is None:
-            shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
-                                                 model_lib.param_shapes(cfg))
-            params = hf.load_params(proxy, cfg, shardings)
         ent = contexts.score_corpus(params, cfg, tokenizer, toks, mesh=mesh,
                                     top_k=config.data.entropy_top_k, window=_WINDOW.value,
                                     batch_rows=_ROWS.value, cache_dir=folder)

@@ -619,6 +619,10 @@ def test_prepare_data_script_builds_and_scores(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "validation: 207 documents" in out.stdout and "entropy of" in out.stdout, out.stdout
+    # again with another window: the cached entropies do not apply, so the proxy is read again
+    out = subprocess.run(cmd[:-1] + ["--entropy_window=128"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "scoring again" in out.stderr, out.stderr[-3000:]
     tiny = _load_config(os.path.join(root, "configs", "tiny.py"))
     tiny.data.proxy_checkpoint = str(proxy)
     tiny.data.entropy_threshold = 1.0
