@@ -169,7 +169,8 @@ def template_ids(tokenizer, name: str, chat: bool) -> tuple[list[int], list[int]
     """Token ids of the prompt text before and after the context, tokenised separately, for a
     template of TEMPLATES or a template text (with {prompt_content} where the context goes). The
     prompt starts as transformers would start it: with the chat template's own BOS, else with
-    the tokenizer's leading ids (Llama's BOS)."""
+    the tokenizer's leading ids (Llama's BOS). The text after is a continuation: no '▁' before
+    it from a SentencePiece vocabulary."""
     text = TEMPLATES.get(name, name)  # a name, or the template's own text
     if text.count(PROMPT_CONTENT) != 1:
         raise ValueError(f"data.template={name!r} is neither one of {sorted(TEMPLATES)} nor a "
@@ -180,8 +181,8 @@ def template_ids(tokenizer, name: str, chat: bool) -> tuple[list[int], list[int]
         if rendered.count(_SENTINEL) != 1:
             raise ValueError("the chat template altered the user text; cannot place the context")
         before, after = rendered.split(_SENTINEL)
-        return tokenizer.encode(before), tokenizer.encode(after)
-    return [*tokenizer.leading_ids, *tokenizer.encode(before)], tokenizer.encode(after)
+        return tokenizer.encode(before), tokenizer.encode_continuation(after)
+    return [*tokenizer.leading_ids, *tokenizer.encode(before)], tokenizer.encode_continuation(after)
 
 
 def _left_pad(rows: list, width: int, fill: int, dtype) -> tuple[np.ndarray, np.ndarray]:

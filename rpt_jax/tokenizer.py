@@ -77,6 +77,11 @@ def _vocab_style(spec: dict) -> str:
                      f"pre_tokenizer={spec.get('pre_tokenizer')} decoder={spec.get('decoder')}")
 
 
+def _adds_prefix(node) -> bool:
+    """A Prepend normalizer: SentencePiece's '▁' before a text (Llama-2-style tokenizer.json)."""
+    return isinstance(node, dict) and node.get("type") == "Prepend"
+
+
 def read_tokenizer_config(folder) -> dict:
     """A folder's tokenizer_config.json ({} if absent) with special_tokens_map.json merged in as
     transformers merges it: only when the config has no added_tokens_decoder (folders saved
@@ -213,6 +218,31 @@ class Tokenizer:
         "<|im_end|>" in a document stays ordinary text.
         """
         return self.encode_batch([text], allow_special)[0]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of `text` as it reads after other text: no word-start marker is added
+        (SentencePiece vocabularies' Metaspace / Prepend normalizer put a '▁', a space, before
+        a text's first word: right at the start of a prompt, not after a context)."""
+        return [e.ids for e in self._continuing.encode_batch([text], add_special_tokens=False)][0]
+
+    @functools.cached_property
+    def _continuing(self) -> tokenizers.Tokenizer:
+        def strip(node):
+            if isinstance(node, list):
+                return [strip(n) for n in node if not _adds_prefix(n)]
+            if isinstance(node, dict):
+                node = {k: strip(v) for k, v in node.items()}
+                if node.get("type") == "Metaspace":
+                    node.update(prepend_scheme="never", add_prefix_space=False)
+                if node.get("type") == "ByteLevel":
+                    node["add_prefix_space"] = False
+            return node
+
+        spec = json.loads(self._tok.to_str())
+        spec["normalizer"] = None if _adds_prefix(spec.get("normalizer")) else strip(
+            spec.get("normalizer"))
+        spec["pre_tokenizer"] = strip(spec.get("pre_tokenizer"))
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         """`encode` over many texts (parallel in the Rust library)."""

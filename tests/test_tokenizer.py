@@ -180,8 +180,24 @@ def test_prompts_start_as_transformers_starts_them(smol, tmp_path):
             assert list(ours.leading_ids) == hf("the").input_ids[:-1] == [1] * (post is not None)
 
 
-def test_sentencepiece_vocabulary_without_metaspace_or_byte_fallback():
-    """Llama-2-style pieces: '▁' only in a Prepend/Replace normalizer and a Replace decoder."""
+def test_text_after_the_context_gets_no_word_start_space(smol):
+    """SentencePiece vocabularies put '▁' (a space) before a text's first word; the template's
+    text after the context continues it, so its bytes are exactly its text's. Byte-level
+    vocabularies (SmolLM2) add nothing either way."""
+    from rpt_jax import contexts
+    legacy = _legacy_sentencepiece()
+    for tok, texts in ((_metaspace_tokenizer(), ("\nA: the", "the café", " the")),
+                       (legacy, ("a b", " b a", "ba")), (smol[1], ("\nA: the", "café"))):
+        for text in texts:
+            ids = tok.encode_continuation(text)
+            assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+        _, after = contexts.template_ids(tok, "Q: {prompt_content}" + texts[0], chat=False)
+        assert b"".join(tok.token_bytes(i) for i in after) == texts[0].encode()
+    assert legacy.encode_continuation("a b") == [4, 7]  # 'a', '▁b'
+    assert smol[1].encode_continuation("x = 1") == smol[1].encode("x = 1")
+
+
+def _legacy_sentencepiece():
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5, "▁a": 6, "▁b": 7}
     raw = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("▁", "a"), ("▁", "b")],
                                                      unk_token="<unk>"))
@@ -191,7 +207,13 @@ def test_sentencepiece_vocabulary_without_metaspace_or_byte_fallback():
         tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.Fuse(),
         tokenizers.decoders.Strip(" ", 1, 0)])
     raw.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok = tok_lib.Tokenizer(raw, {"eos_token": "</s>"})
+    return tok_lib.Tokenizer(raw, {"eos_token": "</s>"})
+
+
+def test_sentencepiece_vocabulary_without_metaspace_or_byte_fallback():
+    """Llama-2-style pieces: '▁' only in a Prepend/Replace normalizer and a Replace decoder."""
+    tok = _legacy_sentencepiece()
+    raw = tok._tok
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=raw)
     assert tok.token_bytes(6) == b" a"
     for text in ["a b", "ab ba  b"]:
