@@ -82,6 +82,14 @@ def _adds_prefix(node) -> bool:
     return isinstance(node, dict) and node.get("type") == "Prepend"
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def read_tokenizer_config(folder) -> dict:
     """A folder's tokenizer_config.json ({} if absent) with special_tokens_map.json merged in as
     transformers merges it: only when the config has no added_tokens_decoder (folders saved
@@ -90,12 +98,7 @@ def read_tokenizer_config(folder) -> dict:
     for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
         path = os.path.join(os.fspath(folder), name)
         if os.path.isfile(path):
-            with open(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from None
-            (config if name == TOKENIZER_CONFIG else special).update(data)
+            (config if name == TOKENIZER_CONFIG else special).update(_read_json(path))
     if "added_tokens_decoder" not in config:
         config.update({k: v for k, v in special.items() if k in SPECIAL_TOKEN_KEYS})
     return config
@@ -162,10 +165,7 @@ class Tokenizer:
         tokenizer_json = os.fspath(tokenizer_json)
         if not os.path.isfile(tokenizer_json):
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
-        config = {}
-        if config_json is not None:
-            with open(config_json) as f:
-                config = json.load(f)
+        config = {} if config_json is None else _read_json(os.fspath(config_json))
         return cls(tokenizers.Tokenizer.from_file(tokenizer_json), config, source=tokenizer_json)
 
     @classmethod
@@ -186,8 +186,7 @@ class Tokenizer:
         end_ids = ()
         gen = os.path.join(path, GENERATION_CONFIG)
         if os.path.isfile(gen):
-            with open(gen) as f:
-                eos = json.load(f).get("eos_token_id")
+            eos = _read_json(gen).get("eos_token_id")
             end_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return cls(tokenizers.Tokenizer.from_file(tj), config, template, source=path,
                    end_ids=end_ids)
@@ -380,9 +379,12 @@ def builtin_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(config) -> Tokenizer:
-    """The tokenizer of a config: data.tokenizer (a tokenizer.json or folder), else the folder of
-    model.hf_checkpoint, else the built-in one sized to model.vocab_size."""
+    """The tokenizer of a config: data.tokenizer (a folder, or a tokenizer.json, read with the
+    files of its folder; a .json of another name alone), else the folder of model.hf_checkpoint,
+    else the built-in one sized to model.vocab_size."""
     path = config.data.tokenizer or config.model.hf_checkpoint
+    if path and os.path.isfile(path) and os.path.basename(path) == TOKENIZER_JSON:
+        path = os.path.dirname(os.path.abspath(path))  # its config: EOS, pad, chat template
     if path:
         tok = Tokenizer.from_file(path) if os.path.isfile(path) else Tokenizer.from_dir(path)
     else:

@@ -329,7 +329,7 @@ def test_builtin_bytes_round_trip_any_text(builtin, text):
     assert builtin.decode(ids) == text
 
 
-def test_load_tokenizer(tmp_path, builtin):
+def test_load_tokenizer(tmp_path, builtin, smol):
     config = base_config("tiny")
     assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
     builtin.save(tmp_path)
@@ -337,6 +337,20 @@ def test_load_tokenizer(tmp_path, builtin):
     assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
     config.data.tokenizer = str(tmp_path / "tokenizer.json")
     assert load_ids(tok_lib.load_tokenizer(config)) == load_ids(builtin)
+    # a tokenizer.json path reads its folder's settings, as the folder does (SmolLM2's EOS is
+    # <|im_end|>, not the fallback <|endoftext|>)
+    hf, smol_tok = smol
+    smol_tok.save(tmp_path / "smol")
+    config.model.vocab_size = smol_tok.vocab_size
+    for path in (tmp_path / "smol", tmp_path / "smol" / "tokenizer.json"):
+        config.data.tokenizer = str(path)
+        tok = tok_lib.load_tokenizer(config)
+        assert (tok.eos_id, tok.pad_id, tok.chat_template) == (
+            hf.eos_token_id, hf.pad_token_id, smol_tok.chat_template) and tok.chat_template
+    (tmp_path / "smol" / "generation_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"smol/generation_config\.json is not valid JSON"):
+        tok_lib.load_tokenizer(config)
+    config.data.tokenizer = str(tmp_path / "tokenizer.json")
     config.model.vocab_size = 256
     with pytest.raises(ValueError, match="model.vocab_size=256"):
         tok_lib.load_tokenizer(config)
