@@ -41,6 +41,7 @@ CHOICES = {
     "sampling.attention": ("xla", "pallas"),
     "sampling.cache_layout": ("auto", "shared", "per_sample"),
     "sampling.gemm": ("auto", "cublas", "xla"),
+    "sampling.cache_dtype": ("float32", "bfloat16", "float16"),
     "reward.kind": ("prefix_match", "first_token", "dense", "conditional_dense"),
     "rl.advantage": ("grpo", "dr_grpo"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
@@ -278,6 +279,9 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                 "data.batch_size", "sampling.num_samples", "num_steps"):
         if _get(config, key) <= 0:
             raise ValueError(f"{key} must be positive, got {_get(config, key)}")
+    if config.sampling.num_samples < 2:
+        raise ValueError(f"sampling.num_samples={config.sampling.num_samples}: GRPO's group "
+                         "baseline needs at least 2 samples per context")
     if not 0.0 < config.sampling.top_p <= 1.0:
         raise ValueError(f"sampling.top_p must be in (0, 1], got {config.sampling.top_p}")
     if max(config.sampling.prompt_buckets) < config.data.max_prompt_len:

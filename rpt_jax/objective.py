@@ -238,14 +238,15 @@ def token_weights(loss_mask, agg: str, max_len: int = 0):
     raise ValueError(f"rl.loss_agg={agg!r} is not one of {AGGREGATIONS}")
 
 
-K3_CLAMP = 20.0  # |ref - logp| beyond this is clamped: exp stays finite (masked columns too)
+K3_CLAMP = 20.0  # ref - logp above this is clamped: exp stays finite (masked columns too)
 
 
 def k3(logp, ref_logp):
     """k3 estimate of KL(p || ref) per token from samples of p: exp(d) - d - 1 >= 0 with
-    d = ref - logp clamped to +-K3_CLAMP, so that a column outside the loss (weight 0) whose
-    log-probs are far apart cannot turn the loss or its gradient into 0 * inf = NaN."""
-    d = jnp.clip(ref_logp - logp, -K3_CLAMP, K3_CLAMP)
+    d = ref - logp capped at K3_CLAMP, so that a column outside the loss (weight 0) whose
+    log-probs are far apart cannot turn the loss or its gradient into 0 * inf = NaN. Below,
+    nothing overflows: a policy far above the reference keeps its gradient, kl_coef * (1 - e^d)."""
+    d = jnp.minimum(ref_logp - logp, K3_CLAMP)
     return jnp.exp(d) - d - 1.0
 
 

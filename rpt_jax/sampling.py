@@ -99,6 +99,8 @@ class SamplingConfig:
             raise ValueError(f"cache_layout={self.cache_layout!r} is not auto/shared/per_sample")
         if self.attention not in ("xla", "pallas"):
             raise ValueError(f"attention={self.attention!r} is not xla/pallas")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"cache_dtype={self.cache_dtype!r} is not float32/bfloat16/float16")
         if self.gemm not in ("auto", "cublas", "xla"):
             raise ValueError(f"gemm={self.gemm!r} is not auto/cublas/xla")
         if self.split_down < 1:
@@ -258,7 +260,7 @@ def choose_tokens(logits, rng, step, rows, cfg: SamplingConfig):
     Sampling draws one uniform per row from fold_in(fold_in(rng, step), row), so a row's token
     does not depend on how rows are split over devices or batched with others. Returns
     (tokens [r] int32, log_softmax(logits / T)[token] [r] float32, under the full, unfiltered
-    distribution).
+    distribution; greedy with T <= 0: log_softmax(logits), T = 1).
     """
     r, v = logits.shape
     c = _chunk(v)
@@ -335,10 +337,13 @@ class Prompts(NamedTuple):
             if p < 2:
                 raise ValueError(f"prompts [{d}, {p}] need a width of at least 2")
             return d, p - 1, d, 1
+        if self.tail is None:
+            raise ValueError("prompts with `visible` need a `tail` [b, T] (T >= 1)")
         b = self.visible.shape[0]
-        if self.visible.ndim != 1 or self.tail.ndim != 2 or self.tail.shape[0] != b or b % d:
+        if (self.visible.ndim != 1 or self.tail.ndim != 2 or self.tail.shape[0] != b or b % d
+                or self.tail.shape[1] < 1):
             raise ValueError(f"visible {self.visible.shape} and tail {self.tail.shape} must be "
-                             f"[b] and [b, T] with b a multiple of the {d} prefix rows")
+                             f"[b] and [b, T] (T >= 1) with b a multiple of the {d} prefix rows")
         return d, p, b, self.tail.shape[1]
 
 
@@ -662,14 +667,16 @@ def check_memory(model_cfg: model.ModelConfig, sampling_cfg: SamplingConfig, bat
     total = peak_bytes(parts)
     if total > free:
         detail = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in parts.items())
-        # the most lanes (continuous batching) that fit, in slots of num_samples
+        # the most lanes (continuous batching) that fit, in slots of num_samples lanes on
+        # each device of the data axes (what config.validate and continuous.sample accept)
         g, lanes = sampling_cfg.num_samples, 0
-        lo, hi = 1, batch  # slots
+        unit = g * data * fsdp
+        lo, hi = 1, batch * g // unit
         while lo <= hi:
             mid = (lo + hi) // 2
-            cfg = dataclasses.replace(sampling_cfg, lanes=mid * g, cache_blocks=1)
+            cfg = dataclasses.replace(sampling_cfg, lanes=mid * unit, cache_blocks=1)
             if need(cfg) <= free:
-                lanes, lo = mid * g, mid + 1
+                lanes, lo = mid * unit, mid + 1
             else:
                 hi = mid - 1
         hint = (f", or decode through sampling.lanes={lanes} (continuous batching, "

@@ -70,6 +70,8 @@ def test_paper_recipe_in_14b_preset():
     ({"sampling.attention": "triton"}, 1, "sampling.attention='triton' is not one of"),
     ({"sampling.cache_layout": "paged"}, 1, "sampling.cache_layout='paged' is not one of"),
     ({"sampling.gemm": "cutlass"}, 1, "sampling.gemm='cutlass' is not one of"),
+    ({"sampling.cache_dtype": "bf16"}, 1, "sampling.cache_dtype='bf16' is not one of"),
+    ({"sampling.num_samples": 1}, 1, "sampling.num_samples=1: GRPO's group baseline needs"),
     ({"sampling.lanes": 6, "sampling.cache_layout": "per_sample"}, 4,
      "sampling.lanes=6 must be 0 or a positive multiple of 4"),
     ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),

@@ -235,6 +235,13 @@ def test_k3_outside_the_loss_cannot_make_it_nan():
     np.testing.assert_allclose(loss_sum, want, rtol=1e-6)
 
 
+def test_k3_pulls_back_a_policy_far_above_the_reference():
+    """logp - ref = 30 nats: k3 = e^-30 + 29 and its gradient in logp 1 - e^-30 (numpy)."""
+    logp, ref = jnp.float32(0.0), jnp.float32(-30.0)
+    np.testing.assert_allclose(objective.k3(logp, ref), np.exp(-30.0) + 29.0, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(objective.k3)(logp, ref), 1.0 - np.exp(-30.0), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 _token_logprobs = jax.jit(objective.token_logprobs, static_argnums=(2, 3, 4))

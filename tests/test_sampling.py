@@ -260,6 +260,12 @@ def test_document_grouped_prompts_on_eight_devices(params, grouped):
     with pytest.raises(ValueError, match="multiple of the 4 prefix rows"):
         run(params, prompts._replace(visible=prompts.visible[:6], tail=prompts.tail[:6]),
             jax.random.key(6))
+    with pytest.raises(ValueError, match="need a `tail`"):
+        prompts._replace(tail=None).check()
+    with pytest.raises(ValueError, match=r"\(T >= 1\)"):
+        prompts._replace(tail=prompts.tail[:, :0]).check()
+    with pytest.raises(ValueError, match="cache_dtype='int8' is not"):
+        dataclasses.replace(SAMPLED, cache_dtype="int8")
 
 
 def test_stop_ids_lengths_finished_and_padding(params, ragged, greedy_out):
@@ -417,6 +423,11 @@ def test_check_memory():
     with pytest.raises(ValueError):
         sampling.check_memory(big, dataclasses.replace(fits, lanes=lanes + 8), batch=32,
                               prompt_len=1024, bytes_available=20 * 2**30)
+    # on data x fsdp = 4 devices the lanes come in slots of 8 on each: multiples of 32
+    with pytest.raises(ValueError, match=r"sampling.lanes=(\d+) \(continuous") as err:
+        sampling.check_memory(big, cfg, batch=32, prompt_len=1024, bytes_available=20 * 2**30,
+                              fsdp=2, data=2)
+    assert int(re.search(r"sampling.lanes=(\d+)", str(err.value)).group(1)) % 32 == 0
     need = sampling.check_memory(big, cfg, batch=1, prompt_len=256, bytes_available=80 * 2**30)
     # what fits alone does not beside optimizer state that leaves less than it needs
     with pytest.raises(ValueError, match=r"GiB are available \(80.00 GiB less 79.00 GiB of "
