@@ -545,13 +545,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                         "=%d); the last good checkpoint is step %s in %s", bad_in_a_row,
                         config.optim.max_bad_steps, ckpt.latest_step(), ckpt.directory)
                     break
-            if eval_every > 0 and done % eval_every == 0:
+            # the last step's eval too, before its checkpoint: a run killed in it redoes it
+            if eval_every > 0 and (done % eval_every == 0 or done == num_steps):
                 evaluate(done)
             ckpt.maybe_save(done, state, meta())
         bar.close()
         if status != "bad_steps":
-            if status == "done" and eval_every > 0 and done % eval_every and done > start:
-                evaluate(done)
             ckpt.save(done, state, meta())  # skipped if saved already
     finally:  # also on an exception: let pending checkpoint writes finish
         profiler.close()

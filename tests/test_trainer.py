@@ -218,6 +218,27 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 6, 12]
 
 
+def test_killed_in_the_last_eval_redoes_it(data_dir, tmp_path, monkeypatch):
+    """eval.every (5) does not divide num_steps (12), checkpoint.every (4) does: the last
+    eval runs before checkpoint 12, so a run killed in it evaluates step 12 on resume."""
+    config = load_config(data_dir, "--config.warmup.steps=0", "--config.eval.every=5",
+                         "--config.checkpoint.every=4")
+    workdir = str(tmp_path / "run")
+    run_eval = trainer.run_eval
+
+    def killed_at_12(*args, **kwargs):
+        if args[7] == NUM_STEPS:  # step
+            raise KeyboardInterrupt("killed in the last eval")
+        return run_eval(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_eval", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, workdir, progress=False)
+    monkeypatch.setattr(trainer, "run_eval", run_eval)
+    assert trainer.train_and_evaluate(config, workdir, progress=False).step == NUM_STEPS
+    assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 5, 10, 12]
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, tmp_path):
     """A NaN weight makes every loss non-finite: each update is skipped (state unchanged), counted
     (the counts resume from the checkpoint), and after optim.max_bad_steps in a row the run stops
