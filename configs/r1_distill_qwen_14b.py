@@ -9,7 +9,12 @@ batches need 148 GiB). On a larger slice the data axis takes the rest: check it 
 
     python scripts/train.py --config configs/r1_distill_qwen_14b.py --workdir gs://bucket/rpt14b \
         --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-14B \
-        --config.data.corpus_path=/path/to/omnimath.jsonl
+        --config.data.corpus_path=/path/to/omnimath.jsonl \
+        --config.data.proxy_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
+
+The proxy scores every position's entropy for data.entropy_threshold (the paper's filter used
+R1-Distill-Qwen-1.5B): run scripts/prepare_data.py with the same flags first; it scores every
+position once, and the run reads those scores.
 """
 from rpt_jax.config import base_config
 

@@ -202,6 +202,14 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+POSITIVE = ("model.num_heads", "model.num_kv_heads", "model.head_dim", "model.hidden_size",
+            "model.num_layers", "model.mlp_dim", "model.vocab_size", "data.batch_size",
+            "data.max_prompt_len", "sampling.num_samples", "sampling.max_new_tokens",
+            "sampling.temperature", "eval.num_samples", "eval.num_examples", "checkpoint.keep",
+            "num_steps")
+NON_NEGATIVE = ("optim.lr", "sampling.top_k", "rl.kl_coef", "warmup.steps", "eval.every", "checkpoint.every")
+
+
 def validate(config, num_devices: int) -> tuple[int, int, int]:
     """Check a config against itself and the device count; return the resolved mesh shape.
 
@@ -213,6 +221,15 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
             continue
         if _get(config, key) not in allowed:
             raise ValueError(f"{key}={_get(config, key)!r} is not one of {allowed}")
+    for key in POSITIVE:
+        if _get(config, key) <= 0:
+            raise ValueError(f"{key} must be positive, got {_get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {_get(config, key)}")
+    thresholds = tuple(config.eval.thresholds)
+    if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+        raise ValueError(f"eval.thresholds={thresholds} must be strictly increasing")
     if config.logging.profile_start >= 0 and config.logging.profile_steps < 1:
         raise ValueError(f"logging.profile_steps={config.logging.profile_steps} must be >= 1 "
                          f"when logging.profile_start={config.logging.profile_start} traces")
@@ -275,16 +292,13 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     if split < 1 or config.model.mlp_dim % split:
         raise ValueError(f"sampling.split_down={split} must be >= 1 and divide "
                          f"model.mlp_dim={config.model.mlp_dim}")
-    for key in ("sampling.temperature", "sampling.max_new_tokens", "data.max_prompt_len",
-                "data.batch_size", "sampling.num_samples", "num_steps"):
-        if _get(config, key) <= 0:
-            raise ValueError(f"{key} must be positive, got {_get(config, key)}")
     if config.sampling.num_samples < 2:
         raise ValueError(f"sampling.num_samples={config.sampling.num_samples}: GRPO's group "
                          "baseline needs at least 2 samples per context")
     if not 0.0 < config.sampling.top_p <= 1.0:
         raise ValueError(f"sampling.top_p must be in (0, 1], got {config.sampling.top_p}")
-    if max(config.sampling.prompt_buckets) < config.data.max_prompt_len:
+    if not config.sampling.prompt_buckets or \
+            max(config.sampling.prompt_buckets) < config.data.max_prompt_len:
         raise ValueError(f"sampling.prompt_buckets={tuple(config.sampling.prompt_buckets)} must "
                          f"include a bucket >= data.max_prompt_len={config.data.max_prompt_len}")
     return data, fsdp, tensor

@@ -397,6 +397,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     result has status "preempted". progress: show tqdm bars (process 0 only).
     """
     mesh_shape = config_lib.validate(config, jax.device_count())
+    if config.data.entropy_threshold > 0 and not config.data.proxy_checkpoint:  # before compiles
+        raise ValueError(f"data.entropy_threshold={config.data.entropy_threshold} needs "
+                         "data.proxy_checkpoint (the model that scores each position)")
     if config.model.hf_checkpoint:
         check_hf_shape(config, config.model.hf_checkpoint)
     workdir = os.path.abspath(os.path.expanduser(workdir))

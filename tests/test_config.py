@@ -1,6 +1,7 @@
 """Configs: every preset loads through config_flags with overrides and validates; bad ones fail by key."""
 import dataclasses
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -72,6 +73,14 @@ def test_paper_recipe_in_14b_preset():
     ({"sampling.gemm": "cutlass"}, 1, "sampling.gemm='cutlass' is not one of"),
     ({"sampling.cache_dtype": "bf16"}, 1, "sampling.cache_dtype='bf16' is not one of"),
     ({"sampling.num_samples": 1}, 1, "sampling.num_samples=1: GRPO's group baseline needs"),
+    ({"sampling.num_samples": 0}, 1, "sampling.num_samples must be positive, got 0"),
+    ({"eval.num_samples": 0}, 1, "eval.num_samples must be positive, got 0"),
+    ({"model.num_kv_heads": 0}, 1, "model.num_kv_heads must be positive, got 0"),
+    ({"eval.num_examples": 0}, 1, "eval.num_examples must be positive, got 0"),
+    ({"checkpoint.keep": 0}, 1, "checkpoint.keep must be positive, got 0"),
+    ({"sampling.top_k": -1}, 1, "sampling.top_k must be >= 0, got -1"),
+    ({"eval.thresholds": (1.5, 1.0, 0.5)}, 1, "eval.thresholds=(1.5, 1.0, 0.5) must be strictly"),
+    ({"sampling.prompt_buckets": ()}, 1, "sampling.prompt_buckets=() must include a bucket"),
     ({"sampling.lanes": 6, "sampling.cache_layout": "per_sample"}, 4,
      "sampling.lanes=6 must be 0 or a positive multiple of 4"),
     ({"sampling.lanes": 8}, 4, "sampling.lanes=8 must be 0 or a positive multiple of 16"),
@@ -92,7 +101,7 @@ def test_bad_config_names_the_key(change, devices, message):
         for key, value in change.items():
             section, name = key.split(".")
             c[section][name] = value
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         rc.validate(c, devices)
 
 
