@@ -207,7 +207,8 @@ POSITIVE = ("model.num_heads", "model.num_kv_heads", "model.head_dim", "model.hi
             "data.max_prompt_len", "sampling.num_samples", "sampling.max_new_tokens",
             "sampling.temperature", "eval.num_samples", "eval.num_examples", "checkpoint.keep",
             "num_steps")
-NON_NEGATIVE = ("optim.lr", "sampling.top_k", "rl.kl_coef", "warmup.steps", "eval.every", "checkpoint.every")
+NON_NEGATIVE = ("optim.lr", "sampling.top_k", "rl.kl_coef", "warmup.steps", "eval.every",
+                "checkpoint.every")
 
 
 def validate(config, num_devices: int) -> tuple[int, int, int]:

