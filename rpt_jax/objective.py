@@ -102,7 +102,9 @@ def make_train_batch(prompt_tokens, prompt_mask, sample_tokens, sample_logprobs,
     zeros_p = jnp.zeros((N, P - 1), jnp.float32)
     zero_end = jnp.zeros((N, 1), jnp.float32)
     loss_mask = jnp.concatenate([zeros_p, in_response_loss.astype(jnp.float32), zero_end], axis=1)
-    old = jnp.where(in_response, sample_logprobs, 0.0).astype(jnp.float32)
+    # 0 outside the loss, dropped rows too: exp(new - old) there stays <= 1, never inf (inf
+    # times a zero weight would be NaN)
+    old = jnp.where(in_response_loss, sample_logprobs, 0.0).astype(jnp.float32)
     old_logprobs = jnp.concatenate([zeros_p, old, zero_end], axis=1)
     return {
         "tokens": jnp.concatenate([prompt, sample_tokens], axis=1).astype(jnp.int32),

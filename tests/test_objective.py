@@ -90,6 +90,12 @@ def test_make_train_batch_by_hand():
     np.testing.assert_allclose(b["old_logprobs"], [[0, 0, -.1, -.2, -.3, 0], [0, 0, -.4, 0, 0, 0],
                                                    [0] * 6, [0, 0, -1.0, -1.1, 0, 0]], rtol=1e-6)
     np.testing.assert_array_equal(b["advantages"], adv)
+    # a dropped row's sampler log-probs are left out too: a far-off one cannot make rho inf
+    far = logp.at[0].set(-1000.0)
+    dropped = objective.make_train_batch(prompt, pmask, samples, far, lengths, adv, G=2,
+                                         keep=jnp.array([0, 1, 0, 1], bool))
+    np.testing.assert_array_equal(dropped["old_logprobs"][0], 0.0)
+    np.testing.assert_array_equal(dropped["old_logprobs"][1:], b["old_logprobs"][1:])
     jitted = jax.jit(objective.make_train_batch, static_argnums=6)(
         prompt, pmask, samples, logp, lengths, adv, 2)
     np.testing.assert_array_equal(jitted["loss_mask"][2], [0, 0, 0, 0, 0, 0])
