@@ -484,17 +484,24 @@ class ContextIterator:
 
     def get_state(self) -> dict:
         return {"step": int(self.step), "num_examples": int(self.num_examples), "seed": self.seed,
-                "contexts_per_doc": self.group}
+                "contexts_per_doc": self.group, "batch_size": self.global_batch}
 
     def set_state(self, state: dict) -> None:
-        # States saved before contexts_per_doc existed were ungrouped.
+        """Continue where `state` stopped. Saved with another data.batch_size, the stream goes
+        on after the contexts already read when they make whole batches of this size."""
+        # States saved before contexts_per_doc / batch_size existed: ungrouped, this batch size.
         group = int(state.get("contexts_per_doc", 1))
         if (int(state["num_examples"]) != self.num_examples or int(state["seed"]) != self.seed
                 or group != self.group):
             raise ValueError(f"iterator state {state} was saved for other data: this iterator has "
                              f"{self.num_examples} examples, seed {self.seed} and "
                              f"data.contexts_per_doc={self.group}")
-        self.step = int(state["step"])
+        read = int(state["step"]) * int(state.get("batch_size", self.global_batch))
+        if read % self.global_batch:
+            raise ValueError(f"iterator state {state}: {read} contexts read are not whole "
+                             f"batches of data.batch_size={self.global_batch}; resume with a "
+                             f"batch size that divides {read}")
+        self.step = read // self.global_batch
 
 
 def to_global(batch: dict, mesh) -> dict:

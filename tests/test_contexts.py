@@ -190,6 +190,19 @@ def test_restore_continues_with_the_next_example(builtin):
     other = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs[:50])
     with pytest.raises(ValueError, match="other data"):
         other.set_state(state)
+    # resumed with another batch size: on after the contexts read, when they make whole batches
+    it.set_state({**state, "step": 3})  # 24 contexts read
+    halves = contexts.ContextIterator(arith_config(batch_size=4), "train", builtin, 1, 2,
+                                      documents=docs)
+    halves.set_state(it.get_state())
+    np.testing.assert_array_equal(np.concatenate([halves.global_rows(halves.step),
+                                                  halves.global_rows(halves.step + 1)]),
+                                  it.global_rows(3))
+    sixteen = contexts.ContextIterator(arith_config(batch_size=16), "train", builtin, 1, 2,
+                                       documents=docs)
+    with pytest.raises(ValueError, match="24 contexts read are not whole batches of "
+                                         "data.batch_size=16"):
+        sixteen.set_state({**state, "step": 3})
     # The seed decides the order.
     config.seed = 1
     reseeded = contexts.ContextIterator(config, "train", builtin, 1, 2, documents=docs)
