@@ -111,7 +111,12 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         if not rope:
             continue
         reject(any(isinstance(v, dict) for v in rope.values()), key, "per-layer-type RoPE")
-        old = hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        top, inner = (hf.get("original_max_position_embeddings"),
+                      rope.get("original_max_position_embeddings"))
+        if None not in (top, inner) and top != inner:  # transformers 4 takes the inner, 5 the top
+            raise ValueError(f"{where}: original_max_position_embeddings={top} and {key}"
+                             f"['original_max_position_embeddings']={inner} disagree")
+        old = top or hf.get("max_position_embeddings")
         rope = {"original_max_position_embeddings": old, **rope}
         scalings.add(rope_lib.canonical(rope, f"{where}: {key}"))
     if len(scalings) > 1:

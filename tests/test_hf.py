@@ -486,6 +486,11 @@ def test_integer_dtype_and_missing_index_file(qwen2, qwen2_copy):
      "rope_parameters: RoPE scaling 'dynamic' is not supported"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0},
       "rope_parameters": {"rope_type": "linear", "factor": 4.0}}, ValueError, "disagree"),
+    ({"original_max_position_embeddings": 16, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8}}, ValueError,
+     r"original_max_position_embeddings=16 and rope_scaling\['original_max_position_embeddings'"
+     r"\]=8 disagree"),
     ({"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 64,
       "layer_types": None}, ValueError, "use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, ValueError, "layer_types"),
