@@ -26,6 +26,7 @@ step's sampled tokens from <workdir>/metrics.jsonl plus its prompt tokens, count
 data.batch_size * sampling.num_samples * data.max_prompt_len (an upper bound: the trainer does not
 log prompt lengths). Without metrics.jsonl, D = step * that bound with max_new_tokens responses.
 """
+import json
 import logging
 import os
 import sys
@@ -53,7 +54,14 @@ log = logging.getLogger("evaluate")
 
 
 def _is_hf(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
+    """An HF checkpoint folder: its config.json names a model type (a run's workdir holds the
+    run's config.json, with none)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
 def main(argv):
@@ -150,8 +158,8 @@ def main(argv):
                                      evaluation, metrics_writer, scaling, model_lib, np))
         _write_results(output, results, extra, lines, evaluation)
     print("\n".join(lines))
-    print(f"wrote {output}/results.md, results.json" + (
-        ", accuracy_vs_step.png, accuracy_vs_compute.png" if _WORKDIR.value else ""))
+    plots = extra.get("plots", [])
+    print(f"wrote {output}/results.md, results.json" + "".join(f", {n}" for n in plots))
 
 
 def _write_results(output, results, extra, lines, evaluation):
@@ -172,6 +180,7 @@ def _scaling_report(results, config, workdir, cfg, output, lines, evaluation, me
             series[f"{mode} {s}"] = [np.nan if r["summary"][s][mode] is None
                                      else r["summary"][s][mode] for r in results]
     scaling.plot_vs_step(steps, series, os.path.join(output, "accuracy_vs_step.png"))
+    plots = ["accuracy_vs_step.png"]
 
     per_step_samples = config.data.batch_size * config.sampling.num_samples
     prompt_bound = per_step_samples * config.data.max_prompt_len
@@ -200,8 +209,9 @@ def _scaling_report(results, config, workdir, cfg, output, lines, evaluation, me
         scaling.plot_vs_compute(compute[positive],
                                 {s: list(np.asarray(v)[positive]) for s, v in reasoning.items()},
                                 fits, os.path.join(output, "accuracy_vs_compute.png"))
+        plots.append("accuracy_vs_compute.png")
     lines += fit_lines
-    return {"compute": {"steps": steps, "tokens": tokens.tolist(), "flops": compute.tolist(),
+    return {"plots": plots, "compute": {"steps": steps, "tokens": tokens.tolist(), "flops": compute.tolist(),
                         "definition": "6 * num_params * tokens (sampled + prompt bound)"},
             "fits": {s: dict(a=f.a, alpha=f.alpha, p_star=f.p_star, r2=f.r2,
                              num_points=f.num_points) for s, f in fits.items()}}

@@ -371,7 +371,7 @@ def test_evaluate_script_names_a_missing_path_and_a_step_that_does_not_apply(tmp
     assert done.returncode != 0 and f"--checkpoint {missing} does not exist" in done.stderr
     assert not missing.exists()  # nothing made there
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "qwen2"}')
     done = _script("evaluate.py", f"--checkpoint={tmp_path / 'hf'}", "--step=2")
     assert done.returncode != 0 and "--step does not apply to --checkpoint" in done.stderr
     done = _script("evaluate.py", f"--workdir={tmp_path}", "--step=2")
@@ -399,7 +399,8 @@ def test_evaluate_script_writes_results_before_the_scaling_report(tmp_path):
         scaling.plot_vs_step = fail
         app.run(evaluate.main)
     """
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir()  # a run's workdir holds the run's config.json: not an HF folder
+    (tmp_path / "run" / "config.json").write_text(base_config("tiny").to_json_best_effort())
     done = _script(None, f"--workdir={tmp_path / 'run'}", code=code)
     assert done.returncode != 0 and "plot failed" in done.stderr
     out = tmp_path / "run" / "evaluation"
