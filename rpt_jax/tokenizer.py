@@ -218,11 +218,15 @@ class Tokenizer:
         """
         return self.encode_batch([text], allow_special)[0]
 
-    def encode_continuation(self, text: str) -> list[int]:
-        """Token ids of `text` as it reads after other text: no word-start marker is added
-        (SentencePiece vocabularies' Metaspace / Prepend normalizer put a '▁', a space, before
-        a text's first word: right at the start of a prompt, not after a context)."""
-        return self._continuing.encode(text, add_special_tokens=False).ids
+    def encode_continuation(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text` as it reads after other text (`encode` otherwise): no word-start
+        marker is added (SentencePiece vocabularies' Metaspace / Prepend normalizer put a '▁', a
+        space, before a text's first word: right at the start of a prompt, not after it)."""
+        self._continuing.encode_special_tokens = not allow_special
+        try:
+            return self._continuing.encode(text, add_special_tokens=False).ids
+        finally:
+            self._continuing.encode_special_tokens = False
 
     @functools.cached_property
     def _continuing(self) -> tokenizers.Tokenizer:

@@ -25,6 +25,14 @@ import optax
 from rpt_jax import model, objective, sharding
 
 
+def _format(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Ids of the answer format around the thought and the token: '<think>', '</think>\\boxed{',
+    '}' + EOS. The response continues the prompt: no SentencePiece word-start space."""
+    return (tokenizer.encode_continuation("<think>"),
+            tokenizer.encode_continuation("</think>\\boxed{"),
+            tokenizer.encode_continuation("}") + [tokenizer.eos_id])
+
+
 def response_ids(tokenizer, context_ids, true_token: int, think: str, max_len: int):
     """One warm-up response as token ids (at most max_len), or None when it cannot be built."""
     piece = tokenizer.token_bytes(int(true_token))
@@ -38,10 +46,8 @@ def response_ids(tokenizer, context_ids, true_token: int, think: str, max_len: i
         thought = tokenizer.decode(ids).rsplit("\n", 1)[-1]
     elif think != "none":
         raise ValueError(f"warmup.think={think!r} is not one of ('none', 'last_line')")
-    head = tokenizer.encode("<think>")
-    tail = tokenizer.encode("</think>\\boxed{")
-    close = tokenizer.encode("}") + [tokenizer.eos_id]
-    body = tokenizer.encode(thought, allow_special=False)
+    head, tail, close = _format(tokenizer)
+    body = tokenizer.encode_continuation(thought, allow_special=False)
     room = max_len - len(head) - len(tail) - 1 - len(close)
     if room < 0:
         return None
@@ -103,6 +109,11 @@ def warm_up(params, config, model_cfg: model.ModelConfig, mesh, param_shardings,
     every step (the loss is fetched, a host sync: fine for a short warm-up)."""
     from rpt_jax import contexts
     steps, max_len = int(config.warmup.steps), int(config.sampling.max_new_tokens)
+    shortest = sum(map(len, _format(tokenizer))) + 1  # plus the answer token
+    if steps and shortest > max_len:  # every row would be left out: a warm-up that learns nothing
+        raise ValueError(f"sampling.max_new_tokens={max_len} is shorter than the warm-up's "
+                         f"answer format ({shortest} tokens with {tokenizer.source}'s "
+                         f"vocabulary); raise it or set warmup.steps=0")
     tx = make_optimizer(float(config.warmup.lr))
     opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(
         mesh, tx, model.param_shapes(model_cfg), param_shardings))(params)

@@ -22,3 +22,24 @@ def test_response_thinks_the_contexts_last_line(builtin, monkeypatch, bos):
         assert builtin.decode(ids) == "<think>12 + 30</think>\\boxed{ =}<|endoftext|>"
     ids = warmup.response_ids(builtin, lead + builtin.encode("12 + 30"), true, "none", 64)
     assert builtin.decode(ids) == "<think></think>\\boxed{ =}<|endoftext|>"
+
+
+def test_sentencepiece_responses_add_no_word_start_spaces():
+    """A SentencePiece vocabulary encodes each piece of the response as a continuation: the
+    bytes are exactly the format the reward reads (a '▁' before '}' put the box's end off a
+    token boundary)."""
+    from test_tokenizer import _metaspace_tokenizer
+    tok = _metaspace_tokenizer()
+    true = tok.token_to_id("▁the")
+    ids = warmup.response_ids(tok, tok.encode("the café"), true, "none", 64)
+    assert ids[-1] == tok.eos_id
+    assert b"".join(tok.token_bytes(i) for i in ids[:-1]) == b"<think></think>\\boxed{ the}"
+
+
+def test_a_response_too_short_for_the_format_is_named(builtin):
+    from rpt_jax.config import base_config
+    config = base_config("tiny")
+    config.sampling.max_new_tokens, config.warmup.steps = 4, 10
+    with pytest.raises(ValueError, match="sampling.max_new_tokens=4 is shorter than the "
+                                         "warm-up's answer format"):
+        warmup.warm_up(None, config, None, None, None, builtin, iter(()))
