@@ -28,8 +28,6 @@ def _scalar(v) -> float | int | None:
     v = v.reshape(()).item()
     if isinstance(v, bool):
         return int(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN / inf
     return v
 
 
@@ -68,8 +66,10 @@ class MetricsWriter:
             return
         values = {k: _scalar(v) for k, v in metrics.items()}
         values = {k: v for k, v in values.items() if v is not None}
-        if self._jsonl is not None:
-            record = {"step": int(step), "kind": kind, "time": round(time.time(), 3), **values}
+        if self._jsonl is not None:  # JSON has no NaN / inf: "nan", "inf" there
+            record = {"step": int(step), "kind": kind, "time": round(time.time(), 3), **{
+                k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in values.items()}}
             self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in values.items():

@@ -551,6 +551,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             # the last step's eval too, before its checkpoint: a run killed in it redoes it
             if eval_every > 0 and (done % eval_every == 0 or done == num_steps):
                 evaluate(done)
+            writer.flush()  # TensorBoard's too: a kill loses no record a resume will not redo
             ckpt.maybe_save(done, state, meta())
         bar.close()
         if status != "bad_steps":

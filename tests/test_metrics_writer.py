@@ -7,6 +7,21 @@ import numpy as np
 from rpt_jax import metrics_writer
 
 
+def tensorboard_scalars(workdir) -> dict:
+    """{(tag, step): value} of the event files (TFRecord framing: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+    out = {}
+    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            n = int.from_bytes(data[i:i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out[v.tag, event.step] = v.simple_value
+    return out
+
+
 def steps(workdir, kind=None):
     return [(r["kind"], r["step"]) for r in metrics_writer.read_metrics(workdir, kind)]
 
@@ -19,7 +34,8 @@ def test_records_scalars_and_tensorboard(tmp_path):
     (rec,) = metrics_writer.read_metrics(tmp_path)
     assert rec["reward"] == 0.5 and rec["finite"] == 1 and rec["n"] == 3
     assert rec["loss"] == "nan" and "vector" not in rec  # JSON has no NaN; only scalars
-    assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
+    tb = tensorboard_scalars(tmp_path)  # a NaN loss is what TensorBoard must show too
+    assert tb[("train/reward", 1)] == 0.5 and np.isnan(tb[("train/loss", 1)])
     assert metrics_writer._tag("eval", "eval/pass@4/all") == "eval/pass_at_4/all"
     assert metrics_writer._tag("train", "reward") == "train/reward"
 

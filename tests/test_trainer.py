@@ -214,6 +214,10 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     assert restored.step == NUM_STEPS
     assert_bitwise_equal(restored.state, uninterrupted[1].state)
     assert _train_steps(workdir) == list(range(1, NUM_STEPS + 1))
+    # TensorBoard's too: its buffered events are flushed with each step, before a checkpoint
+    from test_metrics_writer import tensorboard_scalars
+    assert sorted(s for tag, s in tensorboard_scalars(workdir) if tag == "train/reward") == \
+        list(range(1, NUM_STEPS + 1))
     # every eval once: one killed during an eval redoes it, a resumed one does not repeat it
     assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 6, 12]
 
