@@ -7,14 +7,15 @@ that slice on a CPU machine (scripts/compile_aot.py, BENCHMARKS.md): XLA's estim
 a chip for the sampler and 67 GiB for the update with rl.micro_batches=32, of 95 GiB (16 micro-
 batches need 148 GiB). On a larger slice the data axis takes the rest: check it the same way.
 
-    python scripts/train.py --config configs/r1_distill_qwen_14b.py --workdir gs://bucket/rpt14b \
+    python scripts/train.py --config configs/r1_distill_qwen_14b.py --workdir /mnt/bucket/rpt14b \
         --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-14B \
         --config.data.corpus_path=/path/to/omnimath.jsonl \
         --config.data.proxy_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
 
 The proxy scores every position's entropy for data.entropy_threshold (the paper's filter used
 R1-Distill-Qwen-1.5B): run scripts/prepare_data.py with the same flags first; it scores every
-position once, and the run reads those scores.
+position once, and the run reads those scores. The workdir is a local path on every host: a
+bucket mounted there (gcsfuse) serves, a gs:// URL does not.
 """
 from rpt_jax.config import base_config
 

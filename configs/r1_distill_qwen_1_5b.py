@@ -5,7 +5,8 @@ BENCHMARKS.md): XLA's estimate is 15 GiB a GPU for the sampler and 41 GiB for th
 rl.micro_batches=16 (8: 76 GiB of 80; 1: 213 GiB).
 
     python scripts/prepare_data.py --config configs/r1_distill_qwen_1_5b.py --workdir DIR \
-        --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-1.5B
+        --config.model.hf_checkpoint=/path/to/DeepSeek-R1-Distill-Qwen-1.5B \
+        --config.data.corpus_path=/path/to/omnimath.jsonl
 """
 from rpt_jax.config import base_config
 
