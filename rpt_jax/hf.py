@@ -383,7 +383,8 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
                         block = np.empty([b - a for a, b in ranges], dtype)
                         for i in range(l0, l1):
                             li = name.format(i=i)
-                            block[i - l0] = _read_block(handle(files[li]).get_slice(li), spec, inner)
+                            block[i - l0] = _read_block(handle(files[li]).get_slice(li), spec,
+                                                        inner)
                     else:
                         block = _read_block(handle(files[name]).get_slice(name), spec, ranges)
                     block = np.ascontiguousarray(block, dtype)

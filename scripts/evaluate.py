@@ -211,7 +211,8 @@ def _scaling_report(results, config, workdir, cfg, output, lines, evaluation, me
                                 fits, os.path.join(output, "accuracy_vs_compute.png"))
         plots.append("accuracy_vs_compute.png")
     lines += fit_lines
-    return {"plots": plots, "compute": {"steps": steps, "tokens": tokens.tolist(), "flops": compute.tolist(),
+    return {"plots": plots,
+            "compute": {"steps": steps, "tokens": tokens.tolist(), "flops": compute.tolist(),
                         "definition": "6 * num_params * tokens (sampled + prompt bound)"},
             "fits": {s: dict(a=f.a, alpha=f.alpha, p_star=f.p_star, r2=f.r2,
                              num_points=f.num_points) for s, f in fits.items()}}

@@ -291,7 +291,8 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
     assert (hf_config.model.preset, hf_config.model.rope_scaling) == ("hf_checkpoint",
                                                                      cfg.rope_scaling)
     # an eval set a killed run left, scored by another model: a fresh start drops it
-    stale = tmp_path / "run" / "eval" / "evalset-validation-the_policy_at_its_first_evaluation-0.npz"
+    stale = (tmp_path / "run" / "eval" /
+             "evalset-validation-the_policy_at_its_first_evaluation-0.npz")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
     result = trainer.train_and_evaluate(hf_config, str(tmp_path / "run"), progress=False)
