@@ -24,7 +24,6 @@ Shapes: N positions, B rows per batch, G samples per position, V vocabulary.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -322,8 +321,7 @@ def forget_first_evaluation(cache_dir: str) -> None:
     (another model, or a first run killed before its first checkpoint) scores its own."""
     pattern = f"evalset-*-{_proxy_tag(FIRST_EVALUATION)}-*"
     for name in glob.glob(os.path.join(os.path.expanduser(cache_dir), pattern)):
-        with contextlib.suppress(FileNotFoundError):  # hosts sharing the folder race here
-            os.remove(name)
+        os.remove(name)
 
 
 def save_eval_set(es: EvalSet, npz_path: str, json_path: str) -> None:

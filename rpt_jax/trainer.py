@@ -445,7 +445,8 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             reference = reference_params(config, workdir, model_cfg, p_shardings)
     else:
         start = 0
-        evaluation.forget_first_evaluation(os.path.join(workdir, "eval"))
+        sharding.on_process_zero("rpt_jax_forget_eval_sets", lambda: (
+            evaluation.forget_first_evaluation(os.path.join(workdir, "eval"))))
         params = initial_params(config, model_cfg, p_shardings)
         if config.warmup.steps > 0:
             params = _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir,
