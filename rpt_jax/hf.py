@@ -39,6 +39,9 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
 # Class defaults of transformers' Llama / Qwen2 / Qwen3 configs for keys a config.json may omit.
 _DEFAULTS = {"rope_theta": 10_000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
              "qwen3_head_dim": 128, "sliding_window": 4096, "max_window_layers": 28}
+# An absent num_key_value_heads is the config class's default (Llama's is None); an explicit null,
+# or None, means one KV head per query head.
+_KV_HEADS = {"Qwen2ForCausalLM": 32, "Qwen3ForCausalLM": 32, "MistralForCausalLM": 8}
 _SILU = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU
 # Buffers some old checkpoints store; they are recomputed from rope_theta.
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"
@@ -157,7 +160,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         num_layers=need("num_hidden_layers"),
         hidden_size=need("hidden_size"),
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=hf.get("num_key_value_heads", _KV_HEADS.get(arch)) or heads,
         head_dim=head_dim,
         mlp_dim=need("intermediate_size"),
         rope_theta=theta,

@@ -468,6 +468,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     schedule = train_step.make_schedule(config.optim, config.num_steps)
     jitted = (sampler.jitted, rollout.jitted, update.jitted)
 
+    def compiled():  # variants compiled so far, the evals' samplers included
+        return sum(f._cache_size() for f in jitted)
+
     num_steps, eval_every = int(config.num_steps), int(config.eval.every)
     eval_set, status, last = None, "done", {}
     compiles_seen = None
@@ -523,7 +526,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             done = step + 1
 
             now = time.time()
-            compiles = sum(f._cache_size() for f in jitted)
+            compiles = compiled()
             if compiles_seen is not None and compiles > compiles_seen and done > start + 2:
                 say(logging.WARNING, "recompiled at step %d (%d compiled variants now): a new "
                     "prompt bucket or an unstable shape", done, compiles)
@@ -555,6 +558,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             # the last step's eval too, before its checkpoint: a run killed in it redoes it
             if eval_every > 0 and (done % eval_every == 0 or done == num_steps):
                 evaluate(done)
+                compiles_seen = compiled()  # an eval's own shapes are no training recompile
             writer.flush()  # TensorBoard's too: a kill loses no record a resume will not redo
             ckpt.maybe_save(done, state, meta())
         bar.close()

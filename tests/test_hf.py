@@ -303,6 +303,26 @@ def test_qwen3_head_dim_defaults_to_128(tmp_path):
     np.testing.assert_allclose(ours, _torch_logits(hf_model, ids), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Qwen3", "Mistral"])
+@pytest.mark.parametrize("written", ["absent", "null"])
+def test_num_key_value_heads_defaults_as_transformers(tmp_path, arch, written):
+    """An absent num_key_value_heads is the class default (Qwen2/3: 32, Mistral: 8, Llama: the
+    query heads); an explicit null is the query heads. Read as transformers reads config.json."""
+    hf_cfg = getattr(transformers, f"{arch}Config")(**dict(QWEN, num_attention_heads=64,
+                                                         head_dim=16, sliding_window=None))
+    d = hf_cfg.to_dict()
+    d["architectures"] = [f"{arch}ForCausalLM"]
+    del d["num_key_value_heads"]
+    if written == "null":
+        d["num_key_value_heads"] = None
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    expected = (64 if arch == "Llama" or written == "null" else
+                {"Qwen2": 32, "Qwen3": 32, "Mistral": 8}[arch])
+    assert hf.model_config_from_hf(tmp_path)["num_kv_heads"] == expected
+    if (arch, written) != ("Mistral", "null"):  # transformers 5 refuses a null there (4: heads)
+        assert transformers.AutoConfig.from_pretrained(tmp_path).num_key_value_heads == expected
+
+
 def test_mistral_without_a_sliding_window_is_llama(tmp_path):
     torch.manual_seed(0)
     mistral = transformers.MistralConfig(**QWEN, head_dim=16, sliding_window=None)

@@ -18,7 +18,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from rpt_jax import checkpoint, metrics_writer, sharding, train_step, trainer
+from rpt_jax import checkpoint, metrics_writer, sampling, sharding, train_step, trainer
 from rpt_jax import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -222,25 +222,32 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 6, 12]
 
 
-def test_killed_in_the_last_eval_redoes_it(data_dir, tmp_path, monkeypatch):
+def test_killed_in_the_last_eval_redoes_it(data_dir, tmp_path, monkeypatch, caplog):
     """eval.every (5) does not divide num_steps (12), checkpoint.every (4) does: the last
-    eval runs before checkpoint 12, so a run killed in it evaluates step 12 on resume."""
+    eval runs before checkpoint 12, so a run killed in it evaluates step 12 on resume. Each
+    eval also compiles the shared sampler for a new prompt width: not a training recompile."""
     config = load_config(data_dir, "--config.warmup.steps=0", "--config.eval.every=5",
                          "--config.checkpoint.every=4")
     workdir = str(tmp_path / "run")
-    run_eval = trainer.run_eval
+    run_eval, kill = trainer.run_eval, [True]
 
     def killed_at_12(*args, **kwargs):
-        if args[7] == NUM_STEPS:  # step
+        params, step, sampler = args[0], args[7], args[8]
+        if step == NUM_STEPS and kill[0]:
             raise KeyboardInterrupt("killed in the last eval")
+        ones = np.ones((config.data.batch_size, 16 + step), np.int32)  # another prompt bucket
+        sampler(params, sampling.Prompts(ones, ones), trainer.step_key(config.seed, step))
         return run_eval(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "run_eval", killed_at_12)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(config, workdir, progress=False)
-    monkeypatch.setattr(trainer, "run_eval", run_eval)
+    kill[0] = False
     assert trainer.train_and_evaluate(config, workdir, progress=False).step == NUM_STEPS
     assert [r["step"] for r in metrics_writer.read_metrics(workdir, "eval")] == [0, 5, 10, 12]
+    compiles = [r["compiles"] for r in metrics_writer.read_metrics(workdir, "train")]
+    assert compiles[5] > compiles[4]  # step 6 counts eval 5's sampler variant...
+    assert "recompiled" not in caplog.text  # ...and says nothing
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, tmp_path):
