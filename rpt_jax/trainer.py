@@ -57,7 +57,7 @@ GROUPED_KEYS = ("doc_tokens", "doc_mask", "doc_visible", "tail_tokens")  # sampl
 class TrainResult:
     status: str  # "done" | "preempted" (SIGTERM/SIGINT: saved, clean exit) | "bad_steps"
     step: int  # loop steps done, skipped ones included (= the last checkpoint unless "bad_steps")
-    state: train_step.TrainState
+    state: train_step.TrainState | None  # None when stopped in the warm-up, before step 0
     metrics: dict  # the last step's logged scalars
 
 
@@ -450,7 +450,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
         params = initial_params(config, model_cfg, p_shardings)
         if config.warmup.steps > 0:
             params = _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir,
-                              writer, progress)
+                              writer, progress, stop.requested)
+            if params is None:  # nothing saved yet: a restart begins afresh, as this run did
+                writer.close()
+                ckpt.close()
+                log.info("preempted in the format warm-up: nothing saved (a restart starts over)")
+                return TrainResult("preempted", 0, None, {})
         if config.rl.kl_coef:  # saved before step 0, so every checkpoint has its reference
             reference = reference_params(config, workdir, model_cfg, p_shardings, params)
         state = train_step.init_train_state(params, tx, mesh, p_shardings)
@@ -573,8 +578,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
 
 
 def _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir, writer,
-             progress):
-    """rpt_jax.warmup on the train split, drawn with seed+1 (positions differ from RL's)."""
+             progress, should_stop):
+    """rpt_jax.warmup on the train split, drawn with seed+1 (positions differ from RL's); None
+    when should_stop() interrupted it."""
     wconfig = config.copy_and_resolve_references()
     with wconfig.unlocked():
         wconfig.seed = int(config.seed) + 1
@@ -590,6 +596,6 @@ def _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir, 
         bar.update(1)
 
     params = warmup.warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, batches,
-                            log_fn)
+                            log_fn, should_stop)
     bar.close()
     return params

@@ -103,10 +103,11 @@ def make_step(model_cfg: model.ModelConfig, mesh, param_shardings, tx):
 
 
 def warm_up(params, config, model_cfg: model.ModelConfig, mesh, param_shardings, tokenizer,
-            batches, log_fn=None):
+            batches, log_fn=None, should_stop=None):
     """Run config.warmup.steps supervised steps over `batches` (an iterator of host batches, e.g.
-    contexts.ContextIterator) and return the new params. log_fn(step, {"loss": float}) is called
-    every step (the loss is fetched, a host sync: fine for a short warm-up)."""
+    contexts.ContextIterator) and return the new params, or None when should_stop() said True
+    before a step (every process must give the same answer). log_fn(step, {"loss": float}) is
+    called every step (the loss is fetched, a host sync: fine for a short warm-up)."""
     from rpt_jax import contexts
     steps, max_len = int(config.warmup.steps), int(config.sampling.max_new_tokens)
     shortest = sum(map(len, _format(tokenizer))) + 1  # plus the answer token
@@ -119,6 +120,8 @@ def warm_up(params, config, model_cfg: model.ModelConfig, mesh, param_shardings,
         mesh, tx, model.param_shapes(model_cfg), param_shardings))(params)
     step_fn = make_step(model_cfg, mesh, param_shardings, tx)
     for i in range(steps):
+        if should_stop is not None and should_stop():
+            return None
         batch = next(batches)
         tokens, lengths = make_examples(batch, tokenizer, config.warmup.think, max_len)
         g = contexts.to_global(dict(prompt_tokens=batch["prompt_tokens"],

@@ -250,6 +250,23 @@ def test_killed_in_the_last_eval_redoes_it(data_dir, tmp_path, monkeypatch, capl
     assert "recompiled" not in caplog.text  # ...and says nothing
 
 
+def test_sigterm_in_the_warm_up_stops_at_once(config, uninterrupted, tmp_path, monkeypatch):
+    """A stop requested during the format warm-up ends the run there, with nothing saved; the
+    restart begins afresh and ends as the uninterrupted run."""
+    calls = []
+    monkeypatch.setattr(trainer.StopFlag, "requested", lambda self: calls.append(1) or
+                        len(calls) > 20)
+    workdir = str(tmp_path / "run")
+    result = trainer.train_and_evaluate(config, workdir, progress=False)
+    assert (result.status, result.step, result.state, len(calls)) == ("preempted", 0, None, 21)
+    assert not checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+    assert [r["step"] for r in metrics_writer.read_metrics(workdir, "warmup")] == \
+        list(range(-150, -130))
+    monkeypatch.undo()
+    assert trainer.train_and_evaluate(config, workdir, progress=False).step == NUM_STEPS
+    assert_bitwise_equal(final_state(config, workdir).state, uninterrupted[1].state)
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(config, uninterrupted, tmp_path):
     """A NaN weight makes every loss non-finite: each update is skipped (state unchanged), counted
     (the counts resume from the checkpoint), and after optim.max_bad_steps in a row the run stops
