@@ -115,6 +115,30 @@ def abstract_state(model_cfg: model.ModelConfig, tx, shardings: TrainState) -> T
 
 # ----------------------------------------------------------------------------- step
 
+def sum_over_slices(fn, batch, M: int, mesh, combine, carry_shardings=None):
+    """fn(slice) summed over the M row slices of `batch` by a lax.scan (traceable).
+
+    Slice m holds rows m, m + M, ...: each device's rows split evenly across the slices, so no
+    slice sits on a subset of the devices. combine(a, b) adds two of fn's outputs; zeros start
+    the sum. carry_shardings: a sharding for the carry's first element (e.g. the gradients').
+    """
+    if M == 1:
+        return fn(batch)
+
+    def slices(x):
+        x = x.reshape(x.shape[0] // M, M, *x.shape[1:])
+        return jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, sharding.BATCH)))
+
+    mbs = jax.tree.map(slices, batch)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(fn, jax.tree.map(lambda x: x[0], mbs)))
+    if carry_shardings is not None:
+        zeros = (jax.lax.with_sharding_constraint(zeros[0], carry_shardings),) + zeros[1:]
+    total, _ = jax.lax.scan(lambda carry, mb: (combine(carry, fn(mb)), None), zeros, mbs)
+    return total
+
+
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "old_logprobs", "advantages")
 
 
@@ -183,29 +207,11 @@ def make_train_step(config, model_cfg: model.ModelConfig, mesh, shardings: Train
         _check_batch(batch, rl.kl_coef, M, G)
         batch = jax.lax.with_sharding_constraint(
             batch, jax.tree.map(lambda _: NamedSharding(mesh, rows), batch))
-        if M == 1:
-            grads, count, stats = micro(state.params, batch)
-        else:
-            # Micro-batch m takes rows m, m + M, ...: each device's rows split evenly across the
-            # slices, so no slice sits on a subset of the devices.
-            def slices(x):
-                x = x.reshape(x.shape[0] // M, M, *x.shape[1:])
-                return jax.lax.with_sharding_constraint(
-                    jnp.swapaxes(x, 0, 1), NamedSharding(mesh, P(None, sharding.BATCH)))
-
-            mbs = jax.tree.map(slices, batch)
-
-            def body(carry, mb):
-                g, c, s = micro(state.params, mb)
-                g0, c0, s0 = carry
-                return (jax.tree.map(jnp.add, g0, g), c0 + c,
-                        objective.combine_stats(s0, s)), None
-
-            # Zeros start every sum and max (the maxima are of absolute values).
-            shapes = jax.eval_shape(micro, state.params, jax.tree.map(lambda x: x[0], mbs))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params),) + zeros[1:]
-            (grads, count, stats), _ = jax.lax.scan(body, zeros, mbs)
+        # zeros start every sum and max (the maxima are of absolute values)
+        grads, count, stats = sum_over_slices(
+            lambda mb: micro(state.params, mb), batch, M, mesh,
+            lambda a, b: (jax.tree.map(jnp.add, a[0], b[0]), a[1] + b[1],
+                          objective.combine_stats(a[2], b[2])), shardings.params)
 
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         metrics = objective.finalize_stats(stats)

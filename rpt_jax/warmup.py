@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rpt_jax import model, objective, sharding
+from rpt_jax import model, objective, sharding, train_step
 
 
 def _format(tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -73,23 +73,40 @@ def make_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
 
 
-def make_step(model_cfg: model.ModelConfig, mesh, param_shardings, tx):
+def slices_for(batch_size: int, rows_per_update_slice: int, split: int) -> int:
+    """Micro-batches for the warm-up's batch_size rows: the fewest whose slices hold no more rows
+    than a slice of the RL update (which fits), and whole rows on each of `split` devices."""
+    choices = train_step.micro_batch_choices(batch_size, split)
+    return next((m for m in choices if batch_size // m <= rows_per_update_slice), choices[-1])
+
+
+def make_step(model_cfg: model.ModelConfig, mesh, param_shardings, tx, micro_batches: int = 1,
+              logits_chunk: int = 256):
     """Jitted fn(params, opt_state, prompt_tokens, prompt_mask, tokens, lengths) ->
-    (params, opt_state, loss): one cross-entropy step on the response tokens; params and
-    optimizer state keep the training layout."""
-    def loss_fn(params, batch):
-        logp, _ = objective.token_logprobs(params, batch, model_cfg, 1.0)
-        mask = batch["loss_mask"]
-        return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    (params, opt_state, loss): one cross-entropy step on the response tokens, its gradient
+    summed over `micro_batches` row slices; params and optimizer state keep the training layout.
+    logits_chunk: positions per LM-head chunk (rl.logits_chunk)."""
+    def loss_sum(params, batch):
+        logp, _ = objective.token_logprobs(params, batch, model_cfg, 1.0, chunk=logits_chunk)
+        return -jnp.sum(logp * batch["loss_mask"])
+
+    def micro(params, batch):
+        loss, grads = jax.value_and_grad(loss_sum)(params, batch)
+        return (jax.lax.with_sharding_constraint(grads, param_shardings), loss,
+                jnp.sum(batch["loss_mask"]))
 
     def step(params, opt_state, prompt_tokens, prompt_mask, tokens, lengths):
         n = tokens.shape[0]
         batch = objective.make_train_batch(prompt_tokens, prompt_mask, tokens,
                                            jnp.zeros(tokens.shape, jnp.float32), lengths,
                                            jnp.ones((n,), jnp.float32), 1)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        grads, loss, count = train_step.sum_over_slices(
+            lambda mb: micro(params, mb), batch, micro_batches, mesh,
+            lambda a, b: jax.tree.map(jnp.add, a, b), param_shardings)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss / count
 
     opt_shardings = sharding.opt_state_shardings(mesh, tx, model.param_shapes(model_cfg),
                                                  param_shardings)
@@ -118,7 +135,12 @@ def warm_up(params, config, model_cfg: model.ModelConfig, mesh, param_shardings,
     tx = make_optimizer(float(config.warmup.lr))
     opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(
         mesh, tx, model.param_shapes(model_cfg), param_shardings))(params)
-    step_fn = make_step(model_cfg, mesh, param_shardings, tx)
+    # the update's rows per slice fit (trainer.fit_update), so the warm-up's slices hold no more
+    rows = int(config.data.batch_size)
+    update_rows = rows * int(config.sampling.num_samples) // max(int(config.rl.micro_batches), 1)
+    slices = slices_for(rows, update_rows, mesh.shape["data"] * mesh.shape["fsdp"])
+    step_fn = make_step(model_cfg, mesh, param_shardings, tx, slices,
+                        int(config.rl.logits_chunk))
     for i in range(steps):
         if should_stop is not None and should_stop():
             return None

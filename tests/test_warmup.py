@@ -43,3 +43,43 @@ def test_a_response_too_short_for_the_format_is_named(builtin):
     with pytest.raises(ValueError, match="sampling.max_new_tokens=4 is shorter than the "
                                          "warm-up's answer format"):
         warmup.warm_up(None, config, None, None, None, builtin, iter(()))
+
+
+def test_slices_hold_no_more_rows_than_an_update_slice():
+    # 16 contexts; the update's slices of 16, 8 or 2 rows (G = 4: 1, 8, 32 micro-batches)
+    assert warmup.slices_for(16, 64, 2) == 1
+    assert warmup.slices_for(16, 8, 2) == 2
+    assert warmup.slices_for(16, 2, 2) == 8
+    assert warmup.slices_for(16, 1, 2) == 8  # whole rows on each device: the most there are
+
+
+def test_micro_batched_step_equals_one_slice():
+    """The warm-up step summed over 4 row slices on a (2, 2, 2) mesh equals the one-slice step:
+    the mean cross-entropy over all response tokens."""
+    import jax
+    import numpy as np
+    from rpt_jax import model, sharding
+    from rpt_jax.config import base_config
+    cfg = model.ModelConfig(vocab_size=64, num_layers=1, hidden_size=32, num_heads=4,
+                            num_kv_heads=2, head_dim=8, mlp_dim=64)
+    config = base_config("tiny")
+    config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 2
+    mesh = sharding.make_mesh(config)
+    shapes = model.param_shapes(cfg)
+    p_sh = sharding.param_shardings(mesh, model.logical_axes(cfg), shapes)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+    prompt, mask = rng.integers(1, 64, (16, 6)), np.ones((16, 6), bool)
+    mask[3, :4] = False
+    tokens, lengths = rng.integers(1, 64, (16, 5)), rng.integers(0, 6, 16)
+    tx = warmup.make_optimizer(1e-2)
+    out = []
+    for slices in (1, 4):
+        p = jax.device_put(params, p_sh)
+        step = warmup.make_step(cfg, mesh, p_sh, tx, slices, logits_chunk=2)
+        opt = jax.jit(tx.init, out_shardings=sharding.opt_state_shardings(mesh, tx, shapes, p_sh))
+        p, _, loss = step(p, opt(p), prompt, mask, tokens, lengths)
+        out.append((jax.device_get(p), float(loss)))
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][0], out[1][0])
+    assert not np.allclose(out[0][0]["norm"], params["norm"])  # the step changed the params
