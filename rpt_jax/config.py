@@ -47,10 +47,11 @@ CHOICES = {
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
     "optim.schedule": ("constant", "cosine"),
     "warmup.think": ("none", "last_line"),
+    "eval.split": ("train", "validation", "test"),  # rpt_jax.corpora.SPLITS
 }
 # sampler tuning keys a hand-written config may leave out (SamplingConfig's defaults apply)
 OPTIONAL = {"sampling.attention", "sampling.cache_layout", "sampling.lanes", "sampling.refill",
-            "sampling.gemm", "sampling.split_down"}
+            "sampling.gemm", "sampling.split_down", "sampling.cache_blocks"}
 
 
 def model_shape(name: str) -> dict:
@@ -101,7 +102,7 @@ def base_config(model: str = "tiny"):
         num_samples=8,  # G, samples per context
         temperature=0.8, top_k=0, top_p=1.0, greedy=False,
         max_new_tokens=8192,
-        stop_strings=("</s>",),  # decoded stop markers besides the tokenizer's EOS
+        stop_strings=(),  # stop tokens besides the tokenizer's EOS, as text: one token each
         prompt_buckets=(256, 1024, 4096),  # prompt lengths are padded up to one of these
         cache_dtype="bfloat16",
         # speed / memory knobs of rpt_jax.sampling.SamplingConfig (see its comments)
@@ -204,17 +205,22 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 
 POSITIVE = ("model.num_heads", "model.num_kv_heads", "model.head_dim", "model.hidden_size",
             "model.num_layers", "model.mlp_dim", "model.vocab_size", "data.batch_size",
-            "data.max_prompt_len", "sampling.num_samples", "sampling.max_new_tokens",
-            "sampling.temperature", "eval.num_samples", "eval.num_examples", "checkpoint.keep",
-            "num_steps")
-NON_NEGATIVE = ("optim.lr", "sampling.top_k", "rl.kl_coef", "warmup.steps", "eval.every",
-                "checkpoint.every")
+            "data.max_prompt_len", "data.target_window", "data.target_tokens",
+            "data.positions_per_doc", "data.entropy_top_k", "sampling.num_samples",
+            "sampling.max_new_tokens", "sampling.temperature", "sampling.cache_blocks",
+            "reward.max_pred_bytes", "rl.logits_chunk", "optim.max_bad_steps", "eval.num_samples",
+            "eval.num_examples", "checkpoint.keep", "logging.every", "num_steps")
+NON_NEGATIVE = ("seed", "optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
+                "sampling.top_k", "sampling.refill", "rl.kl_coef", "rl.adv_eps", "rl.clip_low",
+                "rl.clip_high", "warmup.steps", "warmup.lr", "eval.every", "checkpoint.every")
 
 
-def validate(config, num_devices: int) -> tuple[int, int, int]:
+def validate(config, num_devices: int, platform: str | None = None) -> tuple[int, int, int]:
     """Check a config against itself and the device count; return the resolved mesh shape.
 
-    Raises ValueError naming the offending key. Cheap: call it before any compilation.
+    platform: the devices' (jax.default_backend()); None skips the checks that need it, as for
+    a compile ahead of time for other devices. Raises ValueError naming the offending key.
+    Cheap: call it before any compilation.
     """
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -222,12 +228,27 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
             continue
         if _get(config, key) not in allowed:
             raise ValueError(f"{key}={_get(config, key)!r} is not one of {allowed}")
-    for key in POSITIVE:
+    def present(key):
+        section, name = key.split(".") if "." in key else ("", key)
+        return key not in OPTIONAL or name in config[section]
+
+    for key in filter(present, POSITIVE):
         if _get(config, key) <= 0:
             raise ValueError(f"{key} must be positive, got {_get(config, key)}")
-    for key in NON_NEGATIVE:
+    for key in filter(present, NON_NEGATIVE):
         if _get(config, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {_get(config, key)}")
+    for key in ("optim.b1", "optim.b2"):
+        if not 0.0 <= _get(config, key) < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {_get(config, key)}")
+    if not 1 <= len(config.reward.think_end.encode()) <= 64:
+        raise ValueError(f"reward.think_end={config.reward.think_end!r} must have 1..64 bytes")
+    if config.data.corpus_path and config.data.corpus != "local":
+        raise ValueError(f"data.corpus_path={config.data.corpus_path!r} is read only with "
+                         f"data.corpus='local' (got {config.data.corpus!r})")
+    buckets = tuple(config.sampling.prompt_buckets)
+    if any(b < 2 for b in buckets):
+        raise ValueError(f"sampling.prompt_buckets={buckets}: each must be at least 2 tokens")
     thresholds = tuple(config.eval.thresholds)
     if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
         raise ValueError(f"eval.thresholds={thresholds} must be strictly increasing")
@@ -245,6 +266,9 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
     data, fsdp, tensor = mesh_shape(config, num_devices)
     if m.attention == "cudnn" and m.dtype == "float32":
         raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16")
+    if m.attention == "cudnn" and platform not in (None, "gpu", "cuda"):
+        raise ValueError(f"model.attention='cudnn' needs NVIDIA GPUs, these devices are "
+                         f"{platform!r}: set model.attention='xla'")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of "
                          f"model.num_kv_heads={m.num_kv_heads}")
@@ -298,8 +322,7 @@ def validate(config, num_devices: int) -> tuple[int, int, int]:
                          "baseline needs at least 2 samples per context")
     if not 0.0 < config.sampling.top_p <= 1.0:
         raise ValueError(f"sampling.top_p must be in (0, 1], got {config.sampling.top_p}")
-    if not config.sampling.prompt_buckets or \
-            max(config.sampling.prompt_buckets) < config.data.max_prompt_len:
-        raise ValueError(f"sampling.prompt_buckets={tuple(config.sampling.prompt_buckets)} must "
-                         f"include a bucket >= data.max_prompt_len={config.data.max_prompt_len}")
+    if not buckets or max(buckets) < config.data.max_prompt_len:
+        raise ValueError(f"sampling.prompt_buckets={buckets} must include a bucket >= "
+                         f"data.max_prompt_len={config.data.max_prompt_len}")
     return data, fsdp, tensor

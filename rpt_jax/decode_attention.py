@@ -21,7 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+try:  # Pallas' Triton backend: deprecated in jax 0.11 in favour of Mosaic GPU
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # a jax without it: sampling.attention="xla" still works
+    plgpu = None
 from jax.sharding import PartitionSpec as P
 
 from rpt_jax import sharding
@@ -376,6 +379,9 @@ def _on_platform(call, args, out_dtypes):
     out_dtypes (None: as they come); refused on TPU (it would need a Mosaic kernel)."""
     if jax.default_backend() == "tpu":
         raise ValueError("sampling.attention='pallas' is a GPU (Triton) kernel; use 'xla' on TPU")
+    if plgpu is None:
+        raise ValueError(f"sampling.attention='pallas' needs Pallas' Triton backend, which jax "
+                         f"{jax.__version__} does not have; use sampling.attention='xla'")
 
     def on_cpu(*args):
         up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731

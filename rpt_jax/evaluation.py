@@ -227,10 +227,15 @@ def _sampler(mesh, cfg: model_lib.ModelConfig, sampling_cfg: sampling.SamplingCo
 
 
 def stop_ids(config, tokenizer) -> tuple[int, ...]:
-    """The tokenizer's end ids (EOS, generation_config.json's) plus every sampling.stop_strings
-    entry that is one token."""
+    """The tokenizer's end ids (EOS, generation_config.json's) plus the sampling.stop_strings,
+    each of which must be one token of the vocabulary (the sampler stops on ids)."""
     ids = set(tokenizer.end_ids)
-    ids |= {i for i in map(tokenizer.token_to_id, config.sampling.stop_strings) if i is not None}
+    for text in config.sampling.stop_strings:
+        i = tokenizer.token_to_id(text)
+        if i is None:
+            raise ValueError(f"sampling.stop_strings: {text!r} is not one token of "
+                             f"{tokenizer.source} (it encodes as {tokenizer.encode(text)})")
+        ids.add(i)
     return tuple(sorted(ids))
 
 

@@ -396,7 +396,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     SIGTERM or Ctrl-C during the run: the current step finishes, a checkpoint is written and the
     result has status "preempted". progress: show tqdm bars (process 0 only).
     """
-    mesh_shape = config_lib.validate(config, jax.device_count())
+    mesh_shape = config_lib.validate(config, jax.device_count(), jax.default_backend())
+    if config.sampling.greedy:  # G equal samples: equal rewards, zero advantages
+        raise ValueError("sampling.greedy=True makes a context's sampling.num_samples samples "
+                         "identical, so GRPO has nothing to learn from; sample with a "
+                         "temperature (greedy is for evaluation)")
     if config.data.entropy_threshold > 0 and not config.data.proxy_checkpoint:  # before compiles
         raise ValueError(f"data.entropy_threshold={config.data.entropy_threshold} needs "
                          "data.proxy_checkpoint (the model that scores each position)")
@@ -473,8 +477,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     schedule = train_step.make_schedule(config.optim, config.num_steps)
     jitted = (sampler.jitted, rollout.jitted, update.jitted)
 
-    def compiled():  # variants compiled so far, the evals' samplers included
-        return sum(f._cache_size() for f in jitted)
+    def compiled():  # variants compiled so far, the evals' samplers included (jit's private
+        # _cache_size: a jax without it gives 0, and the recompile warning stays silent)
+        return sum(getattr(f, "_cache_size", lambda: 0)() for f in jitted)
 
     num_steps, eval_every = int(config.num_steps), int(config.eval.every)
     eval_set, status, last = None, "done", {}

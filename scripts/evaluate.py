@@ -47,7 +47,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Evaluate every saved step of th
 _OUTPUT = flags.DEFINE_string("output", None, "Where results and plots go.")
 _CACHE = flags.DEFINE_string("cache_dir", None, "Eval-set cache (positions and entropies).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the config's, "
-                                "or <workdir>/tfds).")
+                                "or <workdir>/tfds; with an HF --checkpoint, <output>/tfds).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 log = logging.getLogger("evaluate")
@@ -104,7 +104,7 @@ def main(argv):
                                  f"{evaluation.checkpoint_dir(path)}; saved steps: {saved}")
     config = (config_lib.use_hf_checkpoint(_CONFIG.value.copy_and_resolve_references(), path)
               if hf_folder else _CONFIG.value)
-    config_lib.validate(config, jax.device_count())
+    config_lib.validate(config, jax.device_count(), jax.default_backend())
     output = os.path.abspath(_OUTPUT.value or (
         os.path.join(path, "evaluation") if not hf_folder
         else os.path.join(os.getcwd(), f"evaluation-{os.path.basename(path)}")))

@@ -41,7 +41,7 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
     from rpt_jax import config as config_lib
     from rpt_jax import evaluation, hf, sharding, trainer
     from rpt_jax import model as model_lib
-    config_lib.validate(config, jax.device_count())
+    config_lib.validate(config, jax.device_count(), jax.default_backend())
     saved = evaluation.checkpoint_steps(workdir)
     if not saved:
         raise FileNotFoundError(f"no checkpoints in {evaluation.checkpoint_dir(workdir)}")

@@ -54,7 +54,8 @@ def main(argv):
     from rpt_jax import config as config_lib
     from rpt_jax import trainer
 
-    config_lib.validate(_CONFIG.value, jax.device_count())  # before anything compiles
+    # before anything compiles
+    config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
     try:
         result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except BaseException:

@@ -94,15 +94,44 @@ def test_paper_recipe_in_14b_preset():
      "data.contexts_per_doc = 4"),
     ({"logging.profile_start": 2, "logging.profile_steps": 0}, 1,
      "logging.profile_steps=0 must be >= 1"),
+    ({"data.target_window": 0}, 1, "data.target_window must be positive, got 0"),
+    ({"data.entropy_top_k": 0}, 1, "data.entropy_top_k must be positive, got 0"),
+    ({"rl.logits_chunk": 0}, 1, "rl.logits_chunk must be positive, got 0"),
+    ({"reward.max_pred_bytes": 0}, 1, "reward.max_pred_bytes must be positive, got 0"),
+    ({"sampling.cache_blocks": 0}, 1, "sampling.cache_blocks must be positive, got 0"),
+    ({"sampling.refill": -1}, 1, "sampling.refill must be >= 0, got -1"),
+    ({"rl.adv_eps": -1.0}, 1, "rl.adv_eps must be >= 0, got -1.0"),
+    ({"seed": -1}, 1, "seed must be >= 0, got -1"),
+    ({"optim.b2": 1.0}, 1, "optim.b2 must be in [0, 1), got 1.0"),
+    ({"reward.think_end": ""}, 1, "reward.think_end='' must have 1..64 bytes"),
+    ({"data.corpus_path": "my.txt"}, 1, "data.corpus_path='my.txt' is read only with "
+     "data.corpus='local'"),
+    ({"sampling.prompt_buckets": (1, 4096)}, 1, "each must be at least 2 tokens"),
+    ({"eval.split": "valid"}, 1, "eval.split='valid' is not one of"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")
     with c.unlocked():
         for key, value in change.items():
-            section, name = key.split(".")
-            c[section][name] = value
+            *section, name = key.split(".")
+            (c[section[0]] if section else c)[name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         rc.validate(c, devices)
+
+
+def test_cudnn_attention_needs_gpus():
+    c = load("tiny")
+    c.model.attention, c.model.dtype = "cudnn", "bfloat16"
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs NVIDIA GPUs, these "
+                                         "devices are 'cpu'"):
+        rc.validate(c, 1, "cpu")
+    rc.validate(c, 1, "gpu")
+    rc.validate(c, 1)  # no platform: a compile ahead of time for GPUs from a CPU host
+
+
+def test_eval_splits_are_the_corpora_splits():
+    from rpt_jax import corpora
+    assert rc.CHOICES["eval.split"] == corpora.SPLITS
 
 
 def test_unknown_model_shape():
@@ -114,7 +143,8 @@ def test_sampler_tuning_keys_are_optional():
     """A hand-written config without the sampler's tuning keys still validates (defaults)."""
     c = load("tiny")
     with c.unlocked():
-        for key in ("attention", "cache_layout", "lanes", "refill", "gemm", "split_down"):
+        for key in ("attention", "cache_layout", "lanes", "refill", "gemm", "split_down",
+                    "cache_blocks"):
             del c.sampling[key]
     rc.validate(c, 1)
     from rpt_jax.sampling import SamplingConfig

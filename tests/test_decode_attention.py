@@ -58,6 +58,11 @@ def test_part_attention_against_numpy(splits):
     np.testing.assert_allclose(np.asarray(lse)[seen], want_lse[seen], atol=1e-5)
     if splits > 1:
         return
+    with pytest.MonkeyPatch.context() as mp:  # a jax whose Pallas has no Triton backend
+        mp.setattr(decode_attention, "plgpu", None)
+        with pytest.raises(ValueError, match="needs Pallas' Triton backend, which jax"):
+            decode_attention.part_attention(*map(jnp.asarray, (q, keys, values, valid, limit)),
+                                            block_k=16)
     with pytest.raises(ValueError, match="cache of 40 slots"):
         decode_attention.part_attention(*map(jnp.asarray, (q, keys[:, :, :40], values[:, :, :40],
                                                            valid[:, :40], limit)))

@@ -43,6 +43,19 @@ def test_split_thresholds_must_increase_and_other_counts_are_named():
     assert list(evaluation.split_masks([1.0], (0.7, 2.0))) == ["all", "entropy>0.7", "entropy>2"]
 
 
+def test_stop_strings_are_single_tokens():
+    """Each sampling.stop_strings entry is one token id; text of several tokens is refused (the
+    sampler stops on ids), not dropped."""
+    tok, config = builtin_tokenizer(512), base_config("tiny")
+    config.sampling.stop_strings = ("<|im_end|>",)
+    assert evaluation.stop_ids(config, tok) == tuple(sorted(
+        {*tok.end_ids, tok.token_to_id("<|im_end|>")}))
+    assert len(evaluation.stop_ids(config, tok)) == len(tok.end_ids) + 1
+    config.sampling.stop_strings = ("<|im_end|>", "</s>")
+    with pytest.raises(ValueError, match=r"sampling.stop_strings: '</s>' is not one token of"):
+        evaluation.stop_ids(config, tok)
+
+
 def test_pass_at_k_matches_subset_enumeration():
     rng = np.random.default_rng(0)
     correct = rng.random((20, 5)) < 0.3

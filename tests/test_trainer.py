@@ -477,13 +477,17 @@ def test_an_update_that_cannot_fit_stops_before_any_weights_load(config, tmp_pat
     assert os.listdir(workdir) == []  # no tokenizer, data, checkpoint or metrics yet
 
 
-def test_no_proxy_for_an_entropy_filter_or_a_url_workdir_stop_before_compiling(
+def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_compiling(
         config, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "fit_update", lambda *a: pytest.fail("compiled"))
     filtered = config.copy_and_resolve_references()
     filtered.data.entropy_threshold = 0.5
     with pytest.raises(ValueError, match="entropy_threshold=0.5 needs data.proxy_checkpoint"):
         trainer.train_and_evaluate(filtered, str(tmp_path / "run"), progress=False)
+    greedy = config.copy_and_resolve_references()
+    greedy.sampling.greedy = True
+    with pytest.raises(ValueError, match="sampling.greedy=True makes a context's"):
+        trainer.train_and_evaluate(greedy, str(tmp_path / "run"), progress=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="workdir gs://bucket/run: a URL"):
         trainer.train_and_evaluate(config, "gs://bucket/run", progress=False)
