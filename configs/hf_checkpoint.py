@@ -24,7 +24,7 @@ def get_config(folder: str = ""):
     c.data.corpus = "champ"
     c.data.batch_size = 32
     c.data.max_prompt_len = 1024
-    # the chat template when the folder's tokenizer.json has one
+    # the chat template when the folder's tokenizer config has one
     has_tokenizer = os.path.isfile(os.path.join(folder, tokenizer.TOKENIZER_JSON))
     c.data.chat_template = (has_tokenizer and
                             tokenizer.Tokenizer.from_dir(folder).chat_template is not None)

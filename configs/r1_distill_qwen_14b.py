@@ -26,7 +26,8 @@ def get_config():
     c.mesh.data = -1
     c.mesh.fsdp = 16
     c.mesh.tensor = 4
-    c.data.corpus = "local"
+    c.data.corpus = "local"  # an OmniMATH export (.jsonl): each record's problem, then solution
+    c.data.text_fields = ("problem", "solution")
     c.data.batch_size = 256
     c.data.max_prompt_len = 4096
     c.data.chat_template = True

@@ -17,6 +17,7 @@ def get_config():
     c.mesh.fsdp = -1
     c.mesh.data = 1
     c.data.corpus = "local"  # an OmniMATH export: --config.data.corpus_path=omnimath.jsonl
+    c.data.text_fields = ("problem", "solution")  # its records' fields, joined
     c.data.batch_size = 64
     c.data.chat_template = True
     c.sampling.max_new_tokens = 4096

@@ -5,9 +5,9 @@
 Builds its corpus (rpt_jax.corpora, synthetic_arithmetic) and a 512-id BPE tokenizer itself,
 teaches the random model the answer format with a 200-step supervised warm-up (rpt_jax.warmup:
 "<think>{the unfinished line}</think>\\boxed{<true next token>}"), then runs 100 GRPO steps of
-16 contexts x 4 samples. Measured on 2 CPU cores: 1.3-1.8 minutes when they are free (3-4 when
-shared); the sampled reward rises from about 0.26 (mean of steps 1-10) to about 0.46 (steps
-91-100), eval reasoning accuracy from about 28% to 40-44%.
+16 contexts x 4 samples. Measured on 2 CPU cores: about 2 minutes when they are free (3-4 when
+shared); the sampled reward rises from about 0.26 (mean of steps 1-10) to 0.42-0.46 (steps
+91-100), eval reasoning accuracy from 28-32% to 42-47% (README.md).
 """
 from rpt_jax.config import base_config
 

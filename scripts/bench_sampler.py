@@ -22,7 +22,7 @@ finish at different steps and the loop runs until the longest is done; new token
 tokens generated and ms/step divides by the longest row's steps. The finished rows' share of
 every later step is what the pallas attention skips (`--decode-attention xla,pallas`), and what
 continuous batching (`--lanes 0,w`: w lanes take the rows in turn) does not spend at all.
-Imports only rpt_jax.model / sampling / sharding (no ml-collections needed).
+Needs no ml-collections (it builds the sampler's config by hand), so it runs on a bare GPU image.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def kernel_table(profile_dir, steps, top=30):
 
 
 # ----------------------------------------------------------------------------- plain baseline
-# PERF_NOTES' plain KV-cache decode, kept here as the benchmark's reference point: one stacked
+# A plain KV-cache decode, kept here as the benchmark's reference point: one stacked
 # cache [l, b, s, k, e] read inside a scan over layers, the new keys / values written after it.
 
 def plain_prefill(params, tokens, cfg, cache_size, cache_dtype):
@@ -219,7 +219,7 @@ def plain_decode(params, tokens, positions, cache, cfg):
 
 
 def plain_runner(params, mcfg, scfg, prompts):
-    """The baseline of PERF_NOTES: plain_prefill + fori_loop over plain_decode."""
+    """The baseline: plain_prefill + fori_loop over plain_decode."""
     n, temp = scfg.max_new_tokens, scfg.temperature
     b, p = prompts.shape
 
@@ -310,7 +310,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-hf", action="store_true", help="transformers generate too")
     ap.add_argument("--compare-plain", action="store_true",
-                    help="the plain fori_loop decode of PERF_NOTES too")
+                    help="also a plain jitted fori_loop KV-cache decode (the baseline)")
     ap.add_argument("--profile", default="", help="folder: trace the first variant, print kernels")
     ap.add_argument("--bandwidth-mib", type=int, default=None,
                     help="array size for the bandwidth (default 256 CPU, 2048 otherwise)")
@@ -416,8 +416,8 @@ def main(argv=None):
                                      mcfg.vocab_size, jnp.int32)
         scfg = sampling.SamplingConfig(temperature=args.temperature,
                                        max_new_tokens=args.new_tokens, cache_dtype=cache_dtype)
-        runners["plain fori_loop (PERF_NOTES)"] = plain_runner(params, mcfg, scfg, prompts)
-        info["plain fori_loop (PERF_NOTES)"] = (1, None, None)
+        runners["plain fori_loop"] = plain_runner(params, mcfg, scfg, prompts)
+        info["plain fori_loop"] = (1, None, None)
     if args.compare_hf:
         run, name = hf_runner(mcfg, args.batch, args.prompt_len, args.new_tokens, args.dtype,
                               args.temperature)
