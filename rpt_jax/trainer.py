@@ -66,6 +66,12 @@ def step_key(seed: int, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
+def eval_key(seed: int, step: int) -> jax.Array:
+    """The sampling key of the evaluation of checkpoint `step` (scripts/evaluate.py uses it too,
+    so it reproduces the run's own eval of a checkpoint)."""
+    return jax.random.fold_in(step_key(seed, step), _INIT_STREAM)
+
+
 # ----------------------------------------------------------------------------- set-up
 
 def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
@@ -379,7 +385,7 @@ def run_eval(state_params, config, model_cfg, tokenizer, mesh, workdir, data_dir
             proxy_name=evaluation.FIRST_EVALUATION, cache_dir=cache, data_dir=data_dir,
             progress=False)
     same_g = int(config.eval.num_samples) == int(config.sampling.num_samples)
-    rng = jax.random.fold_in(step_key(config.seed, step), _INIT_STREAM)
+    rng = eval_key(config.seed, step)
     result = evaluation.evaluate(state_params, model_cfg, config, tokenizer, mesh, rng,
                                  eval_set=eval_set, label=f"step {step}", step=step,
                                  sampler=sampler if same_g else None, progress=False)

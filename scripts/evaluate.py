@@ -17,7 +17,8 @@ accuracy_vs_compute.png (results first: a failing plot or fit loses no evaluatio
 table and the fits. --output defaults to <workdir>/evaluation or ./evaluation-<folder name>.
 
 Positions and proxy entropies are cached (rpt_jax.evaluation): for a workdir in <workdir>/eval,
-the trainer's own eval cache, so the numbers use the positions the trainer's eval hook used; for
+the trainer's own eval cache, so the numbers use the positions (and, with trainer.eval_key, the
+samples) the trainer's eval hook used; for
 an HF folder in --cache_dir (default <output>/cache). Pass the same --cache_dir (and set
 eval.proxy_checkpoint) to compare a base model and a run on identical positions.
 
@@ -135,7 +136,6 @@ def main(argv):
         # As the trainer's eval hook names its self-proxy: its cached eval set is reused.
         proxy_name = evaluation.FIRST_EVALUATION
 
-    rng = jax.random.key(int(config.seed))
     eval_set, results = None, []
     for step in steps:
         params = load(step)
@@ -144,6 +144,7 @@ def main(argv):
                 config, tok, mesh, proxy_params=params, proxy_cfg=cfg, proxy_name=proxy_name,
                 cache_dir=cache_dir, data_dir=data_dir, progress=_PROGRESS.value)
         label = os.path.basename(path) if step is None else f"step {step}"
+        rng = trainer.eval_key(int(config.seed), step or 0)  # as the run's own eval of `step`
         results.append(evaluation.evaluate(params, cfg, config, tok, mesh, rng,
                                            eval_set=eval_set, label=label, step=step,
                                            progress=_PROGRESS.value))

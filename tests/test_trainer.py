@@ -110,6 +110,26 @@ def test_run_logs_checkpoints_and_does_not_recompile(uninterrupted):
         assert json.load(f)["num_steps"] == NUM_STEPS
 
 
+def test_evaluate_script_reproduces_the_runs_own_eval(config, uninterrupted, tmp_path):
+    """scripts/evaluate.py on checkpoint 12 of a run: the positions (the run's eval cache) and
+    the samples (trainer.eval_key) of the run's own eval at step 12, so the same numbers."""
+    workdir = uninterrupted[0]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"),
+         f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+         f"--config.data.data_dir={config.data.data_dir}", f"--checkpoint={workdir}",
+         "--step=12", f"--output={tmp_path}", "--noprogress"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest"))  # as conftest sets it
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        result = json.load(f)["results"][0]
+    ours = {**result["metrics"], **{f"eval/{k}": v for k, v in result["diagnostics"].items()}}
+    assert "eval/mean_response_tokens" in ours  # a sample's length: which samples were drawn
+    logged = [r for r in metrics_writer.read_metrics(workdir, "eval") if r["step"] == 12][0]
+    assert ours and {k: logged[k] for k in ours} == pytest.approx(ours, abs=1e-9)
+
+
 def test_config_json_says_what_a_resume_changed(config, tmp_path, caplog):
     """save_config writes the run's config; a later start with other values warns, key by key."""
     assert trainer.save_config(config, str(tmp_path)) == []
