@@ -68,6 +68,8 @@ def base_config(model: str = "tiny"):
     c.seed = 0
     c.num_steps = 1000
 
+    # preset names the shape whose fields follow it; they are copied here, so an override of
+    # model.preset alone changes the label, not the shape (override the fields themselves)
     c.model = ml_collections.ConfigDict(dict(
         preset=model, **model_shape(model),
         dtype="bfloat16", param_dtype="float32", remat="none", init_std=0.02,

@@ -5,7 +5,9 @@ training compute C with P(C) = A / C^alpha + P* (R^2 about 0.99). Accuracy rises
 so a good fit has alpha > 0, A < 0 and P* the asymptote above the measured points.
 
 C is training FLOPs, `training_compute` = 6 * params * tokens processed (the usual dense
-estimate: 2 forward + 4 backward FLOPs per parameter per token).
+estimate: 2 forward + 4 backward FLOPs per parameter per token), counted from RL step 0: a
+format warm-up before it (rpt_jax.warmup, for models that start from random weights) is not
+part of C, as the paper's C starts from its pretrained model.
 
 scipy and matplotlib are optional (extras "eval"/"test"); they are imported inside the functions
 that need them, so the training runtime never loads them.
