@@ -91,7 +91,7 @@ def base_config(model: str = "tiny"):
         target_window=64,  # bytes of ground-truth continuation kept per example
         target_tokens=16,  # ground-truth tokens whose boundaries are kept
         min_context=8,  # tokens before the first position that may be chosen
-        positions_per_doc=8,
+        positions_per_doc=8,  # <= 0: every candidate position
         contexts_per_doc=1,  # m > 1: rows in groups of m positions of one document (one prefill)
         template="v0",  # a name in contexts.TEMPLATES, or a text with {prompt_content}
         chat_template=False,  # wrap the prompt in the tokenizer's chat template
@@ -159,6 +159,9 @@ def base_config(model: str = "tiny"):
         thresholds=(0.5, 1.0, 1.5), proxy_checkpoint=""))
     c.logging = ml_collections.ConfigDict(dict(
         every=1, tensorboard=True, jsonl=True,
+        # every this many steps (0: never) the first samples_contexts contexts of the batch with
+        # their G samples, predictions and rewards go to <workdir>/samples.jsonl and TensorBoard
+        samples_every=50, samples_contexts=1,
         # jax.profiler trace of steps profile_start .. + profile_steps - 1 into
         # <workdir>/profile (rpt_jax.profiling); -1: none; step 0 includes the compilations
         profile_start=-1, profile_steps=3))
@@ -208,13 +211,15 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 POSITIVE = ("model.num_heads", "model.num_kv_heads", "model.head_dim", "model.hidden_size",
             "model.num_layers", "model.mlp_dim", "model.vocab_size", "data.batch_size",
             "data.max_prompt_len", "data.target_window", "data.target_tokens",
-            "data.positions_per_doc", "data.entropy_top_k", "sampling.num_samples",
+            "data.entropy_top_k", "sampling.num_samples",
             "sampling.max_new_tokens", "sampling.temperature", "sampling.cache_blocks",
             "reward.max_pred_bytes", "rl.logits_chunk", "optim.max_bad_steps", "eval.num_samples",
-            "eval.num_examples", "checkpoint.keep", "logging.every", "num_steps")
+            "eval.num_examples", "checkpoint.keep", "logging.every", "logging.samples_contexts",
+            "num_steps")
 NON_NEGATIVE = ("seed", "optim.lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "sampling.top_k", "sampling.refill", "rl.kl_coef", "rl.adv_eps", "rl.clip_low",
-                "rl.clip_high", "warmup.steps", "warmup.lr", "eval.every", "checkpoint.every")
+                "rl.clip_high", "warmup.steps", "warmup.lr", "eval.every", "checkpoint.every",
+                "logging.samples_every")
 
 
 def validate(config, num_devices: int, platform: str | None = None) -> tuple[int, int, int]:

@@ -2,8 +2,8 @@
 
 `train_and_evaluate(config, workdir)` wires the modules together; the math lives in them
 (sampling, reward, objective, train_step). Each step runs three jitted functions on the mesh
-(sampler, rollout = reward + advantages + batch layout, update); the host only feeds the batch
-and fetches scalars for logging.
+(sampler, rollout = reward + advantages + batch layout (rpt_jax.rollout), update); the host
+only feeds the batch and fetches scalars for logging.
 
 Determinism: step s samples with fold_in(key(seed), s); the data iterator's position and the
 train state are checkpointed together (with the count of non-finite steps), so a run killed at
@@ -21,6 +21,8 @@ Workdir layout:
   config.json           the run's config (rl.micro_batches=0 resolved); a resume that changes
                         it says which keys changed
   metrics.jsonl, tensorboard/   (rpt_jax.metrics_writer)
+  samples.jsonl         every logging.samples_every steps, the first logging.samples_contexts
+                        contexts with their G samples, predictions and rewards, to read
 """
 from __future__ import annotations
 
@@ -39,8 +41,7 @@ import jax.numpy as jnp
 from rpt_jax import checkpoint, contexts, evaluation, metrics_writer, objective
 from rpt_jax import config as config_lib
 from rpt_jax import model as model_lib
-from rpt_jax import reward as reward_lib
-from rpt_jax import profiling, sampling, sharding, train_step, warmup
+from rpt_jax import profiling, rollout as rollout_lib, sampling, sharding, train_step, warmup
 from rpt_jax import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,13 @@ log = logging.getLogger(__name__)
 # Stream ids folded into key(seed) for the one-off draws; steps use fold_in(key(seed), step)
 # and never reach these.
 _INIT_STREAM = 1 << 30
-ROLLOUT_KEYS = ("prompt_tokens", "prompt_mask", "context_tokens", "context_mask",
-                "target_bytes", "target_len", "boundaries", "target_tokens")
 GROUPED_KEYS = ("doc_tokens", "doc_mask", "doc_visible", "tail_tokens")  # sampler input
 
 
 @dataclasses.dataclass
 class TrainResult:
-    status: str  # "done" | "preempted" (SIGTERM/SIGINT: saved, clean exit) | "bad_steps"
+    status: str  # "done" | "preempted" (SIGTERM/SIGINT: saved, clean exit; in the format
+    # warm-up: nothing saved, state None, a restart starts over) | "bad_steps"
     step: int  # loop steps done, skipped ones included (= the last checkpoint unless "bad_steps")
     state: train_step.TrainState | None  # None when stopped in the warm-up, before step 0
     metrics: dict  # the last step's logged scalars
@@ -118,17 +118,6 @@ def initial_params(config, model_cfg, p_shardings):
     return init(model_cfg, key)
 
 
-def _true_token_prob(params, batch, cfg):
-    """p(x_t | x_<t) under the model, from the raw context (the dense rewards' fallback). [B]."""
-    mask = batch["context_mask"].astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    h, _ = model_lib.hidden_states(params, batch["context_tokens"], cfg, positions, mask)
-    logits = model_lib.logits_from_hidden(params, h[:, -1:], cfg)[:, 0]
-    probs = jax.nn.softmax(logits, axis=-1)
-    true = jnp.maximum(batch["target_tokens"][:, 0], 0)
-    return jnp.take_along_axis(probs, true[:, None], axis=1)[:, 0]
-
-
 def reference_params(config, workdir, model_cfg, p_shardings, params=None):
     """The KL reference policy (rl.kl_coef > 0): the policy RL starts from (after the warm-up),
     in the compute dtype, saved once in <workdir>/reference and restored from there on resume (a
@@ -163,63 +152,6 @@ def reference_params(config, workdir, model_cfg, p_shardings, params=None):
         ckpt.close()
 
 
-def make_rollout(config, model_cfg, mesh):
-    """Jitted fn(params, samples, batch, table, use_keep, reference=None) -> (train batch,
-    metrics).
-
-    samples: sampling.SampleOutput of B*G rows; batch: the ROLLOUT_KEYS of a global batch;
-    table: the padded reward.ByteTable; use_keep: bool scalar, DAPO dynamic sampling on (a traced
-    value, so switching it on at rl.dynamic_sampling_start compiles nothing new); reference:
-    the KL reference's params (`reference_params`), whose log-probs of the samples become the
-    train batch's ref_logprobs (each prompt once per context with rl.share_prompt). Scores with
-    the reward, forms group advantages and lays out objective.make_train_batch's rows.
-    """
-    G, kind = int(config.sampling.num_samples), config.reward.kind
-    think_end = str(config.reward.think_end).encode()
-    shared = G if config.rl.get("share_prompt", False) and G > 1 else 1
-
-    def fn(params, samples, batch, table, use_keep, reference=None):
-        rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731 (row b*G+g <- context b)
-        target_prob = None
-        if kind in ("dense", "conditional_dense"):
-            target_prob = rep(_true_token_prob(params, batch, model_cfg))
-        reward, diag = reward_lib.score(
-            samples.tokens, samples.lengths, table, rep(batch["target_bytes"]),
-            rep(batch["target_len"]), rep(batch["boundaries"]), kind=kind, think_end=think_end,
-            max_pred_bytes=int(config.reward.max_pred_bytes), target_prob=target_prob,
-            group_size=G if kind == "conditional_dense" else None)
-        adv = objective.group_advantages(reward, G, config.rl.advantage, float(config.rl.adv_eps))
-        keep = objective.group_keep_mask(reward, G) | ~use_keep
-        tb = objective.make_train_batch(batch["prompt_tokens"], batch["prompt_mask"],
-                                        samples.tokens, samples.logprobs, samples.lengths, adv, G,
-                                        keep)
-        if reference is not None:
-            tb["ref_logprobs"], _ = objective.token_logprobs(
-                reference, tb, model_cfg, float(config.sampling.temperature),
-                int(config.rl.logits_chunk), g=shared, prompt_len=batch["prompt_tokens"].shape[1])
-        correct = diag["correct"].reshape(-1, G)
-        f32 = lambda x: jnp.mean(x.astype(jnp.float32))  # noqa: E731
-        metrics = dict(reward=f32(reward), accuracy=f32(correct),
-                       pass_at_g=f32(jnp.any(correct, axis=1)), boxed=f32(diag["has_box"]),
-                       think_end=f32(diag["has_think_end"]), response_len=f32(samples.lengths),
-                       truncated=f32(~samples.finished), kept_frac=f32(keep),
-                       sampled_tokens=jnp.sum(samples.lengths))
-        return tb, metrics
-
-    rows = sharding.batch_sharding(mesh, 1)
-    mat = sharding.batch_sharding(mesh, 2)
-    batch_out = {k: mat for k in ("tokens", "positions", "segment_ids", "loss_mask",
-                                  "old_logprobs") + (("ref_logprobs",) if config.rl.kl_coef else ())}
-    batch_out["advantages"] = rows
-    jitted = jax.jit(fn, out_shardings=(batch_out, sharding.replicated(mesh)))
-
-    def run(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-    run.jitted = jitted
-    return run
-
-
 class StopFlag:
     """SIGTERM / SIGINT set a flag that the loop checks once per step (a second SIGINT raises
     KeyboardInterrupt). Every process stops at the same step: the flags are or-ed across hosts."""
@@ -244,7 +176,8 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("received %s: saving a checkpoint and stopping after this step",
+        log.warning("received %s: stopping after this step (and saving a checkpoint, unless in "
+                    "the format warm-up)",
                     signal.Signals(signum).name)
 
     def requested(self) -> bool:
@@ -400,7 +333,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
     """Train to config.num_steps in `workdir`, resuming from its newest good checkpoint.
 
     SIGTERM or Ctrl-C during the run: the current step finishes, a checkpoint is written and the
-    result has status "preempted". progress: show tqdm bars (process 0 only).
+    result has status "preempted" (during the format warm-up: nothing is written, a restart starts
+    over). progress: show tqdm bars (process 0 only).
     """
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.default_backend())
     if config.sampling.greedy:  # G equal samples: equal rewards, zero advantages
@@ -429,11 +363,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     log.info("mesh (data, fsdp, tensor) = %s over %d devices", mesh_shape, jax.device_count())
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
 
+    tokenizer = load_run_tokenizer(config, workdir)
+    stop_ids = evaluation.stop_ids(config, tokenizer)  # a bad stop string fails before compiles
     # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
     config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
     save_config(config, workdir)
 
-    tokenizer = load_run_tokenizer(config, workdir)
     train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -472,12 +407,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     log.info("model: %s, %.2fM params", config.model.preset, model_lib.num_params(model_cfg) / 1e6)
 
     sampling_cfg = sampling.SamplingConfig.from_config(
-        config.sampling, evaluation.stop_ids(config, tokenizer))
+        config.sampling, stop_ids)
     # what stays on the devices while they sample: optimizer state, KL reference
     kept = sharding.stored_bytes((abstract.opt_state, reference or ()))
     sampler = sampling.make_sampler(mesh, model_cfg, sampling_cfg, p_shardings,
                                     pad_id=tokenizer.pad_id, reserved_bytes=kept)
-    rollout = make_rollout(config, model_cfg, mesh)
+    rollout = rollout_lib.make_rollout(config, model_cfg, mesh)
     table = jax.device_put(evaluation.padded_byte_table(tokenizer, model_cfg.vocab_size),
                            sharding.replicated(mesh))
     schedule = train_step.make_schedule(config.optim, config.num_steps)
@@ -488,6 +423,7 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
         return sum(getattr(f, "_cache_size", lambda: 0)() for f in jitted)
 
     num_steps, eval_every = int(config.num_steps), int(config.eval.every)
+    samples_every = int(config.logging.samples_every)
     eval_set, status, last = None, "done", {}
     compiles_seen = None
     profiler = profiling.StepProfiler(os.path.join(workdir, "profile"),
@@ -531,12 +467,13 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
             use_keep = bool(config.rl.dynamic_sampling) and step >= config.rl.dynamic_sampling_start
             with profiler.step(step):
                 batch = contexts.to_global({k: v for k, v in next(train_iter).items()
-                                            if k in ROLLOUT_KEYS + GROUPED_KEYS}, mesh)
+                                            if k in rollout_lib.ROLLOUT_KEYS + GROUPED_KEYS},
+                                           mesh)
                 samples = sampler(state.params, sampling.Prompts.from_batch(batch),
                                   step_key(config.seed, step))
-                batch = {k: batch[k] for k in ROLLOUT_KEYS}
-                train_batch, roll = rollout(state.params, samples, batch, table,
-                                            jnp.asarray(use_keep), reference)
+                batch = {k: batch[k] for k in rollout_lib.ROLLOUT_KEYS}
+                train_batch, roll, shown = rollout(state.params, samples, batch, table,
+                                                   jnp.asarray(use_keep), reference)
                 state, upd = update(state, train_batch, batch["prompt_tokens"].shape[1])
                 roll, upd, count = jax.device_get((roll, upd, state.step))  # the one host sync
             done = step + 1
@@ -555,8 +492,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
                     "tokens_per_second": float(roll["sampled_tokens"]) / max(now - t_last, 1e-9),
                     **_memory()}
             t_last = now
-            if done % max(int(config.logging.every), 1) == 0 or done == num_steps:
+            if done % int(config.logging.every) == 0 or done == num_steps:
                 writer.write(done, last)
+            if samples_every and done % samples_every == 0 and writer.enabled:
+                writer.write_samples(done, rollout_lib.records(
+                    jax.device_get(shown), tokenizer, config.reward.think_end,
+                    int(config.sampling.num_samples)))
             bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.3f}",
                             len=f"{last['response_len']:.1f}",
                             tok_s=f"{last['tokens_per_second']:.0f}", refresh=False)

@@ -136,6 +136,7 @@ def main(argv):
         # As the trainer's eval hook names its self-proxy: its cached eval set is reused.
         proxy_name = evaluation.FIRST_EVALUATION
 
+    evaluation.stop_ids(config, tok)  # a bad sampling.stop_strings: named before any work
     eval_set, results = None, []
     for step in steps:
         params = load(step)

@@ -108,6 +108,7 @@ def test_paper_recipe_in_14b_preset():
      "data.corpus='local'"),
     ({"sampling.prompt_buckets": (1, 4096)}, 1, "each must be at least 2 tokens"),
     ({"eval.split": "valid"}, 1, "eval.split='valid' is not one of"),
+    ({"logging.every": 0}, 1, "logging.every must be positive, got 0"),
 ])
 def test_bad_config_names_the_key(change, devices, message):
     c = load("tiny")
@@ -117,6 +118,12 @@ def test_bad_config_names_the_key(change, devices, message):
             (c[section[0]] if section else c)[name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         rc.validate(c, devices)
+
+
+def test_every_position_per_document_is_a_valid_choice():
+    c = load("tiny")
+    c.data.positions_per_doc = 0  # every candidate position (the paper's entropy filter)
+    rc.validate(c, 1)
 
 
 def test_cudnn_attention_needs_gpus():

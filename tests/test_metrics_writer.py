@@ -86,3 +86,33 @@ def test_read_skips_a_line_cut_short(tmp_path):
         f.write('{"step": 3, "kind": "train", "rew')
     assert steps(tmp_path, "train") == [("train", 1), ("train", 2)]
     assert steps(tmp_path) == [("train", 1), ("train", 2)]
+
+
+def test_samples_resume_and_tensorboard_text(tmp_path):
+    rec = {"context": "7 * 8 =", "target": " 56", "samples": [
+        {"response": "<think></think>\\boxed{ 56}", "prediction": " 56", "reward": 1.0,
+         "tokens": 9, "finished": True}]}
+    w = metrics_writer.MetricsWriter(tmp_path)
+    for s in (2, 4, 6):
+        w.write_samples(s, [rec, rec])
+    w.close()
+    w = metrics_writer.MetricsWriter(tmp_path, resume_step=4)  # a kill after checkpoint 4
+    w.close()
+    got = metrics_writer.read_samples(tmp_path)
+    assert [(r["step"], r["context_index"]) for r in got] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert {k: got[0][k] for k in rec} == rec
+    from tensorboardX.proto import event_pb2
+    texts = []
+    for path in glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*")):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):
+            n = int.from_bytes(data[i:i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            texts += [(v.tag, event.step, v.tensor.string_val[0].decode())
+                      for v in event.summary.value if v.tensor.string_val]
+    assert {(t, s) for t, s, _ in texts} == {(f"samples/{i}/text_summary", s)
+                                             for i in (0, 1) for s in (2, 4, 6)}
+    assert "**sample 0**: reward 1, prediction `' 56'`, 9 tokens" in texts[0][2]
+    metrics_writer.MetricsWriter(tmp_path).close()  # a fresh run starts anew
+    assert metrics_writer.read_samples(tmp_path) == []

@@ -35,7 +35,8 @@ OVERRIDES = [
     "--config.warmup.steps=150", "--config.warmup.lr=0.01",
     "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
     "--config.eval.every=6", "--config.eval.num_examples=8", "--config.eval.num_samples=4",
-    "--config.optim.max_bad_steps=2",
+    "--config.optim.max_bad_steps=2", "--config.logging.samples_every=6",
+    "--config.logging.samples_contexts=2",
 ]
 
 
@@ -103,6 +104,18 @@ def test_run_logs_checkpoints_and_does_not_recompile(uninterrupted):
     evals = metrics_writer.read_metrics(workdir, "eval")
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert all(0 <= r["eval/reasoning/all"] <= 100 for r in evals)
+    # rollouts to read: 2 contexts x 4 samples at steps 6 and 12; a reward of 1 only where the
+    # box holds a prefix of the true continuation
+    shown = metrics_writer.read_samples(workdir)
+    assert [(r["step"], r["context_index"]) for r in shown] == [(6, 0), (6, 1), (12, 0), (12, 1)]
+    samples = [s for r in shown for s in r["samples"]]
+    assert len(samples) == 16 and all(0 < s["tokens"] <= 12 for s in samples)
+    for r in shown:
+        assert r["context"] and r["target"]
+        for s in r["samples"]:
+            assert s["reward"] in (0.0, 1.0)
+            assert s["reward"] == 0 or r["target"].startswith(s["prediction"])
+    assert any(s["prediction"] is not None for s in samples)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ck.all_steps() == [8, 10, 12]
@@ -234,6 +247,10 @@ def test_sigterm_saves_and_kill_9_resumes(config, data_dir, uninterrupted, tmp_p
     assert restored.step == NUM_STEPS
     assert_bitwise_equal(restored.state, uninterrupted[1].state)
     assert _train_steps(workdir) == list(range(1, NUM_STEPS + 1))
+    # the logged rollouts too: each step once, the same samples as the uninterrupted run's
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
+    assert strip(metrics_writer.read_samples(workdir)) == \
+        strip(metrics_writer.read_samples(uninterrupted[0]))
     # TensorBoard's too: its buffered events are flushed with each step, before a checkpoint
     from test_metrics_writer import tensorboard_scalars
     assert sorted(s for tag, s in tensorboard_scalars(workdir) if tag == "train/reward") == \
@@ -504,6 +521,10 @@ def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_comp
     filtered.data.entropy_threshold = 0.5
     with pytest.raises(ValueError, match="entropy_threshold=0.5 needs data.proxy_checkpoint"):
         trainer.train_and_evaluate(filtered, str(tmp_path / "run"), progress=False)
+    stops = config.copy_and_resolve_references()
+    stops.sampling.stop_strings = ("</s>",)  # three tokens of the built-in vocabulary
+    with pytest.raises(ValueError, match="sampling.stop_strings: '</s>' is not one token"):
+        trainer.train_and_evaluate(stops, str(tmp_path / "run"), progress=False)
     greedy = config.copy_and_resolve_references()
     greedy.sampling.greedy = True
     with pytest.raises(ValueError, match="sampling.greedy=True makes a context's"):
