@@ -84,7 +84,10 @@ def model_config_from_hf(folder_or_config_json) -> dict:
         path = path / "config.json" if path.is_dir() else path
         hf, where = _read_json(path), str(path)
 
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: a JSON {type(hf).__name__}, not an object of config keys")
     archs = hf.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else archs
     arch = archs[0] if archs else {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
     if arch not in ARCHITECTURES:
         raise ValueError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; "
@@ -251,10 +254,42 @@ def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
             raise ValueError(f"{index}: no 'weight_map' object")
         return {name: folder / file for name, file in weight_map.items()}
     if single.exists():
-        with safe_open(single, framework="numpy") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}
     raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json "
                             f"(found {sorted(p.name for p in folder.iterdir())})")
+
+
+def _open(path: pathlib.Path):
+    """safe_open(path), its errors naming the file (a truncated download, a partial copy)."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError)
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or partly "
+                         f"copied?): {e}") from None
+
+
+def check_checkpoint(folder, cfg: model_lib.ModelConfig) -> None:
+    """Raise, naming the file and tensor, unless the checkpoint folder holds exactly the tensors
+    of `cfg` with their shapes and float dtypes. Reads the files' headers only (cheap: run it
+    before compiling)."""
+    folder = pathlib.Path(folder)
+    files = _checkpoint_files(folder)
+    with contextlib.ExitStack() as stack:
+        _check_checkpoint(folder, cfg, files, _handles(stack))
+
+
+def _handles(stack: contextlib.ExitStack):
+    """path -> its open safetensors file, each opened once inside `stack`."""
+    opened = {}
+
+    def handle(path):
+        if path not in opened:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} (named by the checkpoint index) does not exist")
+            opened[path] = stack.enter_context(_open(path))
+        return opened[path]
+    return handle
 
 
 def _norm_index(index, shape):
@@ -362,15 +397,7 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
     files = _checkpoint_files(folder)
     params = {}
     with contextlib.ExitStack() as stack:
-        opened = {}
-
-        def handle(path):
-            if path not in opened:
-                if not path.exists():
-                    raise FileNotFoundError(f"{path} (named by the checkpoint index) does not exist")
-                opened[path] = stack.enter_context(safe_open(path, framework="numpy"))
-            return opened[path]
-
+        handle = _handles(stack)
         _check_checkpoint(folder, cfg, files, handle)
         for spec in _tensor_map(cfg):
             shape = _get(shapes, spec.path).shape

@@ -96,7 +96,8 @@ def load_run_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
 
 
 def check_hf_shape(config, folder: str) -> None:
-    """Raise when config.model's architecture differs from the HF checkpoint's config.json."""
+    """Raise when config.model's architecture differs from the HF checkpoint's config.json, or
+    its tensors from that architecture (file headers only: before anything compiles)."""
     from rpt_jax import hf
     theirs = hf.model_config_from_hf(folder)
     diff = {k: (config.model[k], v) for k, v in theirs.items()
@@ -105,6 +106,7 @@ def check_hf_shape(config, folder: str) -> None:
         raise ValueError(f"model.hf_checkpoint={folder} does not match config.model: "
                          + ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}"
                                      for k, (a, b) in diff.items()))
+    hf.check_checkpoint(folder, model_lib.ModelConfig.from_config(config.model))
 
 
 def initial_params(config, model_cfg, p_shardings):

@@ -416,6 +416,33 @@ def test_missing_tensor_is_named(qwen2, qwen2_copy):
         hf.load_params(folder, qwen2[2])
 
 
+def test_checkpoint_checked_from_headers_and_truncated_files_named(qwen2, qwen2_copy):
+    """check_checkpoint reads headers only and names what is wrong; a truncated file is named."""
+    folder, tensors = qwen2_copy
+    _, _, cfg = qwen2
+    hf.check_checkpoint(folder, cfg)
+    del tensors["model.norm.weight"]
+    _rewrite(folder, tensors)
+    with pytest.raises(KeyError, match=r"missing from the checkpoint, e.g. \['model\.norm"):
+        hf.check_checkpoint(folder, cfg)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+    for fn in (hf.check_checkpoint, hf.load_params):
+        with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors "
+                                             r"file \(truncated or partly copied\?\)"):
+            fn(folder, cfg)
+
+
+def test_config_json_of_the_wrong_form_is_named(qwen2, tmp_path):
+    folder, _, _ = qwen2
+    config = json.loads((folder / "config.json").read_text())
+    assert hf.model_config_from_hf({**config, "architectures": "Qwen2ForCausalLM"}) == \
+        hf.model_config_from_hf(config)  # a string, as some hand-written configs have it
+    (tmp_path / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(ValueError, match=r"config\.json: a JSON list, not an object"):
+        hf.model_config_from_hf(tmp_path)
+
+
 def test_wrong_shape_names_tensor_and_file(qwen2, qwen2_copy):
     folder, tensors = qwen2_copy
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)

@@ -533,6 +533,19 @@ def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_comp
     with pytest.raises(ValueError, match="workdir gs://bucket/run: a URL"):
         trainer.train_and_evaluate(config, "gs://bucket/run", progress=False)
     assert not os.path.exists(tmp_path / "gs:")
+    # an HF checkpoint with a tensor missing: named from the file headers, before compiling
+    from rpt_jax import hf
+    from safetensors.numpy import load_file, save_file
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    folder = hf.save_params(jax.device_get(model_lib.init(cfg, jax.random.key(0))), cfg,
+                            tmp_path / "hf")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    broken = config.copy_and_resolve_references()
+    broken.model.hf_checkpoint = str(folder)
+    with pytest.raises(KeyError, match=r"tensor\(s\) missing from the checkpoint"):
+        trainer.train_and_evaluate(broken, str(tmp_path / "run"), progress=False)
 
 
 def test_zero_micro_batches_means_the_fewest_that_fit(config):
