@@ -166,7 +166,7 @@ class Tokenizer:
         if not os.path.isfile(tokenizer_json):
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
         config = {} if config_json is None else _read_json(os.fspath(config_json))
-        return cls(tokenizers.Tokenizer.from_file(tokenizer_json), config, source=tokenizer_json)
+        return cls(_read_tokenizer(tokenizer_json), config, source=tokenizer_json)
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -188,8 +188,7 @@ class Tokenizer:
         if os.path.isfile(gen):
             eos = _read_json(gen).get("eos_token_id")
             end_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        return cls(tokenizers.Tokenizer.from_file(tj), config, template, source=path,
-                   end_ids=end_ids)
+        return cls(_read_tokenizer(tj), config, template, source=path, end_ids=end_ids)
 
     def save(self, folder) -> None:
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
@@ -320,9 +319,21 @@ class Tokenizer:
         names = {k: _token_name(self._config.get(k)) for k in SPECIAL_TOKEN_KEYS}
         names["eos_token"] = self._tok.id_to_token(self.eos_id)
         names = {k: v for k, v in names.items() if v is not None}  # unset: undefined, not None
-        return _compile(self.chat_template).render(
-            messages=[{"role": "user", "content": user_text}], tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **names)
+        try:
+            return _compile(self.chat_template).render(
+                messages=[{"role": "user", "content": user_text}], tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt, **names)
+        except Exception as e:  # noqa: BLE001 (jinja2's errors, and what templates raise)
+            raise ValueError(f"{self.source}: its chat template fails on one user turn "
+                             f"({type(e).__name__}: {e}); set data.chat_template=False or fix "
+                             f"the template") from e
+
+
+def _read_tokenizer(path: str) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 (the tokenizers library raises bare Exceptions)
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
 
 @functools.cache

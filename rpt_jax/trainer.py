@@ -366,7 +366,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
 
     tokenizer = load_run_tokenizer(config, workdir)
-    stop_ids = evaluation.stop_ids(config, tokenizer)  # a bad stop string fails before compiles
+    # a bad stop string, template or chat template fails here, before anything compiles
+    stop_ids = evaluation.stop_ids(config, tokenizer)
+    contexts.ExampleSpec.from_config(config, tokenizer)
     # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
     config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
     save_config(config, workdir)

@@ -358,3 +358,17 @@ def test_load_tokenizer(tmp_path, builtin, smol):
 
 def load_ids(tok):
     return tok.encode("12 + 30 = 42.\n### Context\n")
+
+
+def test_unreadable_tokenizer_and_failing_chat_template_are_named(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": ')
+    for load in (lambda: tok_lib.Tokenizer.from_file(bad),
+                 lambda: tok_lib.Tokenizer.from_dir(tmp_path)):
+        with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
+            load()
+    tok = tok_lib.builtin_tokenizer(512)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match=r"its chat template fails on one user turn .*roles "
+                                         r"must alternate.*data\.chat_template=False"):
+        tok.apply_chat_template("hi")
