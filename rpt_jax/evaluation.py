@@ -556,8 +556,18 @@ def load_workdir_params(path: str, step: int, cfg: model_lib.ModelConfig, shardi
     if step not in mgr.all_steps():
         raise FileNotFoundError(f"no checkpoint step {step} in {folder}; saved steps: "
                                 f"{sorted(mgr.all_steps())}")
-    saved = mgr.item_metadata(step)[checkpoint.STATE]
+    def unreadable(e):
+        return ValueError(f"checkpoint {folder}/{step} cannot be read, empty or partly written? "
+                          f"({type(e).__name__}: {str(e)[:300]}); saved steps: "
+                          f"{sorted(mgr.all_steps())}, choose another with --step")
+
+    try:
+        saved = mgr.item_metadata(step)[checkpoint.STATE]
+    except Exception as e:  # noqa: BLE001 (orbax raises KeyError, FileNotFoundError, ...)
+        raise unreadable(e) from e
     saved = getattr(saved, "tree", saved)
+    if not isinstance(saved, dict):
+        raise unreadable(TypeError(f"no state tree (metadata {type(saved).__name__})"))
     wrong = [f"{n}: saved {tuple(saved[n].shape)}, config {tuple(target[n].shape)}"
              for n in names if n in saved and tuple(saved[n].shape) != tuple(target[n].shape)]
     missing = [n for n in names if n not in saved]
@@ -566,10 +576,13 @@ def load_workdir_params(path: str, step: int, cfg: model_lib.ModelConfig, shardi
                          f"missing {missing[:5]}, shapes {wrong[:5]}")
     restore_args = {n: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
                                             dtype=t.dtype) for n, t in target.items()}
-    out = mgr.restore(step, args=ocp.args.Composite(**{
-        checkpoint.STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                 partial_restore=True),
-        checkpoint.META: ocp.args.JsonRestore()}))
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(**{
+            checkpoint.STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                     partial_restore=True),
+            checkpoint.META: ocp.args.JsonRestore()}))
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(e) from e
     flat, meta = out[checkpoint.STATE], out[checkpoint.META]
     got = checkpoint.fingerprint(flat)
     bad = [n for n in names if got[n] != meta["fingerprint"].get(n)]

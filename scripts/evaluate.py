@@ -56,11 +56,17 @@ log = logging.getLogger("evaluate")
 
 def _is_hf(path: str) -> bool:
     """An HF checkpoint folder: its config.json names a model type (a run's workdir holds the
-    run's config.json, with none)."""
+    run's config.json, with none). A folder of safetensors weights whose config.json is
+    missing or unreadable is named as such."""
+    weights = any(f.endswith(".safetensors") for f in os.listdir(path)) \
+        if os.path.isdir(path) else False
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if weights:
+            raise app.UsageError(f"{path} holds safetensors weights but no readable config.json "
+                                 f"({e})") from None
         return False
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
@@ -137,6 +143,9 @@ def main(argv):
         proxy_name = evaluation.FIRST_EVALUATION
 
     evaluation.stop_ids(config, tok)  # a bad sampling.stop_strings: named before any work
+    if tok.vocab_size > cfg.vocab_size:
+        raise app.UsageError(f"tokenizer {tok.source} has {tok.vocab_size} ids but the model's "
+                             f"vocab_size is {cfg.vocab_size}; pass the model's own tokenizer")
     eval_set, results = None, []
     for step in steps:
         params = load(step)

@@ -363,6 +363,12 @@ def test_workdir_params_restore_only_params_and_verify(setup, tmp_path):
     with pytest.raises(ValueError, match="does not hold this config's model"):
         evaluation.load_workdir_params(run, 3, wider, sharding.param_shardings(
             mesh, model.logical_axes(wider), model.param_shapes(wider)))
+    import shutil
+    for part in ("state", "meta"):  # partly written, as by a copy cut short
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / "3" / part)
+        with pytest.raises(ValueError, match=r"checkpoint .*/3 cannot be read, empty or partly "
+                                             r"written\? .*saved steps: \[0, 3\]"):
+            evaluation.load_workdir_params(run, 3, cfg, shardings)
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -389,6 +395,22 @@ def test_evaluate_script_names_a_missing_path_and_a_step_that_does_not_apply(tmp
     assert done.returncode != 0 and "--step does not apply to --checkpoint" in done.stderr
     done = _script("evaluate.py", f"--workdir={tmp_path}", "--step=2")
     assert done.returncode != 0 and "--step does not apply to --workdir" in done.stderr
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
+    done = _script("evaluate.py", f"--checkpoint={tmp_path / 'weights'}")
+    assert done.returncode != 0 and "holds safetensors weights but no readable config.json" \
+        in done.stderr
+    # a tokenizer with more ids than the model: named before weights or data are read
+    from rpt_jax import hf
+    cfg = model.ModelConfig(vocab_size=256, num_layers=1, hidden_size=32, num_heads=2,
+                            num_kv_heads=1, head_dim=16, mlp_dim=64)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps(hf.hf_config(cfg, "float32")))
+    builtin_tokenizer(512).save(tmp_path / "big")
+    done = _script("evaluate.py", f"--checkpoint={tmp_path / 'big'}",
+                   f"--output={tmp_path / 'out'}")
+    assert done.returncode != 0 and "has 512 ids but the model's vocab_size is 256" \
+        in done.stderr, done.stderr[-2000:]
 
 
 def test_evaluate_script_writes_results_before_the_scaling_report(tmp_path):
