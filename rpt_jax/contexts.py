@@ -402,8 +402,11 @@ class ContextIterator:
         if any(skipped.values()):
             log.warning("%s: skipped documents %s%s", corpus_key, skipped, grouped_note)
         if not len(self.doc_index):
+            longest = int(max(self.docs.lengths, default=0))
             raise ValueError(f"{corpus_key}: no examples from {len(self.docs)} documents "
-                             f"(skipped {skipped}){grouped_note}")
+                             f"(skipped {skipped}){grouped_note}; the longest has {longest} "
+                             f"tokens, data.min_context={config.data.min_context}, "
+                             f"data.entropy_threshold={threshold}")
         if self.group > 1:
             self._keep_whole_groups(corpus_key, int(config.data.positions_per_doc))
         log.info("%s: %d examples from %d documents", corpus_key, len(self.doc_index),

@@ -231,6 +231,7 @@ class RptLocal(_Corpus):
                 if text is not None and first(text) is not None:
                     yield rel, text
                 continue
+            yielded = 0
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -239,9 +240,10 @@ class RptLocal(_Corpus):
                     continue
                 try:
                     record = json.loads(text)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError as e:
                     self.skipped["bad_json"] += 1
-                    log.debug("%s:%d is not valid JSON", rel, n)
+                    log.log(logging.WARNING if self.skipped["bad_json"] == 1 else logging.DEBUG,
+                            "skipping %s:%d: not a JSON record (%s)", rel, n, e)
                     continue
                 if not isinstance(record, dict) or any(
                         not isinstance(record.get(k), str) for k in self._fields):
@@ -253,15 +255,24 @@ class RptLocal(_Corpus):
                 text = "\n\n".join(record[k] for k in self._fields)
                 digest = first(text)
                 if digest is not None:
+                    yielded += 1
                     yield f"{rel}#{digest}", text
+            if not yielded and raw.strip():
+                log.warning("%s gave no documents: one JSON object with the fields %s per line "
+                            "is expected (a .jsonl file, not one JSON array)", rel, self._fields)
 
     def _decode(self, raw: bytes, where: str) -> str | None:
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             self.skipped["invalid_utf8"] += 1
             log.warning("skipping %s: invalid UTF-8 (%s)", where, e)
             return None
+        if "\0" in text:  # binary data that happens to decode (an array dumped to a file)
+            self.skipped["binary"] += 1
+            log.warning("skipping %s: NUL bytes (binary data, not text)", where)
+            return None
+        return text
 
 
 def local_files(path: str) -> list[str]:

@@ -650,3 +650,12 @@ def _load_config(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def test_documents_too_short_for_min_context_are_named(builtin):
+    docs = [{"text": "1 + 1 = 2."}, {"text": "2 + 2 = 4."}]
+    longest = max(len(builtin.encode(d["text"])) for d in docs)
+    with pytest.raises(ValueError, match=rf"no examples from 2 documents .*the longest has "
+                                         rf"{longest} tokens, data.min_context=64"):
+        contexts.ContextIterator(make_config(min_context=64), "train", builtin, 0, 1,
+                                 documents=docs)

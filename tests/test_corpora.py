@@ -92,6 +92,8 @@ def write_local(root):
     (root / "empty.txt").write_text("  \n\n", encoding="utf-8")
     (root / "sub" / "bad.txt").write_bytes(b"caf\xe9 latin-1, not UTF-8")
     (root / "ignored.csv").write_text("x,y\n")
+    (root / "ids.txt").write_bytes(bytes(range(0, 64)) * 4)  # binary, yet valid UTF-8
+    (root / "array.jsonl").write_text(json.dumps([{"problem": "p", "solution": "s"}], indent=1))
     lines = [json.dumps({"problem": "What is 2+2?", "solution": "It is 4.", "answer": "4"}),
              "{not json",
              json.dumps({"problem": "No solution here"}),
@@ -109,9 +111,12 @@ def test_local_files_and_bad_input(tmp_path, caplog):
     builder = corpora.make_builder(config)
     with caplog.at_level(logging.WARNING):
         builder.download_and_prepare()
-    assert dict(builder.skipped) == {"empty": 1, "invalid_utf8": 2, "bad_json": 1,
-                                     "missing_text_fields": 1}
+    assert dict(builder.skipped) == {"empty": 1, "invalid_utf8": 2, "bad_json": 7,
+                                     "missing_text_fields": 1, "binary": 1}
     assert "invalid_utf8" in caplog.text and "sub/bad.txt" in caplog.text
+    assert "skipping ids.txt: NUL bytes" in caplog.text
+    assert "skipping array.jsonl:1: not a JSON record" in caplog.text  # the first one
+    assert "array.jsonl gave no documents" in caplog.text
     docs = all_docs(config)
     jsonl_id = lambda text: "sub/omni.jsonl#" + hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
     assert docs == {

@@ -143,6 +143,20 @@ def test_evaluate_script_reproduces_the_runs_own_eval(config, uninterrupted, tmp
     assert ours and {k: logged[k] for k in ours} == pytest.approx(ours, abs=1e-9)
 
 
+def test_a_workdir_of_another_model_is_refused_and_keeps_its_config(config, uninterrupted,
+                                                                     tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(uninterrupted[0], workdir)
+    before = pathlib.Path(workdir, "config.json").read_text()
+    wider = config.copy_and_resolve_references()
+    wider.model.mlp_dim = 128
+    with pytest.raises(ValueError, match="mlp_dim|up_proj|shape"):
+        trainer.train_and_evaluate(wider, workdir, progress=False)
+    assert pathlib.Path(workdir, "config.json").read_text() == before
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == \
+        [8, 10, 12]  # nothing moved aside
+
+
 def test_config_json_says_what_a_resume_changed(config, tmp_path, caplog):
     """save_config writes the run's config; a later start with other values warns, key by key."""
     assert trainer.save_config(config, str(tmp_path)) == []
