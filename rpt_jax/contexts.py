@@ -641,6 +641,15 @@ def proxy_model_config(config, proxy: str) -> model_lib.ModelConfig:
                                  param_dtype=config.model.param_dtype)
 
 
+def check_proxy(config, proxy: str) -> model_lib.ModelConfig:
+    """proxy_model_config, with the checkpoint's tensors checked from their file headers (cheap:
+    run it before any data is prepared or anything compiles)."""
+    from rpt_jax import hf
+    cfg = proxy_model_config(config, proxy)
+    hf.check_checkpoint(proxy, cfg)
+    return cfg
+
+
 def entropy_cache_dir(data_dir: str, corpus_key: str, proxy: str, model_cfg, top_k: int,
                       docs: TokenizedDocs, lead: tuple = ()) -> str:
     """Cache folder of an entropy pass: keyed by corpus split, proxy path and shape, k, tokens

@@ -348,6 +348,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
                          "data.proxy_checkpoint (the model that scores each position)")
     if config.model.hf_checkpoint:
         check_hf_shape(config, config.model.hf_checkpoint)
+    for proxy in dict.fromkeys((config.data.proxy_checkpoint, config.eval.proxy_checkpoint)):
+        if proxy:  # the entropy proxies, from their headers too
+            contexts.check_proxy(config, proxy)
     if "://" in workdir:  # abspath would make it a local folder named "gs:"
         raise ValueError(f"workdir {workdir}: a URL; rpt_jax writes a local path (mount the "
                          "bucket, e.g. with gcsfuse, and pass the mount point)")

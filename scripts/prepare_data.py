@@ -70,6 +70,8 @@ def main(argv):
     data_dir = config.data.data_dir or os.path.join(_WORKDIR.value, "tfds")
     tokenizer = load_tokenizer(config)
     spec = contexts.ExampleSpec.from_config(config, tokenizer)  # template errors first
+    if config.data.proxy_checkpoint:  # and a bad proxy, before the corpus is built
+        contexts.check_proxy(config, config.data.proxy_checkpoint)
     tokenized = {}
     for split in _SPLITS.value:
         try:

@@ -556,10 +556,12 @@ def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_comp
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors["model.norm.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    broken = config.copy_and_resolve_references()
-    broken.model.hf_checkpoint = str(folder)
-    with pytest.raises(KeyError, match=r"tensor\(s\) missing from the checkpoint"):
-        trainer.train_and_evaluate(broken, str(tmp_path / "run"), progress=False)
+    for key in ("model.hf_checkpoint", "data.proxy_checkpoint", "eval.proxy_checkpoint"):
+        broken = config.copy_and_resolve_references()
+        section, name = key.split(".")
+        broken[section][name] = str(folder)
+        with pytest.raises(KeyError, match=r"tensor\(s\) missing from the checkpoint"):
+            trainer.train_and_evaluate(broken, str(tmp_path / "run"), progress=False)
 
 
 def test_zero_micro_batches_means_the_fewest_that_fit(config):
