@@ -18,7 +18,8 @@ def get_config():
     c.sampling.max_new_tokens = 2048
     c.sampling.cache_blocks = 4  # decode steps read the response cache written so far
     # the fused decode-attention kernel (GPU; "xla" on TPU or CPU): with sampling.gemm="auto"
-    # (cuBLAS matmuls) 1.17x (G = 1) to 1.21x (G = 8) the einsum path's new tokens/s on an H100 (BENCHMARKS.md)
+    # (cuBLAS matmuls) 1.17x (G = 1) to 1.21x (G = 8) the einsum path's new tokens/s on an
+    # H100 (BENCHMARKS.md)
     c.sampling.attention = "pallas"
     # 512 samples of up to 1,024 + 2,048 tokens: XLA's estimate for the update on one H100 is
     # 793 GiB in one slice, 74 GiB in 16, 41 GiB in 32 (scripts/compile_aot.py, BENCHMARKS.md)

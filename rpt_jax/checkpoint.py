@@ -11,9 +11,9 @@ Failure handling on restore, newest step first:
   and renames it when complete;
 - a step whose files are unreadable or truncated, or whose restored arrays do not reproduce the
   fingerprint written at save time (bit rot, a partly overwritten file), is *corrupt*: it is moved
-  to <directory>.corrupt/<step>-<unix time> with an error message and the previous step is tried; when no
-  previous step is left, restore raises (naming the step) and moves nothing, so a run never
-  silently starts over;
+  to <directory>.corrupt/<step>-<unix time> with an error message and the previous step is
+  tried; when no previous step is left, restore raises (naming the step) and moves nothing, so
+  a run never silently starts over;
 - a read that fails for a passing reason (device or host memory, a storage timeout or outage:
   RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) raises as it is and moves nothing;
 - a readable step whose array names or shapes differ from what the caller expects is a config

@@ -85,8 +85,9 @@ def make_rollout(config, model_cfg, mesh):
 
     rows = sharding.batch_sharding(mesh, 1)
     mat = sharding.batch_sharding(mesh, 2)
+    kl = ("ref_logprobs",) if config.rl.kl_coef else ()
     batch_out = {k: mat for k in ("tokens", "positions", "segment_ids", "loss_mask",
-                                  "old_logprobs") + (("ref_logprobs",) if config.rl.kl_coef else ())}
+                                  "old_logprobs") + kl}
     batch_out["advantages"] = rows
     repl = sharding.replicated(mesh)
     jitted = jax.jit(fn, out_shardings=(batch_out, repl, repl))
