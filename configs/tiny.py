@@ -7,7 +7,7 @@ teaches the random model the answer format with a 200-step supervised warm-up (r
 "<think>{the unfinished line}</think>\\boxed{<true next token>}"), then runs 100 GRPO steps of
 16 contexts x 4 samples. Measured on 2 CPU cores: about 2 minutes when they are free (3-4 when
 shared); the sampled reward rises from about 0.26 (mean of steps 1-10) to 0.42-0.46 (steps
-91-100), eval reasoning accuracy from 28-32% to 42-47% (README.md).
+91-100), eval reasoning accuracy from about 30% to 37-49% (README.md).
 """
 from rpt_jax.config import base_config
 
