@@ -231,7 +231,7 @@ class RptLocal(_Corpus):
                 if text is not None and first(text) is not None:
                     yield rel, text
                 continue
-            yielded = 0
+            records = 0
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
@@ -245,6 +245,7 @@ class RptLocal(_Corpus):
                     log.log(logging.WARNING if self.skipped["bad_json"] == 1 else logging.DEBUG,
                             "skipping %s:%d: not a JSON record (%s)", rel, n, e)
                     continue
+                records += isinstance(record, dict)
                 if not isinstance(record, dict) or any(
                         not isinstance(record.get(k), str) for k in self._fields):
                     self.skipped["missing_text_fields"] += 1
@@ -255,9 +256,8 @@ class RptLocal(_Corpus):
                 text = "\n\n".join(record[k] for k in self._fields)
                 digest = first(text)
                 if digest is not None:
-                    yielded += 1
                     yield f"{rel}#{digest}", text
-            if not yielded and raw.strip():
+            if not records and raw.strip():
                 log.warning("%s gave no documents: one JSON object with the fields %s per line "
                             "is expected (a .jsonl file, not one JSON array)", rel, self._fields)
 

@@ -557,6 +557,8 @@ def load_workdir_params(path: str, step: int, cfg: model_lib.ModelConfig, shardi
         raise FileNotFoundError(f"no checkpoint step {step} in {folder}; saved steps: "
                                 f"{sorted(mgr.all_steps())}")
     def unreadable(e):
+        if checkpoint._is_transient(e):  # memory, a storage outage: not the checkpoint's fault
+            raise e
         return ValueError(f"checkpoint {folder}/{step} cannot be read, empty or partly written? "
                           f"({type(e).__name__}: {str(e)[:300]}); saved steps: "
                           f"{sorted(mgr.all_steps())}, choose another with --step")

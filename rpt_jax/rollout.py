@@ -99,6 +99,11 @@ def make_rollout(config, model_cfg, mesh):
     return run
 
 
+def _json_number(x: float):
+    """x, or "nan" / "inf" (JSON has no non-finite numbers), as metrics.jsonl writes them."""
+    return x if np.isfinite(x) else str(x)
+
+
 def records(shown: dict, tokenizer, think_end: str, G: int) -> list[dict]:
     """make_rollout's `shown` (fetched to the host) as one JSON-able record per context: the
     context's last SHOWN_CONTEXT_CHARS characters, the true continuation (target bytes as
@@ -123,7 +128,7 @@ def records(shown: dict, tokenizer, think_end: str, G: int) -> list[dict]:
             samples.append(dict(
                 response=b"".join(pieces).decode("utf-8", "replace"),
                 prediction=None if pred is None else pred.decode("utf-8", "replace"),
-                reward=float(shown["reward"][r]), tokens=int(shown["lengths"][r]),
+                reward=_json_number(float(shown["reward"][r])), tokens=int(shown["lengths"][r]),
                 finished=bool(shown["finished"][r])))
         target = bytes(shown["target_bytes"][b][:shown["target_len"][b]])
         out.append(dict(context=context[-SHOWN_CONTEXT_CHARS:],

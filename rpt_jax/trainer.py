@@ -348,7 +348,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
                          "data.proxy_checkpoint (the model that scores each position)")
     if config.model.hf_checkpoint:
         check_hf_shape(config, config.model.hf_checkpoint)
-    for proxy in dict.fromkeys((config.data.proxy_checkpoint, config.eval.proxy_checkpoint)):
+    evals = int(config.eval.every) > 0
+    for proxy in dict.fromkeys((config.data.proxy_checkpoint,
+                                config.eval.proxy_checkpoint if evals else "")):
         if proxy:  # the entropy proxies, from their headers too
             contexts.check_proxy(config, proxy)
     if "://" in workdir:  # abspath would make it a local folder named "gs:"

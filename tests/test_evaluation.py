@@ -363,6 +363,14 @@ def test_workdir_params_restore_only_params_and_verify(setup, tmp_path):
     with pytest.raises(ValueError, match="does not hold this config's model"):
         evaluation.load_workdir_params(run, 3, wider, sharding.param_shardings(
             mesh, model.logical_axes(wider), model.param_shapes(wider)))
+    import orbax.checkpoint as ocp
+
+    def outage(*args, **kwargs):
+        raise TimeoutError("storage timed out")
+    with pytest.MonkeyPatch.context() as mp:  # a passing error is no damaged checkpoint
+        mp.setattr(ocp.CheckpointManager, "item_metadata", outage)
+        with pytest.raises(TimeoutError, match="storage timed out"):
+            evaluation.load_workdir_params(run, 3, cfg, shardings)
     import shutil
     for part in ("state", "meta"):  # partly written, as by a copy cut short
         shutil.rmtree(tmp_path / "run" / "checkpoints" / "3" / part)
@@ -421,10 +429,10 @@ def test_evaluate_script_writes_results_before_the_scaling_report(tmp_path):
         sys.path.insert(0, {str(ROOT / 'scripts')!r})
         import evaluate
         from absl import app
-        from rpt_jax import evaluation, scaling, trainer
+        from rpt_jax import evaluation, scaling, tokenizer, trainer
         evaluation.checkpoint_steps = lambda path: [2, 4]
         evaluation.load_workdir_params = evaluation.build_eval_set = lambda *a, **k: None
-        trainer.load_run_tokenizer = lambda config, path: None
+        trainer.load_run_tokenizer = lambda config, path: tokenizer.builtin_tokenizer(512)
         evaluation.evaluate = lambda *a, label, step, **k: dict(
             label=label, step=step, split="validation", proxy="p", thresholds=(),
             entropy_top_k=16, num_examples=1, num_samples=2,

@@ -1,4 +1,6 @@
 """rollout.records: the logged rollouts read back as text, predictions as the reward reads them."""
+import json
+
 import numpy as np
 
 from rpt_jax import reward, rollout
@@ -23,6 +25,9 @@ def test_records_show_text_predictions_and_rewards():
                  tokens=tokens, lengths=np.array([len(r) for r in ids], np.int32),
                  finished=np.array([True, True, False]), reward=np.array([1.0, 0.0, 0.0]))
     (rec,) = rollout.records(shown, tok, "</think>", 3)
+    nan = rollout.records(dict(shown, reward=np.array([np.nan, 0.0, 0.0])), tok, "</think>", 3)
+    assert nan[0]["samples"][0]["reward"] == "nan"  # as metrics.jsonl writes it: valid JSON
+    json.dumps(nan, allow_nan=False)
     assert rec["context"] == "3 + 4 = 7.\n12 + 30 =" and rec["target"] == " 42.\n"
     got = [(s["response"], s["prediction"], s["reward"], s["tokens"], s["finished"])
            for s in rec["samples"]]

@@ -562,6 +562,9 @@ def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_comp
         broken[section][name] = str(folder)
         with pytest.raises(KeyError, match=r"tensor\(s\) missing from the checkpoint"):
             trainer.train_and_evaluate(broken, str(tmp_path / "run"), progress=False)
+    broken.eval.every = 0  # no evals: the eval proxy is never read, so not checked
+    with pytest.raises(pytest.fail.Exception, match="compiled"):  # on to the compile
+        trainer.train_and_evaluate(broken, str(tmp_path / "run"), progress=False)
 
 
 def test_zero_micro_batches_means_the_fewest_that_fit(config):
