@@ -518,14 +518,15 @@ def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, mon
 def test_an_update_that_cannot_fit_stops_before_any_weights_load(config, tmp_path,
                                                                 monkeypatch):
     """Devices too small for the update: the run stops in its memory check, naming the keys
-    to change, before it builds a tokenizer or data, loads weights or writes anything."""
+    to change, before it builds data, loads weights or writes anything but the tokenizer (read
+    first: the stop strings and the prompt template are checked before the compile)."""
     monkeypatch.setattr(trainer.sharding, "device_bytes", lambda mesh: 1000 * mesh.devices.size)
     monkeypatch.setattr(trainer, "initial_params", lambda *a: pytest.fail("weights loaded"))
     workdir = tmp_path / "small"
     with pytest.raises(ValueError, match=r"rl.micro_batches=1 slices .* needs .* GiB a device .* "
                                          r"a device has 9.31e-07 GiB; raise rl.micro_batches"):
         trainer.train_and_evaluate(config, str(workdir), progress=False)
-    assert os.listdir(workdir) == []  # no tokenizer, data, checkpoint or metrics yet
+    assert os.listdir(workdir) == ["tokenizer"]  # no data, checkpoint or metrics yet
 
 
 def test_no_proxy_for_an_entropy_filter_greedy_or_a_url_workdir_stop_before_compiling(
