@@ -376,12 +376,12 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     contexts.ExampleSpec.from_config(config, tokenizer)
     # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
     config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
+    # the data before the state: a proxy scoring missing entropies has the devices to itself
+    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=config.checkpoint.keep, every=config.checkpoint.every)
-    # before the data, and before config.json is rewritten: a workdir of another model raises
-    restored = ckpt.restore(abstract)
-    save_config(config, workdir)
-    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
+    restored = ckpt.restore(abstract)  # a workdir of another model raises here...
+    save_config(config, workdir)  # ...before its config.json is rewritten
     writer = metrics_writer.MetricsWriter(
         workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
         resume_step=None if restored is None else restored.step)
