@@ -7,19 +7,21 @@ import numpy as np
 from rpt_jax import metrics_writer
 
 
-def tensorboard_scalars(workdir) -> dict:
-    """{(tag, step): value} of the event files (TFRecord framing: length, crc, event, crc)."""
+def tensorboard_events(workdir):
+    """The events of the event files, file by file (TFRecord framing: length, crc, event, crc)."""
     from tensorboardX.proto import event_pb2
-    out = {}
     for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
         data, i = open(path, "rb").read(), 0
         while i < len(data):
             n = int.from_bytes(data[i:i + 8], "little")
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            yield event_pb2.Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
-            for v in event.summary.value:
-                out[v.tag, event.step] = v.simple_value
-    return out
+
+
+def tensorboard_scalars(workdir) -> dict:
+    """{(tag, step): value} of the event files."""
+    return {(v.tag, e.step): v.simple_value
+            for e in tensorboard_events(workdir) for v in e.summary.value}
 
 
 def steps(workdir, kind=None):
@@ -101,16 +103,9 @@ def test_samples_resume_and_tensorboard_text(tmp_path):
     got = metrics_writer.read_samples(tmp_path)
     assert [(r["step"], r["context_index"]) for r in got] == [(2, 0), (2, 1), (4, 0), (4, 1)]
     assert {k: got[0][k] for k in rec} == rec
-    from tensorboardX.proto import event_pb2
-    texts = []
-    for path in glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*")):
-        data, i = open(path, "rb").read(), 0
-        while i < len(data):
-            n = int.from_bytes(data[i:i + 8], "little")
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4
-            texts += [(v.tag, event.step, v.tensor.string_val[0].decode())
-                      for v in event.summary.value if v.tensor.string_val]
+    texts = [(v.tag, e.step, v.tensor.string_val[0].decode())
+             for e in tensorboard_events(tmp_path) for v in e.summary.value
+             if v.tensor.string_val]
     assert {(t, s) for t, s, _ in texts} == {(f"samples/{i}/text_summary", s)
                                              for i in (0, 1) for s in (2, 4, 6)}
     assert "**sample 0**: reward 1, prediction `' 56'`, 9 tokens" in texts[0][2]
