@@ -7,7 +7,11 @@ the structure once. `validate` checks a config before anything is compiled.
 """
 from __future__ import annotations
 
+import logging
 import math
+
+log = logging.getLogger(__name__)
+_WARNED = set()  # (preset, changed fields) already warned about
 
 # Architectures of the Llama / Qwen2 families, in Hugging Face's terms.
 MODEL_SHAPES = {
@@ -266,8 +270,13 @@ def validate(config, num_devices: int, platform: str | None = None) -> tuple[int
     if m.preset == HF_PRESET and not m.hf_checkpoint:
         raise ValueError(f"model.preset={HF_PRESET!r} needs model.hf_checkpoint (the folder whose "
                          f"config.json gave the architecture)")
-    if m.preset not in (*MODEL_SHAPES, HF_PRESET):
-        model_shape(m.preset)
+    if m.preset != HF_PRESET:
+        changed = {k: getattr(m, k) for k, v in model_shape(m.preset).items() if getattr(m, k) != v}
+        key = (m.preset, tuple(sorted(changed.items())))
+        if changed and key not in _WARNED:  # a deliberate variant, or a surprise after
+            _WARNED.add(key)                # overriding the preset alone
+            log.warning("model.preset=%r is a label: the model is built from the model fields, "
+                        "which differ from that shape's in %s", m.preset, changed)
     from rpt_jax import rope  # numpy + jax.numpy only
     rope.parse(m.rope_scaling, "model.rope_scaling")
     data, fsdp, tensor = mesh_shape(config, num_devices)

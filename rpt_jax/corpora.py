@@ -192,6 +192,8 @@ class RptWikiEn(_PackageFileCorpus):
 
 class RptLocal(_Corpus):
     """A user's .txt / .jsonl files (see the module docstring for the layout)."""
+    VERSION = tfds.core.Version("1.1.0")  # a new version is built anew, not read from the cache
+    RELEASE_NOTES = {"1.1.0": "files with NUL bytes are skipped as binary"}
 
     def __init__(self, *, path: str, text_fields=("text",), max_docs: int = 0, **kwargs):
         if not path:

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from rpt_jax import model as model_lib
 from rpt_jax import rope as rope_lib
 from rpt_jax import sharding
+from rpt_jax.tokenizer import read_json
 
 # Mistral is Llama's architecture when its sliding window is off (v0.2 and later); exported
 # as Llama.
@@ -60,16 +61,6 @@ def default_smollm2_dir() -> pathlib.Path:
 
 # ----------------------------------------------------------------------------- config
 
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def model_config_from_hf(folder_or_config_json) -> dict:
     """rpt_jax model fields (see config.MODEL_SHAPES) from an HF config.json, a folder or a dict.
 
@@ -82,7 +73,7 @@ def model_config_from_hf(folder_or_config_json) -> dict:
     else:
         path = pathlib.Path(folder_or_config_json)
         path = path / "config.json" if path.is_dir() else path
-        hf, where = _read_json(path), str(path)
+        hf, where = read_json(path), str(path)
 
     if not isinstance(hf, dict):
         raise ValueError(f"{where}: a JSON {type(hf).__name__}, not an object of config keys")
@@ -249,7 +240,7 @@ def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         return {name: folder / file for name, file in weight_map.items()}
@@ -431,7 +422,33 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
 
             leaf = jax.make_array_from_callback(shape, _get(shardings, spec.path), callback)
             _set(params, spec.path, leaf)
+    _check_finite(params, cfg, files)
     return params
+
+
+def _check_finite(params, cfg, files) -> None:
+    """Raise, naming the tensors, if any param holds a NaN or an infinity (a damaged or badly
+    converted checkpoint would otherwise load and only show as NaN losses). One jitted pass."""
+    specs = _tensor_map(cfg)
+    leaves = [_get(params, s.path) for s in specs]
+    per_layer = lambda x: ~jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))  # noqa: E731
+    replicated = [_replicated(leaf.sharding) for leaf in leaves]
+    bad = jax.jit(lambda xs: [per_layer(x) if s.stacked else ~jnp.all(jnp.isfinite(x))
+                              for s, x in zip(specs, xs)], out_shardings=replicated)(leaves)
+    named = []
+    for spec, flags in zip(specs, jax.device_get(bad)):
+        names = spec.names(cfg.num_layers)
+        named += [_stored(n, cfg, files) for n, b in zip(names, np.atleast_1d(flags)) if b]
+    if named:
+        raise ValueError(f"{len(named)} tensor(s) hold NaN or infinite values, e.g. "
+                         + ", ".join(f"{files[n]}: {n!r}" for n in named[:3]))
+
+
+def _replicated(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The same devices, every value on each (so every process can read a small result)."""
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    return s
 
 
 # ----------------------------------------------------------------------------- export
@@ -495,12 +512,12 @@ def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
         from rpt_jax.tokenizer import read_tokenizer_config  # late: imports tokenizers
         tok_config = read_tokenizer_config(tok_dir)  # special_tokens_map.json merged in
     if max_position_embeddings is None and tok_dir is not None and (tok_dir / "config.json").exists():
-        max_position_embeddings = _read_json(tok_dir / "config.json").get("max_position_embeddings")
+        max_position_embeddings = read_json(tok_dir / "config.json").get("max_position_embeddings")
     if max_position_embeddings is None and 0 < tok_config.get("model_max_length", 0) < 1e7:
         max_position_embeddings = int(tok_config["model_max_length"])
     out["max_position_embeddings"] = int(max_position_embeddings or 32768)
     if tok_dir is not None and (tok_dir / "tokenizer.json").exists():
-        tok_json = _read_json(tok_dir / "tokenizer.json")
+        tok_json = read_json(tok_dir / "tokenizer.json")
         for key in ("bos", "eos", "pad"):
             token_id = _token_id(tok_json, tok_config.get(f"{key}_token"))
             if token_id is not None:

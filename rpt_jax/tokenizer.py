@@ -82,12 +82,15 @@ def _adds_prefix(node) -> bool:
     return isinstance(node, dict) and node.get("type") == "Prepend"
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        try:
+def read_json(path):
+    """A JSON file's value; a missing or malformed file raises an error naming it."""
+    try:
+        with open(path) as f:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_tokenizer_config(folder) -> dict:
@@ -98,7 +101,7 @@ def read_tokenizer_config(folder) -> dict:
     for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
         path = os.path.join(os.fspath(folder), name)
         if os.path.isfile(path):
-            (config if name == TOKENIZER_CONFIG else special).update(_read_json(path))
+            (config if name == TOKENIZER_CONFIG else special).update(read_json(path))
     if "added_tokens_decoder" not in config:
         config.update({k: v for k, v in special.items() if k in SPECIAL_TOKEN_KEYS})
     return config
@@ -165,7 +168,7 @@ class Tokenizer:
         tokenizer_json = os.fspath(tokenizer_json)
         if not os.path.isfile(tokenizer_json):
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_json}")
-        config = {} if config_json is None else _read_json(os.fspath(config_json))
+        config = {} if config_json is None else read_json(os.fspath(config_json))
         return cls(_read_tokenizer(tokenizer_json), config, source=tokenizer_json)
 
     @classmethod
@@ -186,7 +189,7 @@ class Tokenizer:
         end_ids = ()
         gen = os.path.join(path, GENERATION_CONFIG)
         if os.path.isfile(gen):
-            eos = _read_json(gen).get("eos_token_id")
+            eos = read_json(gen).get("eos_token_id")
             end_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return cls(_read_tokenizer(tj), config, template, source=path, end_ids=end_ids)
 

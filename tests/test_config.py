@@ -146,6 +146,24 @@ def test_unknown_model_shape():
         rc.base_config("nope")
 
 
+def test_preset_override_alone_is_named(caplog):
+    """model.preset is a label: overriding it alone keeps the fields, and validate says so once.
+    An unknown label is refused."""
+    c = rc.base_config("tiny")
+    with caplog.at_level("WARNING", logger=rc.__name__):
+        rc.validate(c, 1)
+        assert not caplog.records
+        c.model.preset = "smollm2_135m"
+        rc.validate(c, 1)
+        rc.validate(c, 1)
+    assert len(caplog.records) == 1
+    assert "model.preset='smollm2_135m' is a label" in caplog.text
+    assert "'vocab_size': 512" in caplog.text and "'num_layers': 4" in caplog.text
+    c.model.preset = "nope"
+    with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+        rc.validate(c, 1)
+
+
 def test_sampler_tuning_keys_are_optional():
     """A hand-written config without the sampler's tuning keys still validates (defaults)."""
     c = load("tiny")

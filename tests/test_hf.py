@@ -416,6 +416,19 @@ def test_missing_tensor_is_named(qwen2, qwen2_copy):
         hf.load_params(folder, qwen2[2])
 
 
+def test_non_finite_weights_are_named(qwen2, qwen2_copy):
+    """A NaN or an infinity anywhere is refused at load, naming the tensor (and layer)."""
+    folder, tensors = qwen2_copy
+    up = tensors["model.layers.1.mlp.up_proj.weight"]
+    up[3, 5] = np.nan
+    tensors["model.norm.weight"][0] = -np.inf
+    _rewrite(folder, tensors)
+    with pytest.raises(ValueError, match=r"2 tensor\(s\) hold NaN or infinite values, e\.g\. "
+                                         r".*model\.safetensors: 'model\.layers\.1\.mlp\.up_proj"
+                                         r"\.weight', .*'model\.norm\.weight'"):
+        hf.load_params(folder, qwen2[2])
+
+
 def test_checkpoint_checked_from_headers_and_truncated_files_named(qwen2, qwen2_copy):
     """check_checkpoint reads headers only and names what is wrong; a truncated file is named."""
     folder, tensors = qwen2_copy
