@@ -11,6 +11,7 @@ trains the built-in byte-level BPE on the synthetic arithmetic corpus (determini
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -339,9 +340,14 @@ def _read_tokenizer(path: str) -> tokenizers.Tokenizer:
         raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
 
+# "Today" for chat templates that print the date (Llama 3.x: strftime_now): fixed, so prompts do
+# not change from one day to the next (a resumed run equals an uninterrupted one). The date is
+# the one Llama 3.1's template falls back to without strftime_now.
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+
+
 @functools.cache
 def _compile(template: str):
-    import datetime
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -356,7 +362,7 @@ def _compile(template: str):
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = TEMPLATE_DATE.strftime
     return env.from_string(template)
 
 

@@ -294,6 +294,25 @@ def test_chat_template_variables_as_transformers(tmp_path):
         assert want.startswith("<|im_start|>|True|" if name == "all" else "|False|")
 
 
+def test_chat_template_date_is_fixed(tmp_path, monkeypatch):
+    """A template printing today's date (Llama 3.x) gets TEMPLATE_DATE whatever the clock says,
+    so a run's prompts are the same every day."""
+    import datetime
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2031, 1, 2)
+    template = ('{{ "Today Date: " + strftime_now("%d %b %Y") }}|'
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    folder = _byte_level_dir(tmp_path, {"eos_token": "<|im_end|>", "chat_template": template})
+    tok = tok_lib.Tokenizer.from_dir(folder)
+    assert tok.apply_chat_template("hi") == "Today Date: 26 Jul 2024|hi"
+    monkeypatch.setattr(datetime, "datetime", Later)
+    tok_lib._compile.cache_clear()
+    assert tok.apply_chat_template("hi") == "Today Date: 26 Jul 2024|hi"
+
+
 def test_unsupported_vocabulary_and_missing_files(tmp_path):
     wp = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     wp.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
