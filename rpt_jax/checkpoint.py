@@ -199,19 +199,13 @@ class Checkpointer:
 
     def _restore_step(self, step: int, flat_abstract: dict):
         try:
-            saved = self._mgr.item_metadata(step)[STATE].tree
-        except Exception as e:  # unreadable metadata: a damaged step, unless the error passes
-            if _is_transient(e):
-                raise
-            raise CorruptCheckpoint(f"metadata unreadable: {type(e).__name__}: {e}") from e
-        _check_matches(self._step_dir(step), saved, flat_abstract)
-        try:
-            out = self._mgr.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(flat_abstract), META: ocp.args.JsonRestore()}))
-        except Exception as e:
-            if _is_transient(e):
-                raise
-            raise CorruptCheckpoint(f"restore failed: {type(e).__name__}: {e}") from e
+            out, error = self._read_step(step, flat_abstract), None
+        except CorruptCheckpoint as e:
+            out, error = None, e
+        # Every process takes the same branch: one that cannot read the step must not leave the
+        # others waiting in the fingerprint's collective below.
+        if sharding.any_process(error is not None):
+            raise error or CorruptCheckpoint("unreadable on another process")
         flat, meta = dict(out[STATE]), out[META]
         if not isinstance(meta, dict) or "fingerprint" not in meta or "user" not in meta:
             raise CorruptCheckpoint("metadata JSON lacks its fingerprint")
@@ -220,6 +214,23 @@ class Checkpointer:
         if bad:
             raise CorruptCheckpoint(f"restored arrays differ from what was saved: {bad[:5]}")
         return flat, meta
+
+    def _read_step(self, step: int, flat_abstract: dict):
+        """orbax's restore of the step on this process; CorruptCheckpoint if it cannot."""
+        try:
+            saved = self._mgr.item_metadata(step)[STATE].tree
+        except Exception as e:  # unreadable metadata: a damaged step, unless the error passes
+            if _is_transient(e):
+                raise
+            raise CorruptCheckpoint(f"metadata unreadable: {type(e).__name__}: {e}") from e
+        _check_matches(self._step_dir(step), saved, flat_abstract)
+        try:
+            return self._mgr.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(flat_abstract), META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            if _is_transient(e):
+                raise
+            raise CorruptCheckpoint(f"restore failed: {type(e).__name__}: {e}") from e
 
     def _quarantine(self, step: int) -> None:
         """Move a corrupt step out of the manager's folder (kept for inspection, never reused)."""

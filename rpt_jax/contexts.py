@@ -334,9 +334,11 @@ class ContextIterator:
     """Endless, deterministic per-host batches of RPT examples from one corpus split.
 
     The split's examples (document, position) are shuffled per epoch by a permutation seeded with
-    (config.seed, epoch) and read as one stream; global batch s is stream rows [s*B, (s+1)*B) and
-    host p takes its contiguous slice of B / process_count rows, so hosts are disjoint and together
-    cover every batch. `get_state()` / `set_state()` save and restore the position exactly.
+    (config.seed, epoch) and read as one stream; global batch s is stream rows [s*B, (s+1)*B).
+    A host reads the rows `rows` of each batch: those its devices hold,
+    `sharding.process_rows(mesh, B)` (a TPU host's need not be one block); default: host p's
+    contiguous slice of B / process_count rows. `get_state()` / `set_state()` save and restore
+    the position exactly.
 
     With m = data.contexts_per_doc > 1 the stream is one of document groups: positions are chosen
     only where the context is untruncated (t <= spec.budget), documents with fewer than m such
@@ -344,7 +346,7 @@ class ContextIterator:
     document's positions, cuts them into groups of m (the remainder waits for a later epoch's
     shuffle) and shuffles the groups. Global batch s is groups [s*B/m, (s+1)*B/m), group j in rows
     j*m .. j*m+m-1, and batches carry make_batch's doc_tokens / doc_mask / doc_visible /
-    tail_tokens. Each host's B / process_count rows must be whole groups; for the sampler, B/m
+    tail_tokens. Each host's rows must be whole groups; for the sampler, B/m
     doc rows split over the mesh's data*fsdp devices, which holds when every device's contexts
     are whole groups. num_examples is the contexts per epoch (groups * m when m > 1).
 
@@ -357,21 +359,29 @@ class ContextIterator:
 
     def __init__(self, config, split: str, tokenizer, process_index: int | None = None,
                  process_count: int | None = None, *, data_dir: str | None = None,
-                 documents=None, entropies=None, proxy_checkpoint: str | None = None):
+                 documents=None, entropies=None, proxy_checkpoint: str | None = None,
+                 rows=None):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.global_batch = config.data.batch_size
-        if self.global_batch % self.process_count:
-            raise ValueError(f"data.batch_size={self.global_batch} is not divisible by the "
-                             f"{self.process_count} processes")
-        if not 0 <= self.process_index < self.process_count:
-            raise ValueError(f"process_index={self.process_index} outside [0, {self.process_count})")
-        self.local_batch = self.global_batch // self.process_count
-        self.group = int(config.data.contexts_per_doc)
-        if self.group < 1 or self.local_batch % self.group:
-            raise ValueError(f"data.contexts_per_doc={self.group} must be >= 1 and divide each "
-                             f"host's {self.local_batch} rows (data.batch_size="
-                             f"{self.global_batch} over {self.process_count} processes)")
+        if rows is None:
+            if self.global_batch % self.process_count:
+                raise ValueError(f"data.batch_size={self.global_batch} is not divisible by the "
+                                 f"{self.process_count} processes")
+            if not 0 <= self.process_index < self.process_count:
+                raise ValueError(f"process_index={self.process_index} outside "
+                                 f"[0, {self.process_count})")
+            n = self.global_batch // self.process_count
+            rows = np.arange(self.process_index * n, (self.process_index + 1) * n)
+        self.rows = np.asarray(rows, np.int64)
+        self.local_batch = len(self.rows)
+        self.group = m = int(config.data.contexts_per_doc)
+        groups = self.rows.reshape(-1, m) if m >= 1 and self.local_batch % m == 0 else None
+        if groups is None or np.any(groups != groups[:, :1] + np.arange(m)) or np.any(
+                groups[:, 0] % m):
+            raise ValueError(f"data.contexts_per_doc={m} must be >= 1 and divide each host's "
+                             f"{self.local_batch} rows of a batch into whole groups "
+                             f"(data.batch_size={self.global_batch})")
         self.seed = int(config.seed)
         self.spec = ExampleSpec.from_config(config, tokenizer)  # template errors before any work
         proxy = config.data.proxy_checkpoint if proxy_checkpoint is None else proxy_checkpoint
@@ -481,7 +491,7 @@ class ContextIterator:
         c = self.spec.bucket(int(context_length(self.spec, pos).max()))
         width = (self.spec.bucket(int(doc_row_length(self.spec, pos).max()))
                  if self.group > 1 else None)
-        mine = rows[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
+        mine = rows[self.rows]
         return make_batch(self.docs, self.doc_index[mine], self.position[mine], self.spec,
                           self.token_bytes, self.entropies, p, c, self.group, width)
 
@@ -514,8 +524,7 @@ def to_global(batch: dict, mesh) -> dict:
     B/m divisible by the mesh's data*fsdp, which holds when each device's contexts are whole
     groups.
     """
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items()}
+    return {k: sharding.host_to_global(mesh, v) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- hard positions

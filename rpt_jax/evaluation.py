@@ -307,6 +307,9 @@ def _set_key(config, iterator, proxy_id: str) -> str:
               int(config.eval.num_examples), int(config.seed), int(config.data.min_context),
               int(config.data.positions_per_doc), int(config.data.entropy_top_k),
               int(config.data.batch_size), int(iterator.process_index), int(iterator.process_count)]
+    n = iterator.global_batch // iterator.process_count
+    if not np.array_equal(iterator.rows, np.arange(n) + iterator.process_index * n):
+        fields.append(iterator.rows.tolist())  # a host's rows not its slice in process order
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -379,18 +382,23 @@ def _load_proxy(config, tokenizer, mesh):
 
 def build_eval_set(config, tokenizer, mesh, *, proxy_params=None, proxy_cfg=None,
                    proxy_name: str = "self", cache_dir: str | None = None, documents=None,
-                   data_dir: str | None = None, progress: bool = True) -> EvalSet:
+                   data_dir: str | None = None, progress: bool = True,
+                   resumed_at: int = 0) -> EvalSet:
     """The eval examples of config.eval.split with their proxy entropies (cached).
 
     The proxy is eval.proxy_checkpoint when set; else (proxy_params, proxy_cfg), normally the
     evaluated model, recorded as `proxy_name`. With `cache_dir`, a set saved there under the same
     key is loaded and a new one is saved; without, sets are kept in memory for this process.
     documents / data_dir: passed to contexts.ContextIterator (tests pass documents directly).
+    resumed_at: the step of a resumed run, whose set should have been cached at its first
+    evaluation: building one then (the cache deleted, the split or eval settings changed) says
+    so, as its entropies come from the policy at this step.
     """
     from tqdm import tqdm
     ecfg = _eval_config(config)
     it = contexts.ContextIterator(ecfg, config.eval.split, tokenizer, data_dir=data_dir,
-                                  documents=documents)
+                                  documents=documents,
+                                  rows=sharding.process_rows(mesh, ecfg.data.batch_size))
     path = config.eval.proxy_checkpoint
     proxy_id = os.path.abspath(path) if path else proxy_name
     key = _set_key(config, it, proxy_id)
@@ -413,6 +421,11 @@ def build_eval_set(config, tokenizer, mesh, *, proxy_params=None, proxy_cfg=None
         raise ValueError("eval.proxy_checkpoint is empty and no proxy params were given")
     else:
         description = f"the evaluated model itself ({proxy_name}; eval.proxy_checkpoint is empty)"
+        if resumed_at > 0:
+            log.warning("no cached eval set in %s matches this run's eval settings: building one "
+                        "whose entropies (difficulty splits) come from the policy at step %d, not "
+                        "from its first evaluation, so evals before and after differ in their "
+                        "splits", cache_dir, resumed_at)
     total = min(int(config.eval.num_examples), it.num_examples)
     if total < config.eval.num_examples:
         log.warning("%s has %d positions < eval.num_examples=%d; evaluating all of them",
@@ -422,12 +435,10 @@ def build_eval_set(config, tokenizer, mesh, *, proxy_params=None, proxy_cfg=None
     batches = []
     for step in tqdm(range(num_batches), desc="eval set entropies", disable=not progress):
         batch = next(it)
-        rows = step * it.global_batch + it.process_index * it.local_batch + np.arange(it.local_batch)
-        batch["valid"] = rows < total
+        batch["valid"] = step * it.global_batch + it.rows < total
         g = contexts.to_global({k: batch[k] for k in ("context_tokens", "context_mask")}, mesh)
         _, entropy = score(proxy_params, g["context_tokens"], g["context_mask"])
-        mine = slice(it.process_index * it.local_batch, (it.process_index + 1) * it.local_batch)
-        batch["entropy"] = sharding.to_host(entropy)[mine].astype(np.float32)
+        batch["entropy"] = sharding.to_host(entropy)[it.rows].astype(np.float32)
         batches.append(batch)
     es = EvalSet(batches, description, config.eval.split, total, key)
     if paths:

@@ -124,10 +124,46 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh))
 
 
-def host_local_batch_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
-    """Assemble a global batch from each host's slice (rows of this process, in process order)."""
-    sharding = batch_sharding(mesh, local.ndim)
-    return jax.make_array_from_process_local_data(sharding, local)
+def batch_shards(mesh: Mesh) -> int:
+    """How many parts `batch_sharding` splits a batch into (data * fsdp)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
+def _local_shards(mesh: Mesh) -> list[int]:
+    """The batch parts (0 .. batch_shards - 1) this process's devices hold, ascending. On a TPU
+    slice they need not be one block, nor held by this process alone (a tensor axis spanning
+    hosts)."""
+    k = batch_shards(mesh)
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((k,))
+    return sorted({s[0].indices(k)[0] for s in index.values()})
+
+
+def process_rows(mesh: Mesh, n: int) -> np.ndarray:
+    """Indices of the rows of an [n, ...] batch (split by `batch_sharding`) that this process's
+    devices hold, ascending: the rows a host feeds to `host_to_global`."""
+    k = batch_shards(mesh)
+    if n % k:
+        raise ValueError(f"a batch of {n} rows does not split over the mesh's data axes "
+                         f"(data*fsdp={k})")
+    size = n // k
+    return np.concatenate([np.arange(i * size, (i + 1) * size) for i in _local_shards(mesh)])
+
+
+def host_to_global(mesh: Mesh, local: np.ndarray) -> jax.Array:
+    """The global batch of which this process holds the rows `process_rows(mesh, n)`, in that
+    order, as a jax array split by `batch_sharding`. local [n_local, ...]."""
+    shards = _local_shards(mesh)
+    size, rest = divmod(local.shape[0], len(shards))
+    if rest or not size:
+        raise ValueError(f"this process holds {len(shards)} of the batch's {batch_shards(mesh)} "
+                         f"parts; its {local.shape[0]} rows do not split into them")
+    shape = (size * batch_shards(mesh),) + local.shape[1:]
+    where = {part: j for j, part in enumerate(shards)}
+
+    def block(index):
+        j = where[index[0].indices(shape[0])[0] // size]
+        return local[j * size:(j + 1) * size][(slice(None),) + tuple(index[1:])]
+    return jax.make_array_from_callback(shape, batch_sharding(mesh, local.ndim), block)
 
 
 def to_host(x) -> np.ndarray:

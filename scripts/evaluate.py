@@ -16,6 +16,9 @@ Writes <output>/results.json, results.md and (for --workdir) accuracy_vs_step.pn
 accuracy_vs_compute.png (results first: a failing plot or fit loses no evaluation); prints the
 table and the fits. --output defaults to <workdir>/evaluation or ./evaluation-<folder name>.
 
+Several hosts: run the same command in each with --distributed (rpt_jax.multihost); process 0
+writes the results.
+
 Positions and proxy entropies are cached (rpt_jax.evaluation): for a workdir in <workdir>/eval,
 the trainer's own eval cache, so the numbers use the positions (and, with trainer.eval_key, the
 samples) the trainer's eval hook used; for
@@ -36,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from rpt_jax import multihost  # noqa: E402  (its flags: --distributed and the rest)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.",
                                           lock_config=True)
@@ -72,6 +77,11 @@ def _is_hf(path: str) -> bool:
 
 
 def main(argv):
+    multihost.initialize()  # before any other jax call
+    multihost.run(lambda: _main(argv))
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(_CHECKPOINT.value) == bool(_WORKDIR.value):
@@ -112,6 +122,8 @@ def main(argv):
     config = (config_lib.use_hf_checkpoint(_CONFIG.value.copy_and_resolve_references(), path)
               if hf_folder else _CONFIG.value)
     config_lib.validate(config, jax.device_count(), jax.default_backend())
+    if not hf_folder:  # the run's own tokenizer, template and model, or refuse
+        trainer.check_run_config(config, path)
     output = os.path.abspath(_OUTPUT.value or (
         os.path.join(path, "evaluation") if not hf_folder
         else os.path.join(os.getcwd(), f"evaluation-{os.path.basename(path)}")))
@@ -163,6 +175,8 @@ def main(argv):
     extra = {"checkpoint": path, "config_model": dict(config.model),
              "num_params": model_lib.num_params(cfg)}
     lines = [evaluation.render_markdown(results)]
+    if jax.process_index() != 0:  # every process evaluated; one writes
+        return
     _write_results(output, results, extra, lines, evaluation)
     if _WORKDIR.value:  # results are on disk first: an error here loses no evaluation
         extra.update(_scaling_report(results, config, path, cfg, output, lines,

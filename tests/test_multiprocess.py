@@ -4,6 +4,7 @@ trains like one process with 8 devices: the same metrics, corpus, checkpoints an
 then the pair resumes from its last checkpoint."""
 import filecmp
 import glob
+import json
 import os
 import pathlib
 import re
@@ -76,10 +77,17 @@ def _free_port() -> int:
 
 
 def run_two_processes(workdir, num_steps, log_dir, jax_cache) -> list[str]:
-    """scripts/train.py as processes 0 and 1 of one run; returns their logs. Both must exit 0;
-    when one fails (or time runs out) the other is killed: blocked in a collective with the
-    failed one, it would wait for the coordination service's heartbeat timeout (100 s).
+    """scripts/train.py as processes 0 and 1 of one run; returns their logs (`run_pair`).
     jax_cache: a persistent compilation cache folder (the resumed run compiles nothing)."""
+    return run_pair(["scripts/train.py", f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
+                     f"--config.num_steps={num_steps}", f"--workdir={workdir}"],
+                    log_dir, jax_cache)
+
+
+def run_pair(args, log_dir, jax_cache) -> list[str]:
+    """`python *args --distributed ...` as processes 0 and 1; returns their logs. Both must
+    exit 0; when one fails (or time runs out) the other is killed: blocked in a collective with
+    the failed one, it would wait for the coordination service's heartbeat timeout (100 s)."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -87,9 +95,7 @@ def run_two_processes(workdir, num_steps, log_dir, jax_cache) -> list[str]:
                JAX_COMPILATION_CACHE_DIR=str(jax_cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"),
-           f"--config={ROOT / 'configs' / 'tiny.py'}", *OVERRIDES,
-           f"--config.num_steps={num_steps}", f"--workdir={workdir}", "--distributed",
+    cmd = [sys.executable, str(ROOT / args[0]), *args[1:], "--distributed",
            f"--coordinator_address=localhost:{port}", "--num_processes=2",
            "--cpu_collectives=gloo"]
     logs = [pathlib.Path(log_dir) / f"process{i}.log" for i in (0, 1)]
@@ -260,3 +266,43 @@ def test_two_processes_resume(runs, tmp_path):
     steps, restored = restore(workdir, RESUMED_STEPS)
     assert steps == [2, 4, 6] and restored.step == RESUMED_STEPS
     assert restored.meta["data"]["step"] == RESUMED_STEPS
+
+
+def test_batch_rows_follow_the_mesh_not_the_process_order(tmp_path):
+    """tests/multihost_rows.py in two processes of 2 CPU devices each: meshes whose devices
+    interleave the hosts (as TPU slices order them) get each host's rows where its devices are."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    logs = [tmp_path / f"process{i}.log" for i in (0, 1)]
+    procs = []
+    for i, path in enumerate(logs):
+        with open(path, "w") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "multihost_rows.py"), str(i), str(port)],
+                env=env, stdout=f, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    out = [path.read_text() for path in logs]
+    assert codes == [0, 0], "\n".join(f"--- process {i} ---\n{_tail(t)}" for i, t in enumerate(out))
+    assert [f"ok {i}" in t for i, t in enumerate(out)] == [True, True]
+
+
+def test_two_processes_evaluate_like_the_runs_eval(runs, tmp_path):
+    """scripts/evaluate.py --distributed on the pair's last checkpoint: the pair's cached eval
+    set (one per process) and eval key give the standard accuracy its eval hook logged, and
+    process 0 alone writes the results."""
+    workdir = str(tmp_path / "work")
+    shutil.copytree(runs[0], workdir)
+    out = run_pair(["scripts/evaluate.py", f"--config={ROOT / 'configs' / 'tiny.py'}",
+                    *OVERRIDES, f"--checkpoint={workdir}", f"--output={tmp_path / 'eval'}",
+                    "--progress=false"], tmp_path, runs[3])
+    assert ["wrote " in log for log in out] == [True, False]
+    assert all("eval set loaded" in log for log in out)
+    got = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][0]
+    last = [r for r in metrics_writer.read_metrics(runs[0], "eval") if r["step"] == NUM_STEPS]
+    assert got["step"] == NUM_STEPS
+    assert got["summary"]["all"]["count"] == last[0]["eval/count/all"]
+    assert got["summary"]["all"]["standard"] == last[0]["eval/standard/all"]

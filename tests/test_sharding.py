@@ -32,6 +32,24 @@ def test_mesh_axes_and_auto_types():
     assert dict(sharding.make_mesh(c).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
+def test_one_process_holds_every_batch_row():
+    """One process: process_rows is the whole batch and host_to_global places each row on the
+    devices of its part (the two-process layouts: test_multiprocess.py)."""
+    mesh = mesh_of(2, 2, 2)
+    assert sharding.batch_shards(mesh) == 4
+    assert sharding.process_rows(mesh, 8).tolist() == list(range(8))
+    x = np.arange(24).reshape(8, 3)
+    g = sharding.host_to_global(mesh, x)
+    assert g.sharding == sharding.batch_sharding(mesh)
+    for shard in g.addressable_shards:
+        np.testing.assert_array_equal(shard.data, x[shard.index])
+    with pytest.raises(ValueError, match=r"6 rows does not split over the mesh's data axes "
+                                         r"\(data\*fsdp=4\)"):
+        sharding.process_rows(mesh, 6)
+    with pytest.raises(ValueError, match="holds 4 of the batch's 4 parts; its 6 rows"):
+        sharding.host_to_global(mesh, x[:6])
+
+
 def test_mesh_splits_physical_axes_when_whole_ones_do_not_fit(monkeypatch):
     """jax.make_mesh refuses (NotImplementedError) a mesh axis that no product of whole physical
     axes matches, e.g. tensor=4 on a v6e 8x8 (scripts/compile_aot.py showed it); make_mesh then
