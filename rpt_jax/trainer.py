@@ -251,21 +251,59 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys that make a checkpoint mean something else: reading one with other values (evaluating,
+# exporting) would give silently wrong results.
+RUN_IDENTITY = (
+    *(f"model.{k}" for k in config_lib.model_shape("tiny")), "model.hf_checkpoint",
+    "data.tokenizer", "data.template", "data.chat_template", "reward.think_end")
+
+
+def saved_config(workdir: str) -> dict | None:
+    """<workdir>/config.json as written by `save_config`, or None. Raises if it is an HF model's
+    config.json: the folder is a model, not a run's workdir."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    old = tokenizer_lib.read_json(path)
+    if isinstance(old, dict) and ("model_type" in old or "architectures" in old):
+        raise ValueError(f"{path} is a Hugging Face model's config: {workdir} is a model folder, "
+                         f"not a run's workdir (use another workdir)")
+    return old
+
+
+def config_changes(config, workdir: str) -> list[str]:
+    """The keys whose values differ from <workdir>/config.json (none when there is none), each
+    logged with both values as a warning."""
+    old = saved_config(workdir)
+    if old is None:
+        return []
+    path = os.path.join(workdir, "config.json")
+    old = _flat(old)
+    new = _flat(json.loads(config.to_json_best_effort()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        log.warning("the config differs from the one in %s: %s", path, "; ".join(
+            f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in changed))
+    return changed
+
+
+def check_run_config(config, workdir: str) -> None:
+    """Before reading a run's checkpoints with `config` (evaluate.py, export_hf.py): raise if it
+    differs from the run's own config.json in a RUN_IDENTITY key; other changes are warned."""
+    wrong = [k for k in config_changes(config, workdir) if k in RUN_IDENTITY]
+    if wrong:
+        raise ValueError(f"the config differs from the run's {workdir}/config.json in {wrong}, "
+                         f"which change what its checkpoints mean: pass the run's own values "
+                         f"(the same --config and overrides)")
+
+
 def save_config(config, workdir: str) -> list[str]:
     """Write <workdir>/config.json (process 0). When a run in this workdir wrote one before,
     warn about every key whose value differs (a resume with another config is not the same
     run) and return those keys."""
     path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    changed = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = _flat(json.load(f))
-        new = _flat(json.loads(text))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if changed:
-            log.warning("the config differs from the one in %s: %s", path, "; ".join(
-                f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in changed))
+    changed = config_changes(config, workdir)
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:
             f.write(text + "\n")
@@ -318,7 +356,7 @@ def run_eval(state_params, config, model_cfg, tokenizer, mesh, workdir, data_dir
         eval_set = evaluation.build_eval_set(
             config, tokenizer, mesh, proxy_params=state_params, proxy_cfg=model_cfg,
             proxy_name=evaluation.FIRST_EVALUATION, cache_dir=cache, data_dir=data_dir,
-            progress=False)
+            progress=False, resumed_at=step)
     same_g = int(config.eval.num_samples) == int(config.sampling.num_samples)
     rng = eval_key(config.seed, step)
     result = evaluation.evaluate(state_params, model_cfg, config, tokenizer, mesh, rng,
@@ -357,6 +395,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> TrainR
         raise ValueError(f"workdir {workdir}: a URL; rpt_jax writes a local path (mount the "
                          "bucket, e.g. with gcsfuse, and pass the mount point)")
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    saved_config(workdir)  # an HF model folder given as the workdir raises here
     os.makedirs(workdir, exist_ok=True)
     stop = StopFlag().install()
     try:
@@ -377,7 +416,9 @@ def _run(config, workdir, mesh_shape, stop, progress) -> TrainResult:
     # before any data or weights load: the update must fit (rl.micro_batches=0: found here)
     config, (model_cfg, p_shardings, tx, abstract, update), _ = fit_update(config, mesh)
     # the data before the state: a proxy scoring missing entropies has the devices to itself
-    train_iter = contexts.ContextIterator(config, "train", tokenizer, data_dir=data_dir)
+    train_iter = contexts.ContextIterator(
+        config, "train", tokenizer, data_dir=data_dir,
+        rows=sharding.process_rows(mesh, config.data.batch_size))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=config.checkpoint.keep, every=config.checkpoint.every)
     restored = ckpt.restore(abstract)  # a workdir of another model raises here...
@@ -544,7 +585,8 @@ def _warm_up(params, config, model_cfg, mesh, p_shardings, tokenizer, data_dir, 
     wconfig = config.copy_and_resolve_references()
     with wconfig.unlocked():
         wconfig.seed = int(config.seed) + 1
-    batches = contexts.ContextIterator(wconfig, "train", tokenizer, data_dir=data_dir)
+    batches = contexts.ContextIterator(wconfig, "train", tokenizer, data_dir=data_dir,
+                                       rows=sharding.process_rows(mesh, config.data.batch_size))
     steps = int(config.warmup.steps)
     from tqdm import tqdm
     bar = tqdm(total=steps, desc="format warm-up", unit="step", dynamic_ncols=True,

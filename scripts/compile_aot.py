@@ -56,7 +56,7 @@ TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")
 NOT_KERNELS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
                "opt-barrier", "partition-id", "replica-id"}
 
-
+PROBLEMS: list[str] = []  # the variants that failed or do not fit (the exit status)
 # GiB of memory per device (compile-only devices do not report it)
 DEVICE_GIB = {"H100": 80, "H200": 141, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
               "TPU v5p": 95, "TPU v6 lite": 32}
@@ -190,6 +190,7 @@ def compile_one(name: str, lower, args, mesh, estimate=None):
         with jax.set_mesh(mesh):
             compiled = lower().compile()
     except Exception as e:  # noqa: BLE001 (XLA's errors have no narrower common type)
+        PROBLEMS.append(name)
         print(f"\n## {name}\nFAILED after {time.perf_counter() - start:.1f} s: "
               f"{type(e).__name__}: {str(e).splitlines()[0][:400]}", flush=True)
         return
@@ -300,6 +301,7 @@ def compile_config(args, devices):
               f"fits: {size(peak)} a device (XLA's estimate){f' of {gib} GiB' if gib else ''}, "
               f"compiled in {time.perf_counter() - start:.1f} s")
     except train_step.DoesNotFit as e:
+        PROBLEMS.append(f"update, prompt bucket {P}")
         print(f"\n## update, prompt bucket {P}\nDOES NOT FIT: {e}")
         model_cfg, p_shardings, _, _, abstract = trainer.make_state(config, mesh)
     scfg = sampling.SamplingConfig.from_config(config.sampling)
@@ -313,6 +315,7 @@ def compile_config(args, devices):
             sampling.check_memory(model_cfg, scfg, B, P, limit * mesh.devices.size,
                                   mesh.shape["fsdp"], data=mesh.shape["data"], reserved_bytes=kept)
         except ValueError as e:
+            PROBLEMS.append(f"sampler, prompt bucket {P}")
             print(f"\n## sampler, prompt bucket {P}\nDOES NOT FIT by the pre-compile formula: {e}")
             return
     estimate = sampling.peak_bytes(sampling.memory_bytes(
@@ -364,12 +367,14 @@ def main(argv=None):
     update.add_argument("--share-prompt", default="0,1", help="comma list of 0/1")
     ap.add_argument("--dump", default="", help="folder for the compiled HLO texts")
     args = ap.parse_args(argv)
+    PROBLEMS.clear()
     args.batch = args.batch or (256 if args.what == "sampler" else 16)
     devices = target_devices(args.target, args.devices)
     if args.what == "config":
         if not args.config:
             ap.error("config needs --config configs/<name>.py")
-        return compile_config(args, devices)
+        compile_config(args, devices)
+        return _status()
     mesh = target_mesh(devices, args.mesh)
     tpu = devices[0].platform == "tpu"
     args.decode_attention = args.decode_attention or ("xla" if tpu else "xla,pallas")
@@ -378,7 +383,15 @@ def main(argv=None):
           f"(compile only), mesh (data, fsdp, tensor) = {tuple(mesh.shape.values())}, "
           f"jax {jax.__version__}, {args.preset} {args.dtype}")
     (compile_sampler if args.what == "sampler" else compile_update)(args, mesh)
+    return _status()
+
+
+def _status() -> int:
+    """The exit status: 1 when a variant failed to compile or does not fit."""
+    if PROBLEMS:
+        print(f"\n{len(PROBLEMS)} variant(s) failed or do not fit: {PROBLEMS}")
+    return int(bool(PROBLEMS))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

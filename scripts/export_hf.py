@@ -10,10 +10,14 @@ writes them sharded above 2 GiB per file, with the run's own tokenizer (trainer.
 data.tokenizer when set, else model.hf_checkpoint's, else the built-in one kept in the workdir).
 generation_config.json and max_position_embeddings come from model.hf_checkpoint when the run
 started from one (generation_config's eos_token_id becomes the run tokenizer's end ids where they
-differ). --dtype: the weights' dtype on disk (default: the params').
+differ). --dtype: the weights' dtype on disk (default: the params'). The config must agree with
+the run's config.json on the model, tokenizer and template. A non-empty --out is replaced only
+with --overwrite, and never when it is the workdir or model.hf_checkpoint; the new folder is
+written beside it and renamed into place, so a failed export loses nothing.
 """
 import json
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -30,10 +34,26 @@ _OUT = flags.DEFINE_string("out", None, "The HF folder to write.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Weights' dtype on disk (default: model.param_dtype).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out folder.")
 flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
-def export(config, workdir: str, out: str, step: int | None = None, dtype: str | None = None):
+def check_out(out: str, workdir: str, config, overwrite: bool) -> None:
+    """Raise unless writing the HF folder `out` loses nothing that should be kept."""
+    real = os.path.realpath(out)
+    keep = {"the workdir": workdir, "model.hf_checkpoint": config.model.hf_checkpoint}
+    for what, folder in keep.items():
+        if folder and real == os.path.realpath(folder):
+            raise ValueError(f"--out {out} is {what}; write the export to another folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"--out {out} is not empty ({sorted(os.listdir(out))[:5]}): pass "
+                         f"--overwrite to replace it")
+
+
+def export(config, workdir: str, out: str, step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False):
     """Write checkpoint `step` (default the latest) of `workdir` to the HF folder `out`.
     Returns (the folder, the step)."""
     import jax
@@ -42,6 +62,8 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
     from rpt_jax import evaluation, hf, sharding, trainer
     from rpt_jax import model as model_lib
     config_lib.validate(config, jax.device_count(), jax.default_backend())
+    check_out(out, workdir, config, overwrite)
+    trainer.check_run_config(config, workdir)
     saved = evaluation.checkpoint_steps(workdir)
     if not saved:
         raise FileNotFoundError(f"no checkpoints in {evaluation.checkpoint_dir(workdir)}")
@@ -51,10 +73,17 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
     shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
                                          model_lib.param_shapes(cfg))
     params = evaluation.load_workdir_params(workdir, step, cfg, shardings)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    new = f"{os.path.join(os.path.dirname(out), '.' + os.path.basename(out))}.tmp-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_files(config, trainer.load_run_tokenizer(config, workdir), tmp)
-        folder = hf.save_params(params, cfg, out, tokenizer_dir=tmp, dtype=dtype)
-    return folder, step
+        hf.save_params(params, cfg, new, tokenizer_dir=tmp, dtype=dtype)
+    if os.path.isdir(out):
+        shutil.rmtree(out)  # non-empty only with overwrite (check_out)
+    os.rename(new, out)
+    return pathlib.Path(out), step
 
 
 def tokenizer_files(config, tokenizer, folder: str) -> None:
@@ -83,7 +112,8 @@ def tokenizer_files(config, tokenizer, folder: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    folder, step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+    folder, step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
+                          _OVERWRITE.value)
     print(f"wrote step {step} of {_WORKDIR.value} to {folder}")
 
 

@@ -51,6 +51,9 @@ def prepare(out=None, force: bool = False) -> pathlib.Path:
     out = pathlib.Path(out) if out is not None else default_smollm2_dir()
     if is_complete(out) and not force:
         return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_complete(out))):
+        raise FileExistsError(f"--out {out} holds other things than a checkpoint folder (it "
+                              f"would be replaced): choose a new or empty folder")
     src = gguf_path()
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     tokenizer = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)

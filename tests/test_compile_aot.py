@@ -84,10 +84,10 @@ def test_script_compiles_every_variant_and_reports_failures(monkeypatch, capsys)
     then the sampler's decode loop."""
     monkeypatch.setattr(compile_aot, "target_devices", lambda target, n=1: jax.devices()[:4])
     common = ["--preset", "tiny", "--dtype", "float32", "--mesh", "2,2,1", "--prompt-len", "8"]
-    compile_aot.main(["update", *common, "--batch", "8", "--seq-len", "16", "--group", "2",
-                      "--micro-batches", "1,3,2", "--share-prompt", "1"])
-    compile_aot.main(["sampler", *common, "--batch", "8", "--new-tokens", "4",
-                      "--num-samples", "2", "--decode-attention", "xla"])
+    assert compile_aot.main(["update", *common, "--batch", "8", "--seq-len", "16", "--group",
+                             "2", "--micro-batches", "1,3,2", "--share-prompt", "1"]) == 1
+    assert compile_aot.main(["sampler", *common, "--batch", "8", "--new-tokens", "4",
+                             "--num-samples", "2", "--decode-attention", "xla"]) == 0
     out = capsys.readouterr().out
     assert "mesh (data, fsdp, tensor) = (2, 2, 1)" in out
     blocks = out.split("\n## ")[1:]
@@ -118,13 +118,13 @@ def test_config_mode_runs_the_trainers_checks_for_a_config(monkeypatch, capsys):
     argv = ["config", "--config", tiny, "--set", "mesh.fsdp=2", "--set", "rl.micro_batches=2",
             "--set", "sampling.prompt_buckets=(32, 64)"]
     monkeypatch.setattr(compile_aot, "device_gib", lambda device: 2)
-    compile_aot.main(argv)
+    assert compile_aot.main(argv) == 0
     out = capsys.readouterr().out
     assert "mesh (data, fsdp, tensor) = (4, 2, 1)" in out
     assert "## update, prompt bucket 64, rl.micro_batches=2\nfits: " in out and " of 2 GiB" in out
     assert "## sampler, prompt bucket 64" in out and "pre-compile estimate" in out
     monkeypatch.setattr(compile_aot, "device_gib", lambda device: 2 / 1024)
-    compile_aot.main(argv)
+    assert compile_aot.main(argv) == 1  # the exit status: scripts can tell
     out = capsys.readouterr().out
     assert "DOES NOT FIT: the update of 64 rows x 88 tokens in rl.micro_batches=2 slices" in out
     assert "next valid: 4" in out

@@ -89,6 +89,16 @@ def smollm2_torch(smollm2_dir):
     return tokenizer, hf_model.eval()
 
 
+def test_prepare_smollm2_never_replaces_a_foreign_folder(tmp_path):
+    """--out pointing at a folder of other things is refused before any work, force or not."""
+    prepare = _prepare_module().prepare
+    (tmp_path / "mine.txt").write_text("keep me")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="holds other things than a checkpoint folder"):
+            prepare(tmp_path, force=force)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
 def test_smollm2_config_matches_preset(smollm2_dir):
     got = hf.model_config_from_hf(smollm2_dir)
     want = config_lib.model_shape("smollm2_135m")

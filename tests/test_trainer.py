@@ -380,6 +380,12 @@ def test_starts_from_an_hf_checkpoint(config, data_dir, tmp_path):
     with pytest.raises(ValueError, match="model.mlp_dim=128 but the checkpoint has 64, "
                                          "model.rope_scaling='' but the checkpoint has '{"):
         trainer.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
+    # the model folder given as a workdir: its config.json would be replaced by the run's
+    before = (tmp_path / "hf" / "config.json").read_text()
+    with pytest.raises(ValueError, match="is a Hugging Face model's config: .* is a model "
+                                         "folder, not a run's workdir"):
+        trainer.train_and_evaluate(hf_config, folder, progress=False)
+    assert (tmp_path / "hf" / "config.json").read_text() == before
 
 
 def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uninterrupted,
@@ -437,6 +443,22 @@ def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uni
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
     missing = export(tmp_path / "none", "--step=5")
     assert missing.returncode != 0 and "no checkpoint step 5" in missing.stderr
+
+    # what an export would lose or get wrong is refused before any work
+    for out, extra, error in [
+            (tmp_path / "hf16", (), "is not empty (['config.json', "),
+            (workdir, ("--overwrite",), "is the workdir; write the export to another folder"),
+            (tmp_path / "new", ("--config.data.template=v0",),
+             "the config differs from the run's " + f"{workdir}/config.json in ['data.template']")]:
+        refused = export(out, *extra)
+        assert refused.returncode != 0 and error in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "hf16" / "generation_config.json").write_text("{}")  # another model's
+    done = export(tmp_path / "hf16", "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_bitwise_equal(hf.load_params(tmp_path / "hf16", cfg), params)
+    assert not (tmp_path / "hf16" / "generation_config.json").exists()
+    assert not list(tmp_path.glob(".hf16.tmp-*"))
 
 
 def test_export_hf_takes_data_tokenizer_over_the_checkpoints(config, tmp_path, monkeypatch):
