@@ -576,17 +576,20 @@ def save_params(params, cfg: model_lib.ModelConfig, folder, tokenizer_dir=None,
         if writer:
             save_file(tensors, str(folder / file), metadata={"format": "pt"})
         del tensors
-    if not writer:
-        return folder
-    if n > 1:
-        with open(folder / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = hf_config(cfg, str(dtype), tokenizer_dir, max_position_embeddings)
-    with open(folder / "config.json", "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = pathlib.Path(tokenizer_dir) / name
-            if src.exists():
-                shutil.copyfile(src, folder / name)
+
+    def finish():
+        if n > 1:
+            with open(folder / "model.safetensors.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                          indent=2)
+        config = hf_config(cfg, str(dtype), tokenizer_dir, max_position_embeddings)
+        with open(folder / "config.json", "w") as f:
+            json.dump(config, f, indent=2)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = pathlib.Path(tokenizer_dir) / name
+                if src.exists():
+                    shutil.copyfile(src, folder / name)
+
+    sharding.on_process_zero("rpt_jax save_params", finish)  # none returns before it is written
     return folder
