@@ -202,8 +202,9 @@ class Checkpointer:
             out, error = self._read_step(step, flat_abstract), None
         except CorruptCheckpoint as e:
             out, error = None, e
-        # Every process takes the same branch: one that cannot read the step must not leave the
-        # others waiting in the fingerprint's collective below.
+        # Every process takes the same branch on a corrupt step: one that cannot read it must not
+        # leave the others waiting in the fingerprint's collective below. (A transient error
+        # raises on its process alone; multihost.run then ends the others.)
         if sharding.any_process(error is not None):
             raise error or CorruptCheckpoint("unreadable on another process")
         flat, meta = dict(out[STATE]), out[META]

@@ -176,7 +176,7 @@ def use_hf_checkpoint(config, folder: str):
     """Start config from the Hugging Face checkpoint `folder`: model.hf_checkpoint, and the
     architecture fields (RoPE scaling included) from its config.json, model.preset
     "hf_checkpoint". Raises naming the file and key for what rpt_jax.model cannot run."""
-    from rpt_jax import hf  # numpy, safetensors
+    from rpt_jax import hf  # numpy, safetensors, tokenizers
     for key, value in hf.model_config_from_hf(folder).items():
         config.model[key] = value
     config.model.preset = HF_PRESET

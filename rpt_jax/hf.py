@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 from rpt_jax import model as model_lib
 from rpt_jax import rope as rope_lib
 from rpt_jax import sharding
-from rpt_jax.tokenizer import read_json
+from rpt_jax.tokenizer import read_json, read_tokenizer_config
 
 # Mistral is Llama's architecture when its sliding window is off (v0.2 and later); exported
 # as Llama.
@@ -411,7 +411,7 @@ def load_params(folder, cfg: model_lib.ModelConfig, shardings=None) -> dict:
                     block = np.ascontiguousarray(block, dtype)
                     if name == _EMBED and cfg.tie_embeddings and _HEAD in files:
                         head = _read_block(handle(files[_HEAD]).get_slice(_HEAD), spec, ranges)
-                        if not np.array_equal(np.asarray(head, dtype), block):
+                        if not np.array_equal(np.asarray(head, dtype), block, equal_nan=True):
                             raise ValueError(
                                 f"{files[_HEAD]}: tie_word_embeddings is true but the stored "
                                 f"{_HEAD!r} differs from {_EMBED!r} (transformers then unties "
@@ -509,7 +509,6 @@ def hf_config(cfg: model_lib.ModelConfig, dtype: str, tokenizer_dir=None,
     tok_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else None
     tok_config = {}
     if tok_dir is not None:
-        from rpt_jax.tokenizer import read_tokenizer_config  # late: imports tokenizers
         tok_config = read_tokenizer_config(tok_dir)  # special_tokens_map.json merged in
     if max_position_embeddings is None and tok_dir is not None and (tok_dir / "config.json").exists():
         max_position_embeddings = read_json(tok_dir / "config.json").get("max_position_embeddings")

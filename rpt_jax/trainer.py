@@ -273,13 +273,17 @@ def saved_config(workdir: str) -> dict | None:
 
 def config_changes(config, workdir: str) -> list[str]:
     """The keys whose values differ from <workdir>/config.json (none when there is none), each
-    logged with both values as a warning."""
+    logged with both values as a warning. A key the file lacks (written before the key existed)
+    counts as its default."""
     old = saved_config(workdir)
     if old is None:
         return []
     path = os.path.join(workdir, "config.json")
-    old = _flat(old)
-    new = _flat(json.loads(config.to_json_best_effort()))
+    flat = lambda c: _flat(json.loads(c.to_json_best_effort()))  # noqa: E731
+    new = flat(config)
+    preset = config.model.preset
+    defaults = flat(config_lib.base_config(preset if preset in config_lib.MODEL_SHAPES else "tiny"))
+    old = {**{k: defaults[k] for k in new.keys() & defaults.keys()}, **_flat(old)}
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         log.warning("the config differs from the one in %s: %s", path, "; ".join(

@@ -167,6 +167,9 @@ def report(name: str, compiled, seconds: float, dump: str, mesh, estimate=None):
     print(f"\n## {name}\ncompiled in {seconds:.1f} s; peak memory {size(peak)} a "
           f"device (XLA's estimate){f' of {gib} GiB' if gib else ''}{ours}; custom calls: "
           f"{', '.join(f'{k} x{v}' for k, v in sorted(calls.items())) or 'none'}")
+    if gib and peak > gib * 2**30:
+        PROBLEMS.append(name)
+        print(f"DOES NOT FIT: XLA's peak estimate {size(peak)} is above the {gib} GiB a device")
     for body, trip, kinds in loop_kernels(hlo):
         top = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
         unit = "ops" if mesh.devices.flat[0].platform == "tpu" else "kernels"

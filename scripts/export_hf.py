@@ -39,12 +39,19 @@ flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def check_out(out: str, workdir: str, config, overwrite: bool) -> None:
-    """Raise unless writing the HF folder `out` loses nothing that should be kept."""
+    """Raise unless writing the HF folder `out` loses nothing that should be kept: the run
+    (its workdir, its checkpoints) and the model it started from."""
     real = os.path.realpath(out)
-    keep = {"the workdir": workdir, "model.hf_checkpoint": config.model.hf_checkpoint}
+    keep = {"the workdir": workdir, "model.hf_checkpoint": config.model.hf_checkpoint,
+            "the checkpoints folder": os.path.join(workdir, "checkpoints")}
     for what, folder in keep.items():
-        if folder and real == os.path.realpath(folder):
-            raise ValueError(f"--out {out} is {what}; write the export to another folder")
+        if not folder:
+            continue
+        common = os.path.commonpath([real, os.path.realpath(folder)])
+        if common == real:
+            raise ValueError(f"--out {out} is or holds {what}; write the export elsewhere")
+        if common == os.path.realpath(folder) and what != "the workdir":
+            raise ValueError(f"--out {out} is inside {what}; write the export elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
@@ -73,16 +80,19 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
     shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
                                          model_lib.param_shapes(cfg))
     params = evaluation.load_workdir_params(workdir, step, cfg, shardings)
-    out = os.path.abspath(out)
+    out = os.path.realpath(out)  # a link: its target is replaced
     os.makedirs(os.path.dirname(out), exist_ok=True)
     new = f"{os.path.join(os.path.dirname(out), '.' + os.path.basename(out))}.tmp-{os.getpid()}"
     shutil.rmtree(new, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_files(config, trainer.load_run_tokenizer(config, workdir), tmp)
-        hf.save_params(params, cfg, new, tokenizer_dir=tmp, dtype=dtype)
-    if os.path.isdir(out):
-        shutil.rmtree(out)  # non-empty only with overwrite (check_out)
-    os.rename(new, out)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_files(config, trainer.load_run_tokenizer(config, workdir), tmp)
+            hf.save_params(params, cfg, new, tokenizer_dir=tmp, dtype=dtype)
+        if os.path.isdir(out):
+            shutil.rmtree(out)  # non-empty only with overwrite (check_out)
+        os.rename(new, out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # left only by a failure
     return pathlib.Path(out), step
 
 

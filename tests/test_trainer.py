@@ -447,7 +447,7 @@ def test_export_hf_writes_the_runs_params_for_transformers(config, data_dir, uni
     # what an export would lose or get wrong is refused before any work
     for out, extra, error in [
             (tmp_path / "hf16", (), "is not empty (['config.json', "),
-            (workdir, ("--overwrite",), "is the workdir; write the export to another folder"),
+            (workdir, ("--overwrite",), "is or holds the workdir; write the export elsewhere"),
             (tmp_path / "new", ("--config.data.template=v0",),
              "the config differs from the run's " + f"{workdir}/config.json in ['data.template']")]:
         refused = export(out, *extra)
@@ -492,6 +492,49 @@ def test_export_hf_takes_data_tokenizer_over_the_checkpoints(config, tmp_path, m
     assert got.end_ids == ours.end_ids == (ours.eos_id,)
     assert json.loads((folder / "generation_config.json").read_text()) == {
         "eos_token_id": [ours.eos_id], "temperature": 0.6}
+
+
+def test_export_hf_guards_what_it_would_replace(config, tmp_path, monkeypatch):
+    """export_hf.py's --out may not be, hold or sit in what a run needs (an --out inside the
+    workdir is fine); a link is followed; a run's config.json from before a key existed reads
+    as that key's default (checkpoint reads stubbed: no training run)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import export_hf
+
+    from rpt_jax import evaluation, hf
+    run = config.copy_and_resolve_references()
+    run.model.hf_checkpoint = str(tmp_path / "base")
+    work = tmp_path / "run"
+    for out, error in [(tmp_path, "is or holds the workdir"), (work, "is or holds the workdir"),
+                       (work / "checkpoints" / "x", "is inside the checkpoints folder"),
+                       (tmp_path / "base" / "x", "is inside model.hf_checkpoint"),
+                       (work / "hf", None)]:
+        if error is None:
+            export_hf.check_out(str(out), str(work), run, overwrite=True)
+        else:
+            with pytest.raises(ValueError, match=error):
+                export_hf.check_out(str(out), str(work), run, overwrite=True)
+
+    cfg = model_lib.ModelConfig.from_config(config.model)
+    params = model_lib.init(cfg, jax.random.key(0))
+    monkeypatch.setattr(evaluation, "checkpoint_steps", lambda workdir: [2])
+    monkeypatch.setattr(evaluation, "load_workdir_params", lambda *args: params)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    folder, _ = export_hf.export(config, str(work), str(tmp_path / "link"))
+    assert folder == tmp_path / "target" and (tmp_path / "link").is_symlink()
+    assert_bitwise_equal(hf.load_params(tmp_path / "link", cfg), params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run", "target"]  # no tmp left
+
+    old = json.loads(config.to_json_best_effort())
+    del old["model"]["qk_norm"], old["model"]["rope_scaling"]  # keys added after a run began
+    (work / "config.json").write_text(json.dumps(old))
+    trainer.check_run_config(config, str(work))
+    changed = config.copy_and_resolve_references()
+    changed.model.qk_norm = True
+    with pytest.raises(ValueError, match=r"config\.json in \['model\.qk_norm'\], which change "
+                                         r"what its checkpoints mean"):
+        trainer.check_run_config(changed, str(work))
 
 
 def test_document_grouped_run_samples_each_document_once(data_dir, tmp_path, monkeypatch):
