@@ -1,6 +1,7 @@
 """Evaluation: metric math against plain Python / numpy, nested splits, the eval-set cache, reports,
 and `evaluate` on a tiny model against an independent per-row forward and the reference reward."""
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os
@@ -443,7 +444,10 @@ def test_evaluate_script_writes_results_before_the_scaling_report(tmp_path):
         app.run(evaluate.main)
     """
     (tmp_path / "run").mkdir()  # a run's workdir holds the run's config.json: not an HF folder
-    (tmp_path / "run" / "config.json").write_text(base_config("tiny").to_json_best_effort())
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    (tmp_path / "run" / "config.json").write_text(tiny.get_config().to_json_best_effort())
     done = _script(None, f"--workdir={tmp_path / 'run'}", code=code)
     assert done.returncode != 0 and "plot failed" in done.stderr
     out = tmp_path / "run" / "evaluation"
