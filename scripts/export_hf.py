@@ -12,8 +12,9 @@ generation_config.json and max_position_embeddings come from model.hf_checkpoint
 started from one (generation_config's eos_token_id becomes the run tokenizer's end ids where they
 differ). --dtype: the weights' dtype on disk (default: the params'). The config must agree with
 the run's config.json on the model, tokenizer and template. A non-empty --out is replaced only
-with --overwrite, and never when it is the workdir or model.hf_checkpoint; the new folder is
-written beside it and renamed into place, so a failed export loses nothing.
+with --overwrite, and never when it is or holds the workdir or model.hf_checkpoint, or sits in
+the checkpoints or the base model; the new folder is written beside it and renamed into place,
+so a failed export loses nothing.
 """
 import json
 import os
