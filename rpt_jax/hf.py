@@ -446,9 +446,24 @@ def _check_finite(params, cfg, files) -> None:
 
 def _replicated(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
     """The same devices, every value on each (so every process can read a small result)."""
-    if isinstance(s, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-    return s
+    return sharding.replicated(s.mesh) if isinstance(s, jax.sharding.NamedSharding) else s
+
+
+def replace_folder(out, write) -> pathlib.Path:
+    """write(folder) into a new folder beside `out`, then put it in `out`'s place (a link: its
+    target's). A failure leaves `out` as it was and no temporary folder behind."""
+    out = pathlib.Path(os.path.realpath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        write(new)
+        if out.is_dir():
+            shutil.rmtree(out)
+        new.rename(out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # left only by a failure
+    return out
 
 
 # ----------------------------------------------------------------------------- export

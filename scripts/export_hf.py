@@ -18,7 +18,6 @@ so a failed export loses nothing.
 """
 import json
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -81,20 +80,13 @@ def export(config, workdir: str, out: str, step: int | None = None, dtype: str |
     shardings = sharding.param_shardings(mesh, model_lib.logical_axes(cfg),
                                          model_lib.param_shapes(cfg))
     params = evaluation.load_workdir_params(workdir, step, cfg, shardings)
-    out = os.path.realpath(out)  # a link: its target is replaced
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    new = f"{os.path.join(os.path.dirname(out), '.' + os.path.basename(out))}.tmp-{os.getpid()}"
-    shutil.rmtree(new, ignore_errors=True)
-    try:
+    tokenizer = trainer.load_run_tokenizer(config, workdir)
+
+    def write(new):
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer_files(config, trainer.load_run_tokenizer(config, workdir), tmp)
+            tokenizer_files(config, tokenizer, tmp)
             hf.save_params(params, cfg, new, tokenizer_dir=tmp, dtype=dtype)
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # non-empty only with overwrite (check_out)
-        os.rename(new, out)
-    finally:
-        shutil.rmtree(new, ignore_errors=True)  # left only by a failure
-    return pathlib.Path(out), step
+    return hf.replace_folder(out, write), step  # a non-empty out only with overwrite (check_out)
 
 
 def tokenizer_files(config, tokenizer, folder: str) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pathlib
-import shutil
 import sys
 
 # The files whose presence marks a finished folder; the folder appears only after a rename.
@@ -46,7 +44,7 @@ def prepare(out=None, force: bool = False) -> pathlib.Path:
     """Write the checkpoint folder (if missing or `force`) and return its path."""
     import torch
     import transformers
-    from rpt_jax.hf import default_smollm2_dir
+    from rpt_jax.hf import default_smollm2_dir, replace_folder
 
     out = pathlib.Path(out) if out is not None else default_smollm2_dir()
     if is_complete(out) and not force:
@@ -69,19 +67,13 @@ def prepare(out=None, force: bool = False) -> pathlib.Path:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.eval()
 
-    # Write next to the target, then rename: a crash never leaves a half folder that looks done.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if not is_complete(tmp):
-        raise RuntimeError(f"save_pretrained wrote {sorted(p.name for p in tmp.iterdir())}, "
-                           f"missing some of {REQUIRED}")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    def write(tmp):  # beside the target, then renamed: never a half folder that looks done
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not is_complete(tmp):
+            raise RuntimeError(f"save_pretrained wrote {sorted(p.name for p in tmp.iterdir())}, "
+                               f"missing some of {REQUIRED}")
+    return replace_folder(out, write)
 
 
 def sanity_check(folder, prompt: str = "The capital of France is") -> tuple[str, float]:
